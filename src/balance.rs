@@ -1,0 +1,485 @@
+//! Balance: how N workers serve one public port, and how corepool learns a worker is ready.
+//!
+//! Three modes (`--balance`):
+//! - `socket` (default): corepool binds the public port once, before any worker starts, and
+//!   hands the listening socket to every worker as fd 3 with the systemd socket-activation
+//!   variables. The kernel balances connections; nothing of ours sits in the data path. An
+//!   unmodified Node server adopts the socket through a preload corepool adds to NODE_OPTIONS.
+//! - `proxy`: each worker listens on a private port of its own; corepool relays (see `proxy`).
+//! - `none`: no port handling at all (queue consumers), optionally PORT=base+slot.
+//!
+//! ## One shared socket, not one SO_REUSEPORT socket per slot
+//! Measured on this project's 2-core test machine (Linux 6.18, Node 20, 2 workers adopting the
+//! socket, 1000 HTTP requests each on a new connection):
+//!
+//! | clients in parallel | shared socket | reuseport per slot |
+//! |---|---|---|
+//! | 1  | 407 / 593 | 479 / 521 |
+//! | 8  | 498 / 502 | 486 / 514 |
+//! | 64 | 493 / 507 | 477 / 523 |
+//!
+//! Both spread the load within 60/40. They differ while a worker is away: with reuseport the
+//! kernel keeps hashing 1/N of new connections to the socket of a worker that is restarting
+//! (or stuck in a long synchronous render), and they wait in that socket's backlog until it
+//! is back, or are reset if the slot is given up and its socket closed. With one shared
+//! socket, whichever worker is free accepts next: a restart or a busy worker delays nobody.
+//! Because corepool itself keeps the socket open, connections that arrive while *every*
+//! worker restarts wait in the backlog; none is refused.
+//!
+//! ## Readiness
+//! A worker is ready when it accepts connections. The Node preload writes `READY=1` to a pipe
+//! (fd 4, `COREPOOL_READY_FD`) once its server is listening; any other program may send
+//! `READY=1` to `NOTIFY_SOCKET` as systemd's sd_notify does. In `none` mode a worker counts as
+//! ready when it has started.
+
+use crate::launch::{self, WorkerIo};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+/// The preload, embedded in the binary (nothing is read from disk at run time).
+const PRELOAD: &str = include_str!("preload.cjs");
+/// Descriptor numbers in the worker.
+const LISTEN_FD: RawFd = 3;
+const READY_FD: RawFd = 4;
+
+/// How workers share the public port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Socket,
+    Proxy,
+    None,
+}
+
+impl Mode {
+    pub fn parse(text: &str) -> Result<Mode, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "socket" => Ok(Mode::Socket),
+            "proxy" => Ok(Mode::Proxy),
+            "none" => Ok(Mode::None),
+            other => Err(format!(
+                "'{other}' is not a balance mode (socket, proxy or none)"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Socket => "socket",
+            Mode::Proxy => "proxy",
+            Mode::None => "none",
+        }
+    }
+}
+
+/// Moves a descriptor to a number >= 10 (close-on-exec), so that placing handed-down
+/// descriptors on 3 and 4 in a child can never overwrite another one.
+fn above_ten(fd: OwnedFd) -> io::Result<OwnedFd> {
+    let moved = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(moved) })
+}
+
+/// Binds and listens on the public address. Errors name the address and say why.
+pub fn bind_public(host: IpAddr, port: u16) -> io::Result<OwnedFd> {
+    let family = match host {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    socket::setsockopt(&fd, socket::sockopt::ReuseAddr, &true)?;
+    let addr = SocketAddr::new(host, port);
+    match addr {
+        SocketAddr::V4(v4) => socket::bind(fd.as_raw_fd(), &SockaddrIn::from(v4))?,
+        SocketAddr::V6(v6) => {
+            // `::` serves IPv4 too, as Node's own listen() would.
+            socket::setsockopt(&fd, socket::sockopt::Ipv6V6Only, &false)?;
+            socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(v6))?
+        }
+    }
+    socket::listen(
+        &fd,
+        socket::Backlog::new(1024).unwrap_or(socket::Backlog::MAXCONN),
+    )?;
+    above_ten(fd)
+}
+
+/// How the Node preload reaches a worker: the NODE_OPTIONS words to append.
+#[derive(Debug, Clone)]
+pub struct Preload {
+    pub node_option: String,
+    /// For the start-up log: how it was delivered and why.
+    pub how: String,
+}
+
+impl Preload {
+    /// Chooses the delivery for the Node that will run: `--import` of a `data:` URL where that
+    /// Node supports it (nothing written to disk), else `--require` of a file in the first
+    /// writable of $COREPOOL_RUNTIME_DIR, /dev/shm, /tmp.
+    pub fn prepare(node_version: Option<(u32, u32)>) -> io::Result<Preload> {
+        let imports = match node_version {
+            Some((major, minor)) => major >= 19 || (major == 18 && minor >= 19),
+            // No node found to ask: assume a current one.
+            None => true,
+        };
+        let version = node_version
+            .map(|(a, b)| format!("node {a}.{b}"))
+            .unwrap_or_else(|| "node version unknown".into());
+        if imports {
+            let module = format!(
+                "import {{ createRequire }} from 'node:module';\nconst require = createRequire('/corepool-preload.cjs');\n{PRELOAD}"
+            );
+            return Ok(Preload {
+                node_option: format!(
+                    "--import=data:text/javascript;base64,{}",
+                    base64(module.as_bytes())
+                ),
+                how: format!("--import of a data: URL ({version})"),
+            });
+        }
+        let file = write_preload_file()?;
+        Ok(Preload {
+            node_option: format!("--require \"{}\"", file.display()),
+            how: format!("--require {} ({version} has no --import)", file.display()),
+        })
+    }
+}
+
+fn write_preload_file() -> io::Result<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(dir) = std::env::var_os("COREPOOL_RUNTIME_DIR") {
+        dirs.push(dir.into());
+    }
+    dirs.extend(["/dev/shm".into(), "/tmp".into()]);
+    let mut last = io::Error::other("no candidate directory");
+    for dir in dirs {
+        let path = dir.join(format!("corepool-preload-{}.cjs", std::process::id()));
+        match std::fs::write(&path, PRELOAD) {
+            Ok(()) => return Ok(path),
+            Err(err) => last = err,
+        }
+    }
+    Err(io::Error::new(
+        last.kind(),
+        format!(
+            "no writable directory for the Node preload ($COREPOOL_RUNTIME_DIR, /dev/shm, /tmp): {last}"
+        ),
+    ))
+}
+
+/// The version of the `node` that runs the command: the command itself when it is a node
+/// binary, else the first `node` on PATH. Runs `node --version` once, before any worker.
+pub fn node_version(program: &std::path::Path) -> Option<(u32, u32)> {
+    let node = if program
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("node"))
+    {
+        program.to_path_buf()
+    } else {
+        launch::resolve_program("node", std::env::var_os("PATH")).ok()?
+    };
+    // std waits for this child itself; the supervisor loop (the reaper) is not running yet.
+    let out = std::process::Command::new(node)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    parse_node_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_node_version(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.trim().trim_start_matches('v').split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Readiness news for the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ready {
+    /// The worker's pid (for sd_notify: the sender's process group).
+    pub pid: i32,
+}
+
+/// The port-sharing set-up of the pool, made once at start-up.
+pub struct Balancer {
+    pub mode: Mode,
+    pub port: u16,
+    pub port_increment: bool,
+    listener: Option<OwnedFd>,
+    preload: Option<Preload>,
+    notify: Option<NotifySocket>,
+    ready_tx: mpsc::UnboundedSender<Ready>,
+}
+
+/// What a launch needs kept until the worker runs: the readiness pipe's read end.
+pub struct Handover {
+    pub io: WorkerIo,
+    ready_pipe: Option<(OwnedFd, OwnedFd)>,
+}
+
+impl Balancer {
+    pub fn new(
+        mode: Mode,
+        host: IpAddr,
+        port: u16,
+        port_increment: bool,
+        preload: Option<Preload>,
+        ready_tx: mpsc::UnboundedSender<Ready>,
+    ) -> io::Result<Balancer> {
+        let listener = match mode {
+            Mode::Socket => Some(bind_public(host, port)?),
+            _ => None,
+        };
+        let notify = match mode {
+            Mode::None => None,
+            _ => Some(NotifySocket::bind()?),
+        };
+        Ok(Balancer {
+            mode,
+            port,
+            port_increment,
+            listener,
+            preload,
+            notify,
+            ready_tx,
+        })
+    }
+
+    /// Whether a worker must report readiness (else it is ready once started).
+    pub fn needs_ready(&self) -> bool {
+        self.mode != Mode::None
+    }
+
+    /// The variables and descriptors for the worker of `slot`.
+    pub fn handover(&self, slot: usize, workers: usize) -> io::Result<Handover> {
+        let mut io = WorkerIo::default();
+        io.env.push(("COREPOOL_WORKER".into(), slot.to_string()));
+        io.env.push(("NODE_APP_INSTANCE".into(), slot.to_string()));
+        io.env
+            .push(("COREPOOL_WORKERS".into(), workers.to_string()));
+        let mut ready_pipe = None;
+        match self.mode {
+            Mode::None => {
+                if self.port_increment {
+                    let port = u32::from(self.port) + slot as u32;
+                    io.env.push(("PORT".into(), port.to_string()));
+                }
+                io.unset.extend([
+                    "LISTEN_FDS",
+                    "LISTEN_PID",
+                    "LISTEN_FDNAMES",
+                    "NOTIFY_SOCKET",
+                ]);
+            }
+            Mode::Socket | Mode::Proxy => {
+                if let Some(listener) = &self.listener {
+                    io.fds.push((listener.as_raw_fd(), LISTEN_FD));
+                    io.env.push(("LISTEN_FDS".into(), "1".into()));
+                    io.env.push(("LISTEN_FDNAMES".into(), "corepool".into()));
+                    io.env
+                        .push(("COREPOOL_LISTEN_FD".into(), LISTEN_FD.to_string()));
+                    io.env
+                        .push(("COREPOOL_PUBLIC_PORT".into(), self.port.to_string()));
+                    io.env.push(("PORT".into(), self.port.to_string()));
+                    io.listen_pid = true;
+                    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                        .map_err(io::Error::from)?;
+                    let write = above_ten(write)?;
+                    io.fds.push((write.as_raw_fd(), READY_FD));
+                    io.env
+                        .push(("COREPOOL_READY_FD".into(), READY_FD.to_string()));
+                    ready_pipe = Some((read, write));
+                }
+                if let Some(preload) = &self.preload {
+                    let node_options = match std::env::var("NODE_OPTIONS") {
+                        Ok(user) if !user.trim().is_empty() => {
+                            format!("{user} {}", preload.node_option)
+                        }
+                        _ => preload.node_option.clone(),
+                    };
+                    io.env.push(("NODE_OPTIONS".into(), node_options));
+                }
+                if let Some(notify) = &self.notify {
+                    io.env.push(("NOTIFY_SOCKET".into(), notify.env_value()));
+                }
+            }
+        }
+        Ok(Handover { io, ready_pipe })
+    }
+
+    /// After a successful launch: closes our copy of the pipe's write end and watches the read
+    /// end for `READY=1`.
+    pub fn watch(&self, handover: Handover, pid: i32) {
+        let Some((read, write)) = handover.ready_pipe else {
+            return;
+        };
+        drop(write);
+        let tx = self.ready_tx.clone();
+        tokio::spawn(async move {
+            let Ok(mut pipe) = tokio::net::unix::pipe::Receiver::from_owned_fd(read) else {
+                return;
+            };
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 256];
+            while let Ok(n) = pipe.read(&mut buf).await {
+                if n == 0 {
+                    return;
+                }
+                seen.extend_from_slice(&buf[..n]);
+                if seen.windows(7).any(|w| w == b"READY=1") {
+                    let _ = tx.send(Ready { pid });
+                    return;
+                }
+                if seen.len() > 4096 {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Starts listening for sd_notify datagrams (call once, inside the runtime).
+    pub fn start_notify(&mut self) {
+        if let Some(notify) = self.notify.take() {
+            tokio::spawn(notify.serve(self.ready_tx.clone()));
+        }
+    }
+}
+
+/// The sd_notify socket: an abstract unix datagram socket (nothing on disk) whose name is given
+/// to workers as NOTIFY_SOCKET. Senders are identified by the kernel (SCM_CREDENTIALS).
+struct NotifySocket {
+    fd: OwnedFd,
+    name: String,
+}
+
+impl NotifySocket {
+    fn bind() -> io::Result<NotifySocket> {
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        let name = format!("corepool-{}-notify", std::process::id());
+        let addr = socket::UnixAddr::new_abstract(name.as_bytes())?;
+        socket::bind(fd.as_raw_fd(), &addr)?;
+        socket::setsockopt(&fd, socket::sockopt::PassCred, &true)?;
+        Ok(NotifySocket { fd, name })
+    }
+
+    fn env_value(&self) -> String {
+        format!("@{}", self.name)
+    }
+
+    async fn serve(self, tx: mpsc::UnboundedSender<Ready>) {
+        let std_socket = std::os::unix::net::UnixDatagram::from(self.fd);
+        let Ok(socket) = tokio::net::UnixDatagram::from_std(std_socket) else {
+            return;
+        };
+        let raw = socket.as_raw_fd();
+        loop {
+            let mut buf = [0u8; 4096];
+            let received = socket
+                .async_io(tokio::io::Interest::READABLE, || {
+                    let mut iov = [io::IoSliceMut::new(&mut buf)];
+                    let mut cmsg = nix::cmsg_space!(libc::ucred);
+                    let msg = socket::recvmsg::<()>(
+                        raw,
+                        &mut iov,
+                        Some(&mut cmsg),
+                        socket::MsgFlags::MSG_DONTWAIT,
+                    )
+                    .map_err(io::Error::from)?;
+                    let sender = msg.cmsgs().ok().and_then(|mut c| {
+                        c.find_map(|m| match m {
+                            socket::ControlMessageOwned::ScmCredentials(cred) => Some(cred.pid()),
+                            _ => None,
+                        })
+                    });
+                    Ok((msg.bytes, sender))
+                })
+                .await;
+            let Ok((len, sender)) = received else {
+                continue;
+            };
+            let ready = buf[..len].split(|&b| b == b'\n').any(|l| l == b"READY=1");
+            if let (true, Some(pid)) = (ready, sender) {
+                // The sender may be a child of the worker: its process group is the worker.
+                let group = nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid)))
+                    .map(|p| p.as_raw())
+                    .unwrap_or(pid);
+                let _ = tx.send(Ready { pid: group });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_base64() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"foobar!"), "Zm9vYmFyIQ==");
+    }
+
+    #[test]
+    fn node_versions() {
+        assert_eq!(parse_node_version("v20.20.2\n"), Some((20, 20)));
+        assert_eq!(parse_node_version("v18.19.0"), Some((18, 19)));
+        assert_eq!(parse_node_version("garbage"), None);
+        assert!(
+            Preload::prepare(Some((22, 1)))
+                .unwrap()
+                .node_option
+                .starts_with("--import=data:")
+        );
+        assert!(
+            Preload::prepare(Some((18, 19)))
+                .unwrap()
+                .node_option
+                .starts_with("--import=")
+        );
+        let old = Preload::prepare(Some((18, 12))).unwrap();
+        assert!(
+            old.node_option.starts_with("--require"),
+            "{}",
+            old.node_option
+        );
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(Mode::parse("Socket"), Ok(Mode::Socket));
+        assert!(Mode::parse("magic").is_err());
+    }
+}

@@ -1,0 +1,957 @@
+//! Configuration: one model, three sources.
+//!
+//! Every option is declared once, in [`OPTIONS`], and read from a command-line flag, a
+//! `COREPOOL_*` environment variable or a key of a TOML file, in that order of precedence, with
+//! a default last. Raw values from every source are strings checked by the same parser, so a bad
+//! value gets the same one-line error wherever it came from, naming that place: the flag, the
+//! variable, or `file:line: key`. The resolved [`Config`] remembers where each value came from,
+//! for `--print-config`.
+
+use crate::balance::Mode;
+use crate::cgroup::{self, CpuReport};
+use crate::logs::LogFormat;
+use crate::signals::parse_signal;
+use clap::parser::ValueSource;
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use nix::sys::signal::Signal;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tracing::level_filters::LevelFilter;
+
+/// One option: its key in the file, its flag and its variable, declared together.
+pub struct OptSpec {
+    /// Key in the TOML file and in `--print-config` (snake_case; kebab-case is accepted too).
+    pub key: &'static str,
+    pub long: &'static str,
+    pub short: Option<char>,
+    pub env: &'static str,
+    /// A variable read when `env` is unset (`WEB_CONCURRENCY`, `PORT`).
+    pub fallback_env: Option<&'static str>,
+    /// A switch: `--flag` alone means true (`--flag=false` to say no).
+    pub switch: bool,
+    pub value_name: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+/// Every option corepool has.
+pub const OPTIONS: &[OptSpec] = &[
+    OptSpec {
+        key: "instances",
+        long: "instances",
+        short: Some('i'),
+        env: "COREPOOL_INSTANCES",
+        fallback_env: Some("WEB_CONCURRENCY"),
+        switch: false,
+        value_name: "N|max|-K",
+        default: "max",
+        help: "Workers to run: a number, `max` (usable CPUs) or `-K` (usable CPUs minus K). \
+               Falls back to WEB_CONCURRENCY",
+    },
+    OptSpec {
+        key: "kill_timeout",
+        long: "kill-timeout",
+        short: None,
+        env: "COREPOOL_KILL_TIMEOUT",
+        fallback_env: None,
+        switch: false,
+        value_name: "DURATION",
+        default: "10s",
+        help: "How long a stopping worker's process group may take before SIGKILL",
+    },
+    OptSpec {
+        key: "stop_signal",
+        long: "stop-signal",
+        short: None,
+        env: "COREPOOL_STOP_SIGNAL",
+        fallback_env: None,
+        switch: false,
+        value_name: "SIGNAL",
+        default: "SIGTERM",
+        help: "Signal sent to a worker's process group to stop it",
+    },
+    OptSpec {
+        key: "restart",
+        long: "restart",
+        short: None,
+        env: "COREPOOL_RESTART",
+        fallback_env: None,
+        switch: false,
+        value_name: "always|on-failure|never",
+        default: "always",
+        help: "When an exited worker is started again",
+    },
+    OptSpec {
+        key: "restart_delay",
+        long: "restart-delay",
+        short: None,
+        env: "COREPOOL_RESTART_DELAY",
+        fallback_env: None,
+        switch: false,
+        value_name: "DURATION",
+        default: "100ms",
+        help: "First restart backoff; doubles with each consecutive short-lived exit",
+    },
+    OptSpec {
+        key: "max_restart_delay",
+        long: "max-restart-delay",
+        short: None,
+        env: "COREPOOL_MAX_RESTART_DELAY",
+        fallback_env: None,
+        switch: false,
+        value_name: "DURATION",
+        default: "15s",
+        help: "Longest restart backoff",
+    },
+    OptSpec {
+        key: "min_uptime",
+        long: "min-uptime",
+        short: None,
+        env: "COREPOOL_MIN_UPTIME",
+        fallback_env: None,
+        switch: false,
+        value_name: "DURATION",
+        default: "1s",
+        help: "A worker that lived this long resets its backoff and failure count",
+    },
+    OptSpec {
+        key: "max_restarts",
+        long: "max-restarts",
+        short: None,
+        env: "COREPOOL_MAX_RESTARTS",
+        fallback_env: None,
+        switch: false,
+        value_name: "N",
+        default: "16",
+        help: "Consecutive short-lived exits after which a worker slot is given up (0: never)",
+    },
+    OptSpec {
+        key: "log_format",
+        long: "log-format",
+        short: None,
+        env: "COREPOOL_LOG_FORMAT",
+        fallback_env: None,
+        switch: false,
+        value_name: "raw|prefix|json",
+        default: "raw",
+        help: "How worker lines and corepool's own messages are written",
+    },
+    OptSpec {
+        key: "log_level",
+        long: "log-level",
+        short: None,
+        env: "COREPOOL_LOG_LEVEL",
+        fallback_env: None,
+        switch: false,
+        value_name: "LEVEL",
+        default: "info",
+        help: "corepool's own verbosity: error, warn, info, debug, trace or off",
+    },
+    OptSpec {
+        key: "port",
+        long: "port",
+        short: Some('p'),
+        env: "COREPOOL_PORT",
+        fallback_env: Some("PORT"),
+        switch: false,
+        value_name: "PORT",
+        default: "3000",
+        help: "The public port every worker serves. Falls back to PORT",
+    },
+    OptSpec {
+        key: "host",
+        long: "host",
+        short: None,
+        env: "COREPOOL_HOST",
+        fallback_env: None,
+        switch: false,
+        value_name: "ADDR",
+        default: "0.0.0.0",
+        help: "The public address to listen on (an IPv4 or IPv6 address)",
+    },
+    OptSpec {
+        key: "balance",
+        long: "balance",
+        short: None,
+        env: "COREPOOL_BALANCE",
+        fallback_env: None,
+        switch: false,
+        value_name: "socket|proxy|none",
+        default: "socket",
+        help: "How workers share the port: one socket handed to all (socket), a relay to private \
+               ports (proxy), or not at all (none)",
+    },
+    OptSpec {
+        key: "ready_timeout",
+        long: "ready-timeout",
+        short: None,
+        env: "COREPOOL_READY_TIMEOUT",
+        fallback_env: None,
+        switch: false,
+        value_name: "DURATION",
+        default: "30s",
+        help: "A worker not ready (accepting connections) this long after its start is restarted",
+    },
+    OptSpec {
+        key: "reload_batch",
+        long: "reload-batch",
+        short: None,
+        env: "COREPOOL_RELOAD_BATCH",
+        fallback_env: None,
+        switch: false,
+        value_name: "N",
+        default: "1",
+        help: "Workers replaced at a time by a rolling reload (SIGHUP)",
+    },
+    OptSpec {
+        key: "port_increment",
+        long: "port-increment",
+        short: None,
+        env: "COREPOOL_PORT_INCREMENT",
+        fallback_env: None,
+        switch: true,
+        value_name: "BOOL",
+        default: "false",
+        help: "With --balance none: give each worker PORT=port+slot",
+    },
+];
+
+/// The config file given by flag or variable, else this one when present.
+pub const DEFAULT_FILE: &str = "corepool.toml";
+
+/// A configuration mistake: one line, naming where the bad value came from. Exit code 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Flag(String),
+    Env(String),
+    File { path: String, line: usize },
+    Default,
+}
+
+impl Source {
+    /// How an error names this place: `--kill-timeout`, `COREPOOL_KILL_TIMEOUT`, `f.toml:3: key`.
+    fn culprit(&self, key: &str) -> String {
+        match self {
+            Source::Flag(flag) => flag.clone(),
+            Source::Env(var) => var.clone(),
+            Source::File { path, line } => format!("{path}:{line}: {key}"),
+            Source::Default => format!("the default of {key}"),
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Flag(flag) => write!(f, "flag {flag}"),
+            Source::Env(var) => write!(f, "env {var}"),
+            Source::File { path, line } => write!(f, "file {path}:{line}"),
+            Source::Default => f.write_str("default"),
+        }
+    }
+}
+
+/// How many workers, as the user wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Instances {
+    /// One per usable CPU (`max`, or `0` as pm2 has it).
+    Max,
+    /// Exactly this many.
+    Fixed(usize),
+    /// Usable CPUs minus this many, at least one.
+    MinusK(usize),
+}
+
+impl Instances {
+    pub fn parse(text: &str) -> Result<Instances, String> {
+        let t = text.trim();
+        if t.eq_ignore_ascii_case("max") || t == "0" {
+            return Ok(Instances::Max);
+        }
+        let bad = || format!("'{t}' is not an instance count (a number, max, or -K)");
+        if let Some(k) = t.strip_prefix('-') {
+            let k: usize = k.parse().map_err(|_| bad())?;
+            return Ok(Instances::MinusK(k));
+        }
+        let n: usize = t.parse().map_err(|_| bad())?;
+        if n > 4096 {
+            return Err(format!("{n} workers is more than the limit of 4096"));
+        }
+        Ok(Instances::Fixed(n))
+    }
+
+    /// The worker count for this many usable CPUs.
+    pub fn resolve(self, usable: usize) -> usize {
+        match self {
+            Instances::Max => usable.max(1),
+            Instances::Fixed(n) => n,
+            Instances::MinusK(k) => usable.saturating_sub(k).max(1),
+        }
+    }
+}
+
+/// When an exited worker is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+impl RestartPolicy {
+    pub fn parse(text: &str) -> Result<RestartPolicy, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "always" => Ok(RestartPolicy::Always),
+            "on-failure" | "on_failure" => Ok(RestartPolicy::OnFailure),
+            "never" | "no" => Ok(RestartPolicy::Never),
+            other => Err(format!(
+                "'{other}' is not a restart policy (always, on-failure or never)"
+            )),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        }
+    }
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub command: Vec<String>,
+    pub instances: usize,
+    pub kill_timeout: Duration,
+    pub stop_signal: Signal,
+    pub restart: RestartPolicy,
+    pub restart_delay: Duration,
+    pub max_restart_delay: Duration,
+    pub min_uptime: Duration,
+    pub max_restarts: u32,
+    pub log_format: LogFormat,
+    pub log_level: LevelFilter,
+    pub port: u16,
+    pub host: IpAddr,
+    pub balance: Mode,
+    pub ready_timeout: Duration,
+    pub reload_batch: usize,
+    pub port_increment: bool,
+    pub cpu: CpuReport,
+    /// For `--print-config`: each key, its value as TOML, and a comment on where it came from.
+    pub provenance: Vec<(String, String, String)>,
+}
+
+/// What `main` should do.
+pub enum Invocation {
+    Run(Config),
+    PrintConfig(Config),
+}
+
+/// Parses `--duration`-style values: `1500ms`, `10s`, `2m`, `1h`, `1.5s`, or `0`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("'{t}' has no unit (write e.g. 1500ms, 10s, 2m)"))?;
+    let (number, unit) = t.split_at(split);
+    let scale = match unit.trim() {
+        "ms" => 0.001,
+        "s" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => {
+            return Err(format!(
+                "'{t}' is not a duration (write e.g. 1500ms, 10s, 2m)"
+            ));
+        }
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{t}' is not a duration (write e.g. 1500ms, 10s, 2m)"))?;
+    let secs = value * scale;
+    if !secs.is_finite() || secs > 365.0 * 86_400.0 {
+        return Err(format!("'{t}' is longer than a year"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Formats a duration the way [`parse_duration`] reads it.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        "0s".into()
+    } else if ms.is_multiple_of(3_600_000) {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// Parses sizes: `512MiB`, `1G`, `300M`, `4096`. K, M, G, T are powers of 1000 and Ki/KiB, Mi/MiB,
+/// Gi/GiB, Ti/TiB powers of 1024 (the Kubernetes convention); `B` may follow either.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let bad = || format!("'{t}' is not a size (write e.g. 512MiB, 1G, 300M)");
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let unit = unit.trim();
+    let unit = unit.strip_suffix(['B', 'b']).unwrap_or(unit);
+    let scale: u64 = match unit {
+        "" => 1,
+        "K" | "k" => 1000,
+        "M" => 1000u64.pow(2),
+        "G" => 1000u64.pow(3),
+        "T" => 1000u64.pow(4),
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    number
+        .checked_mul(scale)
+        .ok_or_else(|| format!("'{t}' is too large"))
+}
+
+/// Parses corepool's own log level.
+pub fn parse_log_level(text: &str) -> Result<LevelFilter, String> {
+    text.trim().to_ascii_lowercase().parse().map_err(|_| {
+        format!(
+            "'{}' is not a log level (error, warn, info, debug, trace, off)",
+            text.trim()
+        )
+    })
+}
+
+/// `true`/`false` (also yes/no, on/off, 1/0).
+pub fn parse_bool(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Ok(true),
+        "false" | "no" | "off" | "0" => Ok(false),
+        other => Err(format!("'{other}' is not true or false")),
+    }
+}
+
+/// A TCP port, 1 to 65535.
+pub fn parse_port(text: &str) -> Result<u16, String> {
+    match text.trim().parse::<u16>() {
+        Ok(port) if port > 0 => Ok(port),
+        _ => Err(format!("'{}' is not a port (1 to 65535)", text.trim())),
+    }
+}
+
+/// An IP address to listen on; `localhost` means 127.0.0.1.
+pub fn parse_host(text: &str) -> Result<IpAddr, String> {
+    let t = text.trim().trim_start_matches('[').trim_end_matches(']');
+    if t.eq_ignore_ascii_case("localhost") {
+        return Ok(IpAddr::from([127, 0, 0, 1]));
+    }
+    t.parse()
+        .map_err(|_| format!("'{t}' is not an IP address (e.g. 0.0.0.0, ::, 127.0.0.1)"))
+}
+
+fn parse_batch(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("'{}' is not a positive whole number", text.trim())),
+    }
+}
+
+fn parse_count(text: &str) -> Result<u32, String> {
+    text.trim()
+        .parse()
+        .map_err(|_| format!("'{}' is not a whole number", text.trim()))
+}
+
+/// The clap command: every option of [`OPTIONS`] plus `--config`, `--print-config` and the
+/// worker command.
+pub fn command() -> Command {
+    let mut cmd = Command::new("corepool")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Runs N copies of a server as a container's PID 1, sharing one port")
+        .override_usage("corepool [OPTIONS] [--] COMMAND [ARGS...]")
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .short('c')
+                .env("COREPOOL_CONFIG")
+                .value_name("FILE")
+                .help("TOML file with any of these options (default ./corepool.toml if present)"),
+        )
+        .arg(
+            Arg::new("print_config")
+                .long("print-config")
+                .action(ArgAction::SetTrue)
+                .help("Print the effective configuration as TOML, with where each value came from, and exit"),
+        )
+        .arg(
+            Arg::new("command")
+                .value_name("COMMAND")
+                .num_args(1..)
+                .trailing_var_arg(true)
+                .help("The worker command and its arguments"),
+        );
+    for spec in OPTIONS {
+        let mut arg = Arg::new(spec.key)
+            .long(spec.long)
+            .env(spec.env)
+            .value_name(spec.value_name)
+            .help(format!("{} [default: {}]", spec.help, spec.default))
+            .allow_negative_numbers(true);
+        if let Some(short) = spec.short {
+            arg = arg.short(short);
+        }
+        if spec.switch {
+            arg = arg
+                .num_args(0..=1)
+                .require_equals(true)
+                .default_missing_value("true");
+        }
+        cmd = cmd.arg(arg);
+    }
+    cmd
+}
+
+/// A TOML file read into raw values with their lines.
+struct ConfigFile {
+    path: String,
+    values: BTreeMap<String, (toml::Value, usize)>,
+}
+
+impl ConfigFile {
+    fn load(path: &Path, named_by: &str) -> Result<ConfigFile, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| ConfigError(format!("{named_by}: cannot read {shown}: {err}")))?;
+        ConfigFile::parse(&shown, &text)
+    }
+
+    fn parse(path: &str, text: &str) -> Result<ConfigFile, ConfigError> {
+        let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
+        let table: BTreeMap<String, toml::Spanned<toml::Value>> =
+            toml::from_str(text).map_err(|err| {
+                let line = err.span().map(|s| line_of(s.start)).unwrap_or(1);
+                let message = err
+                    .message()
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
+                ConfigError(format!("{path}:{line}: invalid TOML: {message}"))
+            })?;
+        let mut values = BTreeMap::new();
+        for (raw_key, spanned) in table {
+            let line = line_of(spanned.span().start);
+            let key = raw_key.replace('-', "_");
+            let known = key == "command" || OPTIONS.iter().any(|o| o.key == key);
+            if !known {
+                return Err(ConfigError(format!(
+                    "{path}:{line}: unknown key '{raw_key}'"
+                )));
+            }
+            values.insert(key, (spanned.into_inner(), line));
+        }
+        Ok(ConfigFile {
+            path: path.to_string(),
+            values,
+        })
+    }
+
+    /// The raw string of a scalar key, with its source.
+    fn scalar(&self, key: &str) -> Result<Option<(String, Source)>, ConfigError> {
+        let Some((value, line)) = self.values.get(key) else {
+            return Ok(None);
+        };
+        let source = Source::File {
+            path: self.path.clone(),
+            line: *line,
+        };
+        let text = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            _ => {
+                return Err(ConfigError(format!(
+                    "{}: expected a string or a number",
+                    source.culprit(key)
+                )));
+            }
+        };
+        Ok(Some((text, source)))
+    }
+
+    /// `command = ["node", "server.js"]` (or a single string, split on whitespace).
+    fn command(&self) -> Result<Option<(Vec<String>, Source)>, ConfigError> {
+        let Some((value, line)) = self.values.get("command") else {
+            return Ok(None);
+        };
+        let source = Source::File {
+            path: self.path.clone(),
+            line: *line,
+        };
+        let bad = || {
+            ConfigError(format!(
+                "{}: expected a list of strings",
+                source.culprit("command")
+            ))
+        };
+        let argv: Vec<String> = match value {
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+                .collect::<Result<_, _>>()?,
+            toml::Value::String(s) => s.split_whitespace().map(str::to_string).collect(),
+            _ => return Err(bad()),
+        };
+        if argv.is_empty() {
+            return Err(ConfigError(format!(
+                "{}: is empty",
+                source.culprit("command")
+            )));
+        }
+        Ok(Some((argv, source)))
+    }
+}
+
+/// Resolves raw values to typed ones, recording where each came from.
+struct Resolver<'a> {
+    matches: &'a ArgMatches,
+    file: Option<&'a ConfigFile>,
+    provenance: Vec<(String, String, String)>,
+}
+
+impl Resolver<'_> {
+    /// The raw text of an option and its source, by precedence.
+    fn raw(&self, spec: &OptSpec) -> Result<(String, Source), ConfigError> {
+        if let Some(value) = self.matches.get_one::<String>(spec.key) {
+            let source = match self.matches.value_source(spec.key) {
+                Some(ValueSource::EnvVariable) => Source::Env(spec.env.to_string()),
+                _ => Source::Flag(format!("--{}", spec.long)),
+            };
+            return Ok((value.clone(), source));
+        }
+        if let Some(var) = spec.fallback_env
+            && let Ok(value) = std::env::var(var)
+            && !value.is_empty()
+        {
+            return Ok((value, Source::Env(var.into())));
+        }
+        if let Some(file) = self.file
+            && let Some(found) = file.scalar(spec.key)?
+        {
+            return Ok(found);
+        }
+        Ok((spec.default.to_string(), Source::Default))
+    }
+
+    /// Reads one option through `parse`; `render` gives its TOML form for `--print-config`.
+    fn get<T>(
+        &mut self,
+        key: &str,
+        parse: impl Fn(&str) -> Result<T, String>,
+        render: impl Fn(&T) -> String,
+    ) -> Result<(T, Source), ConfigError> {
+        let spec = OPTIONS
+            .iter()
+            .find(|o| o.key == key)
+            .unwrap_or_else(|| unreachable!("option {key} is declared in OPTIONS"));
+        let (text, source) = self.raw(spec)?;
+        let value = parse(&text).map_err(|why| {
+            ConfigError(format!("invalid value for {}: {why}", source.culprit(key)))
+        })?;
+        self.provenance
+            .push((key.to_string(), render(&value), source.to_string()));
+        Ok((value, source))
+    }
+}
+
+fn quoted(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
+}
+
+/// Parses the command line (and the environment and file it points to).
+pub fn load(args: impl IntoIterator<Item = String>) -> Result<Invocation, ClapOrConfig> {
+    let matches = command()
+        .try_get_matches_from(args)
+        .map_err(ClapOrConfig::Clap)?;
+    let config = resolve(&matches, cgroup::cpu_report()).map_err(ClapOrConfig::Config)?;
+    if matches.get_flag("print_config") {
+        Ok(Invocation::PrintConfig(config))
+    } else if config.command.is_empty() {
+        Err(ClapOrConfig::Config(ConfigError(
+            "no command to run: give one after -- (corepool -- node server.js) or set command in corepool.toml".into(),
+        )))
+    } else {
+        Ok(Invocation::Run(config))
+    }
+}
+
+/// Either clap's own verdict (help, version, unknown flag) or ours.
+pub enum ClapOrConfig {
+    Clap(clap::Error),
+    Config(ConfigError),
+}
+
+fn find_file(matches: &ArgMatches) -> Result<Option<ConfigFile>, ConfigError> {
+    if let Some(path) = matches.get_one::<String>("config") {
+        let named_by = match matches.value_source("config") {
+            Some(ValueSource::EnvVariable) => "COREPOOL_CONFIG",
+            _ => "--config",
+        };
+        return ConfigFile::load(Path::new(path), named_by).map(Some);
+    }
+    let default = PathBuf::from(DEFAULT_FILE);
+    if default.exists() {
+        return ConfigFile::load(&default, DEFAULT_FILE).map(Some);
+    }
+    Ok(None)
+}
+
+/// Builds the configuration from parsed arguments and the CPU report.
+pub fn resolve(matches: &ArgMatches, cpu: CpuReport) -> Result<Config, ConfigError> {
+    let file = find_file(matches)?;
+    let mut r = Resolver {
+        matches,
+        file: file.as_ref(),
+        provenance: Vec::new(),
+    };
+
+    let (command, command_source) = match matches.get_many::<String>("command") {
+        Some(args) => (args.cloned().collect(), "command line".to_string()),
+        None => match file
+            .as_ref()
+            .map(ConfigFile::command)
+            .transpose()?
+            .flatten()
+        {
+            Some((argv, source)) => (argv, source.to_string()),
+            None => (Vec::new(), "none given".to_string()),
+        },
+    };
+    let rendered: Vec<String> = command.iter().map(|a| quoted(a)).collect();
+    r.provenance.push((
+        "command".into(),
+        format!("[{}]", rendered.join(", ")),
+        command_source,
+    ));
+
+    let (spec, source) = r.get("instances", Instances::parse, |_| String::new())?;
+    let instances = spec.resolve(cpu.usable);
+    let how = match spec {
+        Instances::Fixed(_) => String::new(),
+        Instances::Max => format!(": max = {} usable CPUs ({cpu})", cpu.usable),
+        Instances::MinusK(k) => format!(": {} usable CPUs minus {k} ({cpu})", cpu.usable),
+    };
+    if let Some(last) = r.provenance.last_mut() {
+        *last = (
+            "instances".into(),
+            instances.to_string(),
+            format!("{source}{how}"),
+        );
+    }
+
+    let dur = |d: &Duration| quoted(&format_duration(*d));
+    let (kill_timeout, _) = r.get("kill_timeout", parse_duration, dur)?;
+    let (stop_signal, _) = r.get("stop_signal", parse_signal, |s: &Signal| quoted(s.as_str()))?;
+    let (restart, _) = r.get("restart", RestartPolicy::parse, |p: &RestartPolicy| {
+        quoted(p.name())
+    })?;
+    let (restart_delay, _) = r.get("restart_delay", parse_duration, dur)?;
+    let (max_restart_delay, _) = r.get("max_restart_delay", parse_duration, dur)?;
+    let (min_uptime, _) = r.get("min_uptime", parse_duration, dur)?;
+    let (max_restarts, _) = r.get("max_restarts", parse_count, u32::to_string)?;
+    let (log_format, _) = r.get("log_format", LogFormat::parse, |f: &LogFormat| {
+        quoted(f.name())
+    })?;
+    let (log_level, _) = r.get("log_level", parse_log_level, |l: &LevelFilter| {
+        quoted(&l.to_string().to_lowercase())
+    })?;
+
+    let (port, _) = r.get("port", parse_port, u16::to_string)?;
+    let (host, _) = r.get("host", parse_host, |h: &IpAddr| quoted(&h.to_string()))?;
+    let (balance, _) = r.get("balance", Mode::parse, |m: &Mode| quoted(m.name()))?;
+    let (ready_timeout, _) = r.get("ready_timeout", parse_duration, dur)?;
+    let (reload_batch, _) = r.get("reload_batch", parse_batch, usize::to_string)?;
+    let (port_increment, source) = r.get("port_increment", parse_bool, bool::to_string)?;
+    if port_increment && balance != Mode::None {
+        return Err(ConfigError(format!(
+            "invalid value for {}: port_increment needs --balance none (socket and proxy share one port)",
+            source.culprit("port_increment")
+        )));
+    }
+
+    Ok(Config {
+        command,
+        instances,
+        kill_timeout,
+        stop_signal,
+        restart,
+        restart_delay,
+        max_restart_delay,
+        min_uptime,
+        max_restarts,
+        log_format,
+        log_level,
+        port,
+        host,
+        balance,
+        ready_timeout,
+        reload_batch,
+        port_increment,
+        cpu,
+        provenance: r.provenance,
+    })
+}
+
+impl Config {
+    /// The effective configuration as TOML, each value commented with its origin.
+    pub fn to_toml(&self) -> String {
+        let mut out = String::from("# corepool effective configuration\n");
+        for (key, value, source) in &self.provenance {
+            out.push_str(&format!("{key} = {value}  # {source}\n"));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu(usable: usize) -> CpuReport {
+        CpuReport {
+            usable,
+            online: 8,
+            affinity: 8,
+            quota: None,
+        }
+    }
+
+    fn resolve_args(args: &[&str]) -> Result<Config, ConfigError> {
+        let argv = std::iter::once("corepool").chain(args.iter().copied());
+        let matches = command().try_get_matches_from(argv).expect("clap accepts");
+        resolve(&matches, cpu(4))
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "10", "s", "1x", "-1s", "1..2s", "99999999999h", "1e3s"] {
+            assert!(parse_duration(bad).is_err(), "{bad} should be rejected");
+        }
+        for d in [0, 100, 1500, 10_000, 120_000, 7_200_000] {
+            let d = Duration::from_millis(d);
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1G"), Ok(1_000_000_000));
+        assert_eq!(parse_size("1Gi"), Ok(1 << 30));
+        assert_eq!(parse_size("300MB"), Ok(300_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in [
+            "",
+            "G",
+            "1X",
+            "-1G",
+            "99999999999999999999",
+            "18446744073709551615Ki",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn instances() {
+        assert_eq!(Instances::parse("max"), Ok(Instances::Max));
+        assert_eq!(Instances::parse("0"), Ok(Instances::Max));
+        assert_eq!(Instances::parse("3"), Ok(Instances::Fixed(3)));
+        assert_eq!(Instances::parse("-1"), Ok(Instances::MinusK(1)));
+        assert!(Instances::parse("many").is_err());
+        assert!(Instances::parse("1000000").is_err());
+        assert_eq!(Instances::MinusK(1).resolve(4), 3);
+        assert_eq!(Instances::MinusK(9).resolve(4), 1);
+        assert_eq!(Instances::Max.resolve(0), 1);
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let c = resolve_args(&["--", "node", "server.js"]).unwrap();
+        assert_eq!(c.command, vec!["node", "server.js"]);
+        assert_eq!(c.instances, 4);
+        assert_eq!(c.kill_timeout, Duration::from_secs(10));
+        assert_eq!(c.stop_signal, Signal::SIGTERM);
+        assert_eq!(c.restart, RestartPolicy::Always);
+        let c = resolve_args(&["-i", "-1", "--kill-timeout", "2s", "node"]).unwrap();
+        assert_eq!(c.instances, 3);
+        assert_eq!(c.kill_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let err = resolve_args(&["--kill-timeout", "soon", "x"]).unwrap_err();
+        assert!(err.0.contains("--kill-timeout"), "{err}");
+        assert!(!err.0.contains('\n'));
+        let err = resolve_args(&["--stop-signal", "SIGNOPE", "x"]).unwrap_err();
+        assert!(err.0.contains("--stop-signal"), "{err}");
+    }
+
+    #[test]
+    fn file_values_and_lines() {
+        let text =
+            "# comment\ninstances = 2\nkill-timeout = \"3s\"\ncommand = [\"node\", \"s.js\"]\n";
+        let file = ConfigFile::parse("c.toml", text).unwrap();
+        assert_eq!(
+            file.scalar("instances").unwrap().unwrap().1,
+            Source::File {
+                path: "c.toml".into(),
+                line: 2
+            }
+        );
+        assert_eq!(file.command().unwrap().unwrap().0, vec!["node", "s.js"]);
+        let err = ConfigFile::parse("c.toml", "a = 1\n\nbogus = 2\n")
+            .err()
+            .unwrap();
+        assert_eq!(err.0, "c.toml:1: unknown key 'a'");
+        let err = ConfigFile::parse("c.toml", "instances = 2\nrestart = [\n")
+            .err()
+            .unwrap();
+        assert!(err.0.starts_with("c.toml:"), "{err}");
+        let file = ConfigFile::parse("c.toml", "\n\ninstances = [1]\n").unwrap();
+        let err = file.scalar("instances").err().unwrap();
+        assert_eq!(err.0, "c.toml:3: instances: expected a string or a number");
+    }
+}

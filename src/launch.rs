@@ -1,0 +1,390 @@
+//! Launch: how a worker process is created, by hand, with fork and exec.
+//!
+//! `std::process::Command` would do most of this, but it waits for a child whose exec failed
+//! (stealing a status from the reaper, and panicking if the reaper got there first), it cannot
+//! put the child's own pid into its environment (`LISTEN_PID` of socket activation must equal
+//! the worker's pid), and it cannot place inherited sockets on fixed descriptor numbers. So
+//! corepool prepares everything in the parent (every allocation happens before `fork`), and the
+//! child makes only async-signal-safe system calls before `execve`:
+//!
+//! 1. its own process group (`setpgid(0, 0)`), so `kill(-pgid)` reaches it and all it starts;
+//! 2. an empty signal mask and default dispositions (see `signals::reset_for_exec`);
+//! 3. stdin from /dev/null, stdout and stderr into pipes that corepool reads line by line;
+//! 4. every inherited descriptor from 3 up marked close-on-exec, then the descriptors handed
+//!    down on purpose (the listening socket as fd 3, the readiness pipe as fd 4) placed;
+//! 5. `LISTEN_PID` written as its own pid, then `execve`.
+//!
+//! If `execve` fails the child writes errno to a close-on-exec pipe and exits 127; the parent
+//! reads it and reports the error. The parent never waits for the child: the reaper does.
+
+use crate::signals;
+use nix::unistd::Pid;
+use std::ffi::{CString, OsString};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// What every worker process of the pool is started with.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    /// The resolved program (an absolute or relative path: no PATH search at exec).
+    pub program: PathBuf,
+    /// argv, argv[0] as the user wrote it.
+    pub argv: Vec<String>,
+}
+
+/// What one particular worker gets on top of the spec: variables and descriptors.
+#[derive(Debug, Default)]
+pub struct WorkerIo {
+    /// Variables to set (replacing inherited ones of the same name).
+    pub env: Vec<(String, String)>,
+    /// Variables to remove from the inherited environment.
+    pub unset: Vec<&'static str>,
+    /// Descriptors to hand down: (descriptor in corepool, number in the worker). Sources must
+    /// be >= 10 so that placing one cannot overwrite another.
+    pub fds: Vec<(RawFd, RawFd)>,
+    /// Set `LISTEN_PID` to the worker's own pid (socket activation).
+    pub listen_pid: bool,
+}
+
+/// A freshly started worker process and the read ends of its output pipes.
+pub struct Launched {
+    pub pid: Pid,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::other("argument or variable contains a NUL byte"))
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// The environment of one worker: corepool's own, minus `unset` and the names in `set`, plus
+/// `set`. `LISTEN_PID` gets a placeholder the child fills in.
+fn environment(io: &WorkerIo) -> io::Result<(Vec<CString>, Option<usize>)> {
+    let overridden = |name: &OsString| {
+        let name = name.as_bytes();
+        io.env.iter().any(|(k, _)| k.as_bytes() == name)
+            || io.unset.iter().any(|k| k.as_bytes() == name)
+            || (io.listen_pid && name == b"LISTEN_PID")
+    };
+    let mut env = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        if !overridden(&name) {
+            env.push(cstring(
+                &[name.as_bytes(), b"=", value.as_bytes()].concat(),
+            )?);
+        }
+    }
+    for (name, value) in &io.env {
+        env.push(cstring(format!("{name}={value}").as_bytes())?);
+    }
+    let mut listen_pid_at = None;
+    if io.listen_pid {
+        listen_pid_at = Some(env.len());
+        // Room for any pid (at most 10 digits); the child writes the digits and a NUL.
+        env.push(cstring(b"LISTEN_PID=00000000000")?);
+    }
+    Ok((env, listen_pid_at))
+}
+
+impl LaunchSpec {
+    /// Starts one worker process. Returns once `execve` has succeeded.
+    pub fn launch(&self, io: &WorkerIo) -> io::Result<Launched> {
+        let program = cstring(self.program.as_os_str().as_bytes())?;
+        let argv: Vec<CString> = self
+            .argv
+            .iter()
+            .map(|a| cstring(a.as_bytes()))
+            .collect::<io::Result<_>>()?;
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let (env, listen_pid_at) = environment(io)?;
+        let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+        envp.push(std::ptr::null());
+        let listen_pid_buf: *mut u8 = match listen_pid_at {
+            // SAFETY: points just past "LISTEN_PID=" inside a CString that outlives the fork;
+            // only the child (a separate copy of memory) writes through it.
+            Some(i) => unsafe { (env[i].as_ptr() as *mut u8).add("LISTEN_PID=".len()) },
+            None => std::ptr::null_mut(),
+        };
+
+        let devnull = nix::fcntl::open(
+            "/dev/null",
+            nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let (exec_r, exec_w) = pipe()?;
+        let child_fds = ChildFds {
+            stdin: devnull.as_raw_fd(),
+            stdout: out_w.as_raw_fd(),
+            stderr: err_w.as_raw_fd(),
+            report: exec_w.as_raw_fd(),
+        };
+
+        // SAFETY: after fork the child only calls async-signal-safe functions on memory
+        // prepared above, then execs or _exits; it never returns into Rust code.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: see above; this never returns.
+            unsafe {
+                child_exec(
+                    &child_fds,
+                    &io.fds,
+                    listen_pid_buf,
+                    program.as_ptr(),
+                    argv_ptrs.as_ptr(),
+                    envp.as_ptr(),
+                )
+            }
+        }
+        drop((out_w, err_w, exec_w, devnull));
+        let pid = Pid::from_raw(pid);
+        match read_exec_report(exec_r) {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Ok(Launched {
+                pid,
+                stdout: out_r,
+                stderr: err_r,
+            }),
+        }
+    }
+}
+
+/// The errno a failed exec reported, or None once exec closed the pipe.
+fn read_exec_report(pipe: OwnedFd) -> Option<i32> {
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match nix::unistd::read(&pipe, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    (got == 4).then(|| i32::from_ne_bytes(buf))
+}
+
+/// Descriptors the child places on 0, 1, 2, and where it reports a failed exec.
+struct ChildFds {
+    stdin: RawFd,
+    stdout: RawFd,
+    stderr: RawFd,
+    report: RawFd,
+}
+
+/// The child's side, between fork and exec. Only raw, async-signal-safe system calls.
+unsafe fn child_exec(
+    fds: &ChildFds,
+    handed: &[(RawFd, RawFd)],
+    listen_pid_buf: *mut u8,
+    program: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> ! {
+    unsafe {
+        // Keep the report pipe clear of the numbers we are about to fill.
+        let report = libc::fcntl(fds.report, libc::F_DUPFD_CLOEXEC, 64);
+        let fail = |report: RawFd| -> ! {
+            let errno = *libc::__errno_location();
+            let bytes = errno.to_ne_bytes();
+            libc::write(report, bytes.as_ptr().cast(), 4);
+            libc::_exit(127)
+        };
+        if report < 0 {
+            libc::_exit(127);
+        }
+        if libc::setpgid(0, 0) != 0 {
+            fail(report);
+        }
+        if signals::reset_for_exec().is_err() {
+            fail(report);
+        }
+        for (from, to) in [(fds.stdin, 0), (fds.stdout, 1), (fds.stderr, 2)] {
+            if libc::dup2(from, to) < 0 {
+                fail(report);
+            }
+        }
+        close_inherited_fds();
+        for &(from, to) in handed {
+            if from == to {
+                libc::fcntl(to, libc::F_SETFD, 0);
+            } else if libc::dup2(from, to) < 0 {
+                fail(report);
+            }
+        }
+        if !listen_pid_buf.is_null() {
+            write_decimal(listen_pid_buf, libc::getpid() as u32);
+        }
+        libc::execve(program, argv, envp);
+        fail(report)
+    }
+}
+
+/// Writes `n` in decimal followed by a NUL at `buf` (room for 11 bytes). No allocation.
+unsafe fn write_decimal(buf: *mut u8, mut n: u32) {
+    let mut digits = [0u8; 10];
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        // SAFETY: the caller gives 11 writable bytes; len <= 10.
+        unsafe { *buf.add(i) = digits[len - 1 - i] };
+    }
+    unsafe { *buf.add(len) = 0 };
+}
+
+/// Marks every descriptor from 3 up close-on-exec, so that nothing corepool inherited or opened
+/// leaks into a worker. close_range(2) (Linux 5.11+), else a bounded fcntl loop.
+fn close_inherited_fds() {
+    // SAFETY: raw syscalls on integers; no memory is touched.
+    unsafe {
+        let done = libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) == 0;
+        if !done {
+            let mut limit: libc::rlimit = std::mem::zeroed();
+            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                limit.rlim_cur.min(65_536) as i32
+            } else {
+                1024
+            };
+            for fd in 3..max {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
+/// Why the worker command cannot run, with the exit code a shell would give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandError {
+    pub code: i32,
+    pub message: String,
+}
+
+/// Finds the program as `execvp` would (PATH search unless it contains a slash) and checks that
+/// it is an executable file, so that a typo fails once, clearly, before any worker runs:
+/// 127 when missing, 126 when not executable or a directory.
+pub fn resolve_program(name: &str, path_var: Option<OsString>) -> Result<PathBuf, CommandError> {
+    let not_found = || CommandError {
+        code: 127,
+        message: format!("command not found: {name}"),
+    };
+    if name.is_empty() {
+        return Err(not_found());
+    }
+    let candidates: Vec<PathBuf> = if name.contains('/') {
+        vec![PathBuf::from(name)]
+    } else {
+        let path_var = path_var.unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        std::env::split_paths(&path_var)
+            .map(|dir| dir.join(name))
+            .collect()
+    };
+    let mut unusable = None;
+    for candidate in candidates {
+        match check_executable(&candidate) {
+            Ok(()) => return Ok(candidate),
+            Err(Some(err)) => {
+                unusable.get_or_insert(err);
+            }
+            Err(None) => {}
+        }
+    }
+    Err(unusable.unwrap_or_else(not_found))
+}
+
+/// Ok for an executable file; Err(None) when absent; Err(Some) when present but unusable.
+fn check_executable(path: &Path) -> Result<(), Option<CommandError>> {
+    let meta = std::fs::metadata(path).map_err(|_| None)?;
+    let shown = path.display();
+    if meta.is_dir() {
+        return Err(Some(CommandError {
+            code: 126,
+            message: format!("command is a directory: {shown}"),
+        }));
+    }
+    let executable = meta.permissions().mode() & 0o111 != 0
+        && nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_ok();
+    if !executable {
+        return Err(Some(CommandError {
+            code: 126,
+            message: format!("command is not executable (permission denied): {shown}"),
+        }));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_digits() {
+        for n in [0u32, 7, 10, 4_194_304, u32::MAX] {
+            let mut buf = [b'x'; 11];
+            unsafe { write_decimal(buf.as_mut_ptr(), n) };
+            let end = buf.iter().position(|&b| b == 0).unwrap();
+            assert_eq!(std::str::from_utf8(&buf[..end]).unwrap(), n.to_string());
+        }
+    }
+
+    #[test]
+    fn environment_overrides_and_placeholder() {
+        let io = WorkerIo {
+            env: vec![("PATH".into(), "/x".into())],
+            unset: vec!["HOME"],
+            fds: vec![],
+            listen_pid: true,
+        };
+        let (env, at) = environment(&io).unwrap();
+        let text: Vec<String> = env
+            .iter()
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(text.iter().filter(|e| e.starts_with("PATH=")).count(), 1);
+        assert!(text.contains(&"PATH=/x".to_string()));
+        assert!(!text.iter().any(|e| e.starts_with("HOME=")));
+        assert!(text[at.unwrap()].starts_with("LISTEN_PID="));
+    }
+
+    #[test]
+    fn resolves_programs() {
+        assert!(resolve_program("sh", std::env::var_os("PATH")).is_ok());
+        assert_eq!(
+            resolve_program("no-such-cmd-xyz", std::env::var_os("PATH"))
+                .unwrap_err()
+                .code,
+            127
+        );
+        assert_eq!(resolve_program("/etc", None).unwrap_err().code, 126);
+        let plain = std::env::temp_dir().join(format!("corepool-plain-{}", std::process::id()));
+        std::fs::write(&plain, "not a program").unwrap();
+        let result = resolve_program(plain.to_str().unwrap(), None);
+        std::fs::remove_file(&plain).unwrap();
+        assert_eq!(result.unwrap_err().code, 126);
+        assert_eq!(resolve_program("./missing", None).unwrap_err().code, 127);
+        assert_eq!(resolve_program("", None).unwrap_err().code, 127);
+    }
+}

@@ -1,0 +1,25 @@
+//! corepool as a library: the modules behind the `corepool` binary, public so that tests, fuzz
+//! targets and benchmarks can drive each piece on its own.
+//!
+//! Where a behaviour lives:
+//! - `config`: flags, `COREPOOL_*` variables, the TOML file, `--print-config`;
+//! - `cgroup`: usable CPUs and the memory limit, from cgroup v1/v2 and CPU affinity;
+//! - `signals`: which signals are caught and what each means;
+//! - `reaper`: the one `waitpid(-1)` loop;
+//! - `worker`: a slot's lifecycle state machine, and how a worker process is started;
+//! - `balance`: one public port for the pool (shared socket, preload, readiness);
+//! - `launch`: fork and exec of a worker, and command resolution;
+//! - `pool`: the supervisor loop (start, restart, forward, stop, exit code);
+//! - `logs`: worker output and corepool's own messages, a whole line at a time;
+//! - `exit`: exit codes.
+
+pub mod balance;
+pub mod cgroup;
+pub mod config;
+pub mod exit;
+pub mod launch;
+pub mod logs;
+pub mod pool;
+pub mod reaper;
+pub mod signals;
+pub mod worker;

@@ -1,0 +1,605 @@
+//! The pool: N worker slots and the supervisor loop that drives them.
+//!
+//! The loop is single-threaded and reads top to bottom: wait for a signal, a deadline or the
+//! one-second safety tick; reap every exited child; apply what happened to the slots; start what
+//! is due, escalate what is late; exit when the pool is finished. Because spawning and reaping
+//! happen on the same thread, no exit status can be collected behind anyone's back.
+//!
+//! Readiness news (from `balance`) arrives on a channel; a rolling reload (SIGHUP) gives
+//! `reload_batch` slots at a time a replacement process, promotes each once it is ready and
+//! stops the old one; a replacement that fails keeps the old worker and ends the reload.
+//!
+//! Stopping is uniform: whatever ends the pool (a stop signal, or every slot given up) sends the
+//! stop signal to every live process group and *drains* them: a drained group that outlives the
+//! kill timeout gets SIGKILL, and corepool exits only when every group is gone.
+
+use crate::balance::{Balancer, Ready};
+use crate::config::Config;
+use crate::exit;
+use crate::launch::LaunchSpec;
+use crate::logs::{Output, PumpHandle, Stream};
+use crate::reaper::{self, Exit, ExitStatus};
+use crate::signals::{Action, SignalStream};
+use crate::worker::{AfterExit, Next, RestartRules, State, Worker};
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How often liveness of draining groups is checked while a stop is under way.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// The safety net: reap and re-check at least this often, whatever else happens.
+const SAFETY_TICK: Duration = Duration::from_secs(1);
+/// How long, after the last worker is gone, to wait for their output pipes to reach EOF.
+const PIPE_GRACE: Duration = Duration::from_secs(2);
+
+/// Something corepool signalled and waits to see gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// A worker's process group (`kill(-pgid)`).
+    Group(Pid),
+    /// A lone process that left its group (setsid) but is still our child.
+    Process(Pid),
+}
+
+impl Target {
+    fn raw(self) -> Pid {
+        match self {
+            Target::Group(pgid) => Pid::from_raw(-pgid.as_raw()),
+            Target::Process(pid) => pid,
+        }
+    }
+
+    fn signal(self, sig: Signal) {
+        match kill(self.raw(), sig) {
+            Ok(()) | Err(Errno::ESRCH) => {}
+            Err(err) => tracing::warn!("kill({}, {sig}) failed: {err}", self.raw()),
+        }
+    }
+
+    /// Whether anything is left to signal (zombies count until reaped).
+    fn alive(self) -> bool {
+        !matches!(kill(self.raw(), None), Err(Errno::ESRCH))
+    }
+}
+
+/// A target that was sent the stop signal and has until `deadline` before SIGKILL.
+#[derive(Debug)]
+struct Drain {
+    target: Target,
+    deadline: Instant,
+    killed: bool,
+}
+
+/// Why the pool is ending.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// A stop signal: exit 0, or 1 if some group needed SIGKILL.
+    Stop(Signal),
+    /// Every slot is finished or given up: exit with the last worker's status.
+    PoolDied(i32),
+}
+
+/// The supervisor's whole state.
+pub struct Pool {
+    config: Config,
+    rules: RestartRules,
+    launch: LaunchSpec,
+    balancer: Balancer,
+    ready_rx: mpsc::UnboundedReceiver<Ready>,
+    output: Output,
+    /// Slots still to be replaced by the rolling reload under way, if any.
+    reload: Option<VecDeque<usize>>,
+    /// Old processes replaced by a reload, being stopped.
+    retiring: Vec<(usize, Pid)>,
+    workers: Vec<Worker>,
+    pumps: Vec<PumpHandle>,
+    drains: Vec<Drain>,
+    ending: Option<Ending>,
+    /// The last worker exit, for the pool-death status.
+    last_status: Option<ExitStatus>,
+    /// Some group needed SIGKILL.
+    any_killed: bool,
+}
+
+impl Pool {
+    pub fn new(
+        config: Config,
+        launch: LaunchSpec,
+        balancer: Balancer,
+        ready_rx: mpsc::UnboundedReceiver<Ready>,
+        output: Output,
+    ) -> Pool {
+        let now = Instant::now();
+        let rules = RestartRules {
+            policy: config.restart,
+            delay: config.restart_delay,
+            max_delay: config.max_restart_delay,
+            min_uptime: config.min_uptime,
+            max_restarts: config.max_restarts,
+        };
+        let workers = (0..config.instances)
+            .map(|slot| Worker::new(slot, now))
+            .collect();
+        Pool {
+            config,
+            rules,
+            launch,
+            balancer,
+            ready_rx,
+            output,
+            reload: None,
+            retiring: Vec::new(),
+            workers,
+            pumps: Vec::new(),
+            drains: Vec::new(),
+            ending: None,
+            last_status: None,
+            any_killed: false,
+        }
+    }
+
+    /// Runs the pool until it is finished; returns corepool's exit code.
+    pub async fn run(mut self, mut signals: SignalStream) -> i32 {
+        self.balancer.start_notify();
+        loop {
+            let now = Instant::now();
+            self.start_due(now);
+            self.check_readiness(now);
+            self.advance_reload(now);
+            self.escalate(now);
+            if let Some(code) = self.outcome() {
+                return self.finish(code).await;
+            }
+            let wake = self.next_deadline(now);
+            tokio::select! {
+                action = signals.next() => self.on_signal(action),
+                Some(ready) = self.ready_rx.recv() => self.on_ready(ready),
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+            for exit in reaper::reap_all() {
+                self.on_exit(exit);
+            }
+        }
+    }
+
+    /// Starts every slot whose time has come.
+    fn start_due(&mut self, now: Instant) {
+        if self.ending.is_some() {
+            return;
+        }
+        for i in 0..self.workers.len() {
+            if self.workers[i].due().is_some_and(|at| at <= now) {
+                self.start(i, now);
+            }
+        }
+    }
+
+    /// Launches a process for `slot` with its share of the port; its output is pumped.
+    fn spawn(&mut self, slot: usize) -> std::io::Result<Pid> {
+        let handover = self.balancer.handover(slot, self.workers.len())?;
+        let launched = self.launch.launch(&handover.io)?;
+        let pid = launched.pid.as_raw();
+        self.balancer.watch(handover, pid);
+        self.pumps
+            .push(self.output.pump(launched.stdout, Stream::Stdout, slot, pid));
+        self.pumps
+            .push(self.output.pump(launched.stderr, Stream::Stderr, slot, pid));
+        self.pumps.retain(|p| !p.is_finished());
+        Ok(launched.pid)
+    }
+
+    fn start(&mut self, i: usize, now: Instant) {
+        let slot = self.workers[i].slot;
+        match self.spawn(slot) {
+            Ok(pid) => {
+                let ready = !self.balancer.needs_ready();
+                self.workers[i].started(pid, now, ready);
+                tracing::info!("worker {slot} started, pid {pid}");
+            }
+            Err(err) => {
+                // The command was checked at start-up; it vanished or became unusable since.
+                let code = match err.kind() {
+                    std::io::ErrorKind::PermissionDenied => exit::NOT_EXECUTABLE,
+                    _ => exit::NOT_FOUND,
+                };
+                tracing::error!(
+                    "worker {slot}: cannot start {}: {err}",
+                    self.launch.program.display()
+                );
+                self.workers[i].started(Pid::from_raw(0), now, false);
+                self.after_exit(i, ExitStatus::Code(code), now);
+            }
+        }
+    }
+
+    /// Applies one reaped exit: a worker's, or an orphan's.
+    fn on_exit(&mut self, exit: Exit) {
+        if let Some(k) = self.retiring.iter().position(|&(_, pid)| pid == exit.pid) {
+            let (slot, pid) = self.retiring.remove(k);
+            tracing::info!(
+                "old worker {slot} (pid {pid}) exited after its replacement: {}",
+                exit.status
+            );
+            return;
+        }
+        if let Some(i) = self
+            .workers
+            .iter()
+            .position(|w| w.next.map(|n| n.pid) == Some(exit.pid))
+        {
+            self.workers[i].next = None;
+            self.abort_reload(&format!(
+                "the replacement of worker {} (pid {}) exited before it was ready: {}",
+                self.workers[i].slot, exit.pid, exit.status
+            ));
+            return;
+        }
+        let Some(i) = self.workers.iter().position(|w| w.pid() == Some(exit.pid)) else {
+            tracing::debug!("reaped orphan pid {} ({})", exit.pid, exit.status);
+            return;
+        };
+        let slot = self.workers[i].slot;
+        if self.workers[i].next.is_some() && self.ending.is_none() {
+            // The old process died during its reload: the replacement takes over at once.
+            tracing::warn!(
+                "worker {slot} (pid {}) exited during its reload: {}; its replacement takes over",
+                exit.pid,
+                exit.status
+            );
+            self.workers[i].promote();
+            self.last_status = Some(exit.status);
+            return;
+        }
+        let was_stopping = matches!(self.workers[i].state, State::Stopping { .. });
+        if was_stopping || self.ending.is_some() {
+            tracing::info!("worker {slot} (pid {}) exited: {}", exit.pid, exit.status);
+        } else {
+            tracing::warn!("worker {slot} (pid {}) exited: {}", exit.pid, exit.status);
+            // Whatever the leader left behind in its group must not linger (it may hold the
+            // port or a lock): give it the stop signal and the kill timeout, like a stop.
+            let group = Target::Group(exit.pid);
+            if group.alive() {
+                tracing::info!(
+                    "worker {slot}: stopping what is left of process group {}",
+                    exit.pid
+                );
+                self.drain(group);
+            }
+        }
+        self.after_exit(i, exit.status, Instant::now());
+    }
+
+    fn after_exit(&mut self, i: usize, status: ExitStatus, now: Instant) {
+        self.last_status = Some(status);
+        let stopping = self.ending.is_some();
+        let worker = &mut self.workers[i];
+        match worker.exited(status, now, &self.rules, stopping) {
+            AfterExit::RestartAt(at) => tracing::info!(
+                "worker {} restarts in {:?} (restart {}, {} short-lived exits in a row)",
+                worker.slot,
+                at.saturating_duration_since(now),
+                worker.restarts,
+                worker.failures
+            ),
+            AfterExit::GaveUp => tracing::error!(
+                "worker {} given up after {} consecutive exits within {:?}",
+                worker.slot,
+                worker.failures,
+                self.rules.min_uptime
+            ),
+            AfterExit::Finished => {}
+        }
+        if self.ending.is_none() && self.workers.iter().all(Worker::is_over) {
+            let mut code = status.shell_code();
+            if code == 0 && self.rules.policy == crate::config::RestartPolicy::Always {
+                code = 1;
+            }
+            tracing::error!("every worker slot is finished: the pool is dead (exit {code})");
+            self.begin_stop(Ending::PoolDied(code));
+        }
+    }
+
+    fn on_signal(&mut self, action: Action) {
+        match action {
+            Action::Reap => {}
+            Action::Stop(sig) => match self.ending {
+                None => {
+                    tracing::info!(
+                        "{sig}: stopping {} workers with {}, kill timeout {:?}",
+                        self.live_workers(),
+                        self.config.stop_signal,
+                        self.config.kill_timeout
+                    );
+                    self.begin_stop(Ending::Stop(sig));
+                }
+                Some(_) => {
+                    tracing::warn!("{sig} again: killing every remaining process group now");
+                    let now = Instant::now();
+                    for drain in &mut self.drains {
+                        drain.deadline = drain.deadline.min(now);
+                    }
+                }
+            },
+            Action::Forward(sig) => {
+                for pid in self.workers.iter().filter_map(Worker::pid) {
+                    Target::Group(pid).signal(sig);
+                }
+                tracing::debug!("{sig} forwarded to {} workers", self.live_workers());
+            }
+            Action::Reload => self.begin_reload(),
+            Action::Ignore(sig) => tracing::debug!("{sig} ignored"),
+        }
+    }
+
+    /// Worker processes alive: current ones, reload replacements and retiring old ones.
+    fn live_workers(&self) -> usize {
+        let current = self.workers.iter().filter(|w| w.pid().is_some()).count();
+        let next = self.workers.iter().filter(|w| w.next.is_some()).count();
+        current + next + self.retiring.len()
+    }
+
+    /// Sends the stop signal to every live worker group and to any other child of ours, and
+    /// starts draining them.
+    fn begin_stop(&mut self, ending: Ending) {
+        self.ending = Some(ending);
+        if self.reload.take().is_some() {
+            tracing::info!("rolling reload cancelled by the stop");
+        }
+        for i in 0..self.workers.len() {
+            if let Some(pid) = self.workers[i].pid() {
+                self.drain(Target::Group(pid));
+            }
+            if let Some(next) = self.workers[i].next.take() {
+                self.drain(Target::Group(next.pid));
+                self.retiring.push((self.workers[i].slot, next.pid));
+            }
+            self.workers[i].stopping();
+        }
+        self.sweep_strays();
+    }
+
+    /// Children of ours outside every known group (they called setsid, or are orphans of a
+    /// worker's children that did): stop them too, so nothing outlives the pool unasked.
+    fn sweep_strays(&mut self) {
+        for pid in reaper::direct_children() {
+            let known = self.drains.iter().any(|d| match d.target {
+                Target::Group(pgid) => nix::unistd::getpgid(Some(pid)) == Ok(pgid),
+                Target::Process(p) => p == pid,
+            });
+            if !known && !is_zombie(pid) {
+                tracing::info!("stopping stray process {pid}");
+                self.drain(Target::Process(pid));
+            }
+        }
+    }
+
+    /// Readiness news: a worker (or a reload's replacement) accepts connections.
+    fn on_ready(&mut self, ready: Ready) {
+        let pid = Pid::from_raw(ready.pid);
+        let now = Instant::now();
+        if let Some(i) = self
+            .workers
+            .iter()
+            .position(|w| w.next.map(|n| n.pid) == Some(pid))
+        {
+            let slot = self.workers[i].slot;
+            let took = self.workers[i]
+                .next
+                .map(|n| now.saturating_duration_since(n.since));
+            if let Some(old) = self.workers[i].promote() {
+                tracing::info!(
+                    "worker {slot}: replacement pid {pid} ready after {:?}; stopping old pid {old}",
+                    took.unwrap_or_default()
+                );
+                self.drain(Target::Group(old));
+                self.retiring.push((slot, old));
+            }
+            return;
+        }
+        if let Some(worker) = self.workers.iter_mut().find(|w| w.pid() == Some(pid))
+            && let Some(took) = worker.ready(now)
+        {
+            tracing::info!("worker {} ready (pid {pid}) after {took:?}", worker.slot);
+        }
+    }
+
+    /// Restarts workers that did not become ready in time; ends a reload whose replacement
+    /// did not either.
+    fn check_readiness(&mut self, now: Instant) {
+        if self.ending.is_some() {
+            return;
+        }
+        let timeout = self.config.ready_timeout;
+        for i in 0..self.workers.len() {
+            if let Some(pid) = self.workers[i].unready_for(timeout, now) {
+                tracing::warn!(
+                    "worker {} (pid {pid}) not ready after {timeout:?}: restarting it \
+                     (a Node server reports itself through corepool's preload; another program \
+                     sends READY=1 to $NOTIFY_SOCKET, or use --balance proxy)",
+                    self.workers[i].slot
+                );
+                self.drain(Target::Group(pid));
+                self.workers[i].restarting();
+            }
+            if let Some(next) = self.workers[i].next
+                && now.saturating_duration_since(next.since) >= timeout
+            {
+                let slot = self.workers[i].slot;
+                self.workers[i].next = None;
+                self.drain(Target::Group(next.pid));
+                self.retiring.push((slot, next.pid));
+                self.abort_reload(&format!(
+                    "the replacement of worker {slot} (pid {}) was not ready after {timeout:?}",
+                    next.pid
+                ));
+            }
+        }
+    }
+
+    /// SIGHUP: replace every running worker, `reload_batch` at a time.
+    fn begin_reload(&mut self) {
+        if self.ending.is_some() {
+            tracing::info!("SIGHUP during the stop: ignored");
+            return;
+        }
+        if self.reload.is_some() {
+            tracing::warn!("SIGHUP: a rolling reload is already under way; ignored");
+            return;
+        }
+        let slots: VecDeque<usize> = (0..self.workers.len())
+            .filter(|&i| matches!(self.workers[i].state, State::Running { .. }))
+            .collect();
+        tracing::info!(
+            "SIGHUP: rolling reload of {} workers, {} at a time",
+            slots.len(),
+            self.config.reload_batch
+        );
+        self.reload = Some(slots);
+    }
+
+    /// Starts the next batch of replacements once the current one is done.
+    fn advance_reload(&mut self, now: Instant) {
+        let Some(queue) = &mut self.reload else {
+            return;
+        };
+        if self.workers.iter().any(|w| w.next.is_some()) {
+            return;
+        }
+        if queue.is_empty() {
+            self.reload = None;
+            tracing::info!("rolling reload complete");
+            return;
+        }
+        let batch: Vec<usize> = (0..self.config.reload_batch)
+            .map_while(|_| queue.pop_front())
+            .collect();
+        for i in batch {
+            // A slot that is restarting anyway gets new code by itself.
+            if !matches!(self.workers[i].state, State::Running { .. }) {
+                continue;
+            }
+            let slot = self.workers[i].slot;
+            match self.spawn(slot) {
+                Ok(pid) => {
+                    tracing::info!("worker {slot}: replacement started, pid {pid}");
+                    self.workers[i].next = Some(Next { pid, since: now });
+                    if !self.balancer.needs_ready() {
+                        self.on_ready(Ready { pid: pid.as_raw() });
+                    }
+                }
+                Err(err) => {
+                    self.abort_reload(&format!(
+                        "cannot start a replacement for worker {slot}: {err}"
+                    ));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn abort_reload(&mut self, why: &str) {
+        if self.reload.take().is_some() {
+            tracing::error!("rolling reload stopped: {why}; the old workers keep serving");
+        } else {
+            tracing::warn!("{why}");
+        }
+    }
+
+    fn drain(&mut self, target: Target) {
+        if self.drains.iter().any(|d| d.target == target) {
+            return;
+        }
+        target.signal(self.config.stop_signal);
+        self.drains.push(Drain {
+            target,
+            deadline: Instant::now() + self.config.kill_timeout,
+            killed: false,
+        });
+    }
+
+    /// Forgets drained targets that are gone; SIGKILLs those past their deadline.
+    fn escalate(&mut self, now: Instant) {
+        self.drains.retain(|d| d.target.alive());
+        for drain in &mut self.drains {
+            if !drain.killed && drain.deadline <= now {
+                tracing::warn!(
+                    "{:?} still alive after the kill timeout: SIGKILL",
+                    drain.target
+                );
+                drain.target.signal(Signal::SIGKILL);
+                drain.killed = true;
+                self.any_killed = true;
+            }
+        }
+    }
+
+    /// The exit code, once the pool is ending and nothing of it is left.
+    fn outcome(&mut self) -> Option<i32> {
+        let ending = self.ending?;
+        if self.live_workers() > 0 || !self.drains.is_empty() {
+            return None;
+        }
+        // Processes that appeared since the stop began (forked by dying workers) get a turn too.
+        self.sweep_strays();
+        if !self.drains.is_empty() {
+            return None;
+        }
+        Some(match ending {
+            Ending::Stop(_) if self.any_killed => exit::KILLED,
+            Ending::Stop(_) => exit::STOPPED,
+            Ending::PoolDied(code) => code,
+        })
+    }
+
+    fn next_deadline(&self, now: Instant) -> Instant {
+        let mut next = now + SAFETY_TICK;
+        if !self.drains.is_empty() {
+            next = next.min(now + DRAIN_POLL);
+        }
+        let deadlines = self.drains.iter().filter(|d| !d.killed).map(|d| d.deadline);
+        let starts = self.workers.iter().filter_map(Worker::due);
+        let timeout = self.config.ready_timeout;
+        let readiness = self.workers.iter().flat_map(|w| {
+            let current = match w.state {
+                State::Running {
+                    since,
+                    ready: false,
+                    ..
+                } => Some(since + timeout),
+                _ => None,
+            };
+            current.into_iter().chain(w.next.map(|n| n.since + timeout))
+        });
+        for at in deadlines.chain(starts).chain(readiness) {
+            next = next.min(at);
+        }
+        next
+    }
+
+    /// Lets the workers' last output through, then closes the log writers.
+    async fn finish(self, code: i32) -> i32 {
+        let deadline = Instant::now() + PIPE_GRACE;
+        while self.pumps.iter().any(|p| !p.is_finished()) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for pump in &self.pumps {
+            pump.abort();
+        }
+        tracing::info!("exiting with code {code}");
+        self.output.finish(PIPE_GRACE);
+        code
+    }
+}
+
+fn is_zombie(pid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after = stat.rsplit_once(')')?.1;
+            after.split_whitespace().next().map(|s| s == "Z")
+        })
+        .unwrap_or(false)
+}

@@ -1,0 +1,143 @@
+//! Signals: which ones corepool catches, and what each one means to the pool.
+//!
+//! The kernel drops default-action signals sent to PID 1, so only signals with a handler reach
+//! us: every signal we give a meaning to is registered here, before the first worker is spawned,
+//! so that an early SIGCHLD or SIGTERM is never lost. Fault signals (SEGV, BUS, FPE, ILL, ABRT,
+//! TRAP, SYS) are left alone: they concern corepool itself and must not be forwarded. TTIN, TTOU
+//! and TSTP are caught and ignored, so a stray terminal job-control signal cannot stop PID 1.
+
+use futures_util::StreamExt;
+use nix::sys::signal::Signal;
+use signal_hook::consts::signal::*;
+use signal_hook_tokio::Signals;
+
+/// What a received signal asks of the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// A child changed state: run the reaper.
+    Reap,
+    /// SIGTERM, SIGINT, SIGQUIT: stop gracefully (a second one skips the wait).
+    Stop(Signal),
+    /// SIGHUP: rolling reload.
+    Reload,
+    /// SIGUSR1, SIGUSR2, SIGWINCH: pass on to every worker's process group.
+    Forward(Signal),
+    /// Job-control signals we catch only so that they do nothing.
+    Ignore(Signal),
+}
+
+/// Every signal corepool installs a handler for.
+const HANDLED: &[i32] = &[
+    SIGCHLD, SIGTERM, SIGINT, SIGQUIT, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGTTIN, SIGTTOU,
+    SIGTSTP,
+];
+
+/// Maps a signal number to its meaning for the pool.
+pub fn classify(signo: i32) -> Option<Action> {
+    let sig = Signal::try_from(signo).ok()?;
+    Some(match sig {
+        Signal::SIGCHLD => Action::Reap,
+        Signal::SIGTERM | Signal::SIGINT | Signal::SIGQUIT => Action::Stop(sig),
+        Signal::SIGHUP => Action::Reload,
+        Signal::SIGUSR1 | Signal::SIGUSR2 | Signal::SIGWINCH => Action::Forward(sig),
+        Signal::SIGTTIN | Signal::SIGTTOU | Signal::SIGTSTP => Action::Ignore(sig),
+        _ => return None,
+    })
+}
+
+/// The stream of caught signals, already classified.
+pub struct SignalStream {
+    signals: Signals,
+}
+
+impl SignalStream {
+    /// Installs the handlers. Must run before any worker is spawned.
+    pub fn install() -> std::io::Result<SignalStream> {
+        Ok(SignalStream {
+            signals: Signals::new(HANDLED)?,
+        })
+    }
+
+    /// The next signal with a meaning; pending forever once the stream is closed.
+    pub async fn next(&mut self) -> Action {
+        loop {
+            match self.signals.next().await {
+                Some(signo) => {
+                    if let Some(action) = classify(signo) {
+                        return action;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+}
+
+/// Puts the calling (freshly forked) process back to a clean signal state before exec: an empty
+/// signal mask and the default disposition for every catchable signal. Exec resets caught
+/// signals to default but keeps ignored ones and the mask, and Rust ignores SIGPIPE, so without
+/// this a worker would inherit corepool's choices.
+///
+/// Async-signal-safe: only raw syscalls, no allocation. For use in `pre_exec`.
+pub fn reset_for_exec() -> std::io::Result<()> {
+    // SAFETY: plain libc calls on stack values; valid after fork in a multithreaded parent.
+    unsafe {
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        if libc::sigemptyset(&mut empty) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for signo in 1..libc::SIGRTMIN() {
+            if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+                continue;
+            }
+            // Numbers the C library reserves for itself (32, 33) fail with EINVAL: harmless.
+            libc::signal(signo, libc::SIG_DFL);
+        }
+    }
+    Ok(())
+}
+
+/// Parses a signal as users write it: `SIGTERM`, `TERM`, `term` or `15`.
+pub fn parse_signal(text: &str) -> Result<Signal, String> {
+    let trimmed = text.trim();
+    if let Ok(num) = trimmed.parse::<i32>() {
+        return Signal::try_from(num).map_err(|_| format!("no signal has number {num}"));
+    }
+    let upper = trimmed.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<Signal>()
+        .map_err(|_| format!("'{trimmed}' is not a signal name (e.g. SIGTERM, INT, 15)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies() {
+        assert_eq!(classify(SIGTERM), Some(Action::Stop(Signal::SIGTERM)));
+        assert_eq!(classify(SIGHUP), Some(Action::Reload));
+        assert_eq!(classify(SIGUSR2), Some(Action::Forward(Signal::SIGUSR2)));
+        assert_eq!(classify(SIGCHLD), Some(Action::Reap));
+        assert_eq!(classify(SIGSEGV), None);
+        assert_eq!(classify(9999), None);
+    }
+
+    #[test]
+    fn parses_signal_names() {
+        assert_eq!(parse_signal("SIGTERM"), Ok(Signal::SIGTERM));
+        assert_eq!(parse_signal("int"), Ok(Signal::SIGINT));
+        assert_eq!(parse_signal(" 9 "), Ok(Signal::SIGKILL));
+        assert!(parse_signal("SIGFOO").is_err());
+        assert!(parse_signal("0").is_err());
+        assert!(parse_signal("").is_err());
+        assert!(parse_signal("-3").is_err());
+    }
+}

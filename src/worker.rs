@@ -1,0 +1,387 @@
+//! A worker: one slot of the pool and its lifecycle as an explicit state machine.
+//!
+//! The slot moves between states only through the verbs below, modelled on systemctl's
+//! (`start`, `stop`) and the kernel's news (`exited`); the pool decides *when* to call them and
+//! this module decides *what follows*: restart now, later (backoff), or never.
+//!
+//! ```text
+//!            start               stop                 exited
+//!  Waiting ─────────▶ Running ──────────▶ Stopping ─────────────▶ Done
+//!     ▲            (ready: false→true)        │ (restart: never became ready)
+//!     ├── backoff ◀──────┤ exited ◀───────────┘
+//!     │                  │ (restart policy says again)
+//!     │                  ├──────────────────────────────────────▶ Done    (policy says no)
+//!     │                  └──────────────────────────────────────▶ GivenUp (too many short exits)
+//! ```
+//!
+//! A rolling reload gives a running slot a `next` process: once `next` is ready it takes the
+//! slot's place (`promote`) and the old process is stopped by the pool.
+//!
+//! Nothing here touches processes: `launch` starts them, the reaper reports their exits, and
+//! the pool turns both into the verbs below.
+
+use crate::config::RestartPolicy;
+use crate::reaper::ExitStatus;
+use nix::unistd::Pid;
+use std::time::{Duration, Instant};
+
+/// Where a slot is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Not running; to be started at `at` (the first start, or after a restart backoff).
+    Waiting { at: Instant },
+    /// The process `pid` runs (and leads process group `pid`); `ready` once it accepts
+    /// connections.
+    Running {
+        pid: Pid,
+        since: Instant,
+        ready: bool,
+    },
+    /// The stop signal was sent to the process group; waiting for the leader to exit. With
+    /// `restart`, the slot starts again afterwards (a worker that never became ready).
+    Stopping {
+        pid: Pid,
+        since: Instant,
+        restart: bool,
+    },
+    /// Exited and will not be started again (restart policy, or the pool is stopping).
+    Done { status: Option<ExitStatus> },
+    /// Too many consecutive short-lived exits: the slot is abandoned.
+    GivenUp { status: ExitStatus },
+}
+
+/// The restart rules, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct RestartRules {
+    pub policy: RestartPolicy,
+    pub delay: Duration,
+    pub max_delay: Duration,
+    pub min_uptime: Duration,
+    /// Consecutive short-lived exits before giving up; 0 never gives up.
+    pub max_restarts: u32,
+}
+
+impl RestartRules {
+    /// Backoff after the `failures`-th consecutive short-lived exit (0 after a long life).
+    pub fn backoff(&self, failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(30);
+        self.delay
+            .saturating_mul(1u32 << doublings)
+            .min(self.max_delay.max(self.delay))
+    }
+}
+
+/// What the pool should do after a worker's exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterExit {
+    /// Start it again at this time.
+    RestartAt(Instant),
+    /// The slot is finished (policy, or the pool is stopping).
+    Finished,
+    /// The slot is given up after too many short-lived exits.
+    GaveUp,
+}
+
+/// One slot of the pool.
+#[derive(Debug)]
+pub struct Worker {
+    pub slot: usize,
+    pub state: State,
+    /// Consecutive exits that came sooner than `min_uptime`.
+    pub failures: u32,
+    /// How many times this slot was started again.
+    pub restarts: u64,
+    /// The replacement started by a rolling reload, until it is ready.
+    pub next: Option<Next>,
+}
+
+/// A replacement process of a rolling reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Next {
+    pub pid: Pid,
+    pub since: Instant,
+}
+
+impl Worker {
+    pub fn new(slot: usize, now: Instant) -> Worker {
+        Worker {
+            slot,
+            state: State::Waiting { at: now },
+            failures: 0,
+            restarts: 0,
+            next: None,
+        }
+    }
+
+    /// The live process of this slot, if any.
+    pub fn pid(&self) -> Option<Pid> {
+        match self.state {
+            State::Running { pid, .. } | State::Stopping { pid, .. } => Some(pid),
+            _ => None,
+        }
+    }
+
+    /// True when the slot will never run again.
+    pub fn is_over(&self) -> bool {
+        matches!(self.state, State::Done { .. } | State::GivenUp { .. })
+    }
+
+    /// When the slot is due to start, if it is waiting.
+    pub fn due(&self) -> Option<Instant> {
+        match self.state {
+            State::Waiting { at } => Some(at),
+            _ => None,
+        }
+    }
+
+    /// Verb `start`: the process was spawned; `ready` when nothing needs to report readiness.
+    pub fn started(&mut self, pid: Pid, now: Instant, ready: bool) {
+        if matches!(self.state, State::Done { .. } | State::GivenUp { .. }) {
+            return;
+        }
+        self.state = State::Running {
+            pid,
+            since: now,
+            ready,
+        };
+    }
+
+    /// Verb `ready`: the process accepts connections. Returns how long it took, the first time.
+    pub fn ready(&mut self, now: Instant) -> Option<Duration> {
+        match &mut self.state {
+            State::Running { ready, since, .. } if !*ready => {
+                *ready = true;
+                Some(now.saturating_duration_since(*since))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the slot's process is running and ready.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, State::Running { ready: true, .. })
+    }
+
+    /// A running process that has not become ready within `timeout`.
+    pub fn unready_for(&self, timeout: Duration, now: Instant) -> Option<Pid> {
+        match self.state {
+            State::Running {
+                pid,
+                since,
+                ready: false,
+            } if now.saturating_duration_since(since) >= timeout => Some(pid),
+            _ => None,
+        }
+    }
+
+    /// Verb `stop`: the stop signal was sent to the group. A waiting slot is simply finished.
+    pub fn stopping(&mut self) {
+        self.state = match self.state {
+            State::Running { pid, since, .. } => State::Stopping {
+                pid,
+                since,
+                restart: false,
+            },
+            State::Waiting { .. } => State::Done { status: None },
+            other => other,
+        };
+    }
+
+    /// Verb `restart`: stop a process that never became ready, then start the slot again.
+    pub fn restarting(&mut self) {
+        if let State::Running { pid, since, .. } = self.state {
+            self.state = State::Stopping {
+                pid,
+                since,
+                restart: true,
+            };
+        }
+    }
+
+    /// Verb `promote`: the reload's replacement is ready and takes the slot. Returns the old
+    /// process, which the pool must stop.
+    pub fn promote(&mut self) -> Option<Pid> {
+        let next = self.next.take()?;
+        let old = self.pid();
+        self.state = State::Running {
+            pid: next.pid,
+            since: next.since,
+            ready: true,
+        };
+        old
+    }
+
+    /// Verb `exited`: the kernel reported the leader's exit. `pool_stopping` overrides the
+    /// restart policy.
+    pub fn exited(
+        &mut self,
+        status: ExitStatus,
+        now: Instant,
+        rules: &RestartRules,
+        pool_stopping: bool,
+    ) -> AfterExit {
+        let (since, forced) = match self.state {
+            State::Running { since, .. } => (since, false),
+            State::Stopping { restart: true, .. } if !pool_stopping => (now, true),
+            State::Stopping { .. } => {
+                self.state = State::Done {
+                    status: Some(status),
+                };
+                return AfterExit::Finished;
+            }
+            _ => return AfterExit::Finished,
+        };
+        // A worker stopped for never becoming ready counts as a failure, whatever its age.
+        let short_lived = forced || now.saturating_duration_since(since) < rules.min_uptime;
+        self.failures = if short_lived { self.failures + 1 } else { 0 };
+        let wanted = forced
+            || match rules.policy {
+                RestartPolicy::Always => true,
+                RestartPolicy::OnFailure => !status.success(),
+                RestartPolicy::Never => false,
+            };
+        if pool_stopping || !wanted {
+            self.state = State::Done {
+                status: Some(status),
+            };
+            return AfterExit::Finished;
+        }
+        if rules.max_restarts > 0 && self.failures >= rules.max_restarts {
+            self.state = State::GivenUp { status };
+            return AfterExit::GaveUp;
+        }
+        let at = now + rules.backoff(self.failures);
+        self.restarts += 1;
+        self.state = State::Waiting { at };
+        AfterExit::RestartAt(at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(policy: RestartPolicy) -> RestartRules {
+        RestartRules {
+            policy,
+            delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            min_uptime: Duration::from_secs(1),
+            max_restarts: 3,
+        }
+    }
+
+    fn running(now: Instant) -> Worker {
+        let mut w = Worker::new(0, now);
+        w.started(Pid::from_raw(10), now, true);
+        w
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let r = rules(RestartPolicy::Always);
+        let ms: Vec<u128> = (0..7).map(|f| r.backoff(f).as_millis()).collect();
+        assert_eq!(ms, vec![100, 100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(r.backoff(u32::MAX), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn short_lived_exits_give_up() {
+        let r = rules(RestartPolicy::Always);
+        let t0 = Instant::now();
+        let mut w = running(t0);
+        let crash = ExitStatus::Code(1);
+        assert_eq!(
+            w.exited(crash, t0, &r, false),
+            AfterExit::RestartAt(t0 + Duration::from_millis(100))
+        );
+        w.started(Pid::from_raw(11), t0, true);
+        assert_eq!(
+            w.exited(crash, t0, &r, false),
+            AfterExit::RestartAt(t0 + Duration::from_millis(200))
+        );
+        w.started(Pid::from_raw(12), t0, true);
+        assert_eq!(w.exited(crash, t0, &r, false), AfterExit::GaveUp);
+        assert_eq!(w.state, State::GivenUp { status: crash });
+        assert_eq!(w.restarts, 2);
+    }
+
+    #[test]
+    fn long_life_resets_failures() {
+        let r = rules(RestartPolicy::Always);
+        let t0 = Instant::now();
+        let mut w = running(t0);
+        w.exited(ExitStatus::Code(1), t0, &r, false);
+        w.started(Pid::from_raw(11), t0, true);
+        w.exited(ExitStatus::Code(1), t0, &r, false);
+        assert_eq!(w.failures, 2);
+        w.started(Pid::from_raw(12), t0, true);
+        let later = t0 + Duration::from_secs(5);
+        assert_eq!(
+            w.exited(ExitStatus::Code(1), later, &r, false),
+            AfterExit::RestartAt(later + Duration::from_millis(100))
+        );
+        assert_eq!(w.failures, 0);
+    }
+
+    #[test]
+    fn policies() {
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(5);
+        let mut w = running(t0);
+        assert_eq!(
+            w.exited(
+                ExitStatus::Code(0),
+                later,
+                &rules(RestartPolicy::OnFailure),
+                false
+            ),
+            AfterExit::Finished
+        );
+        let mut w = running(t0);
+        assert!(matches!(
+            w.exited(
+                ExitStatus::Code(2),
+                later,
+                &rules(RestartPolicy::OnFailure),
+                false
+            ),
+            AfterExit::RestartAt(_)
+        ));
+        let mut w = running(t0);
+        assert_eq!(
+            w.exited(
+                ExitStatus::Code(2),
+                later,
+                &rules(RestartPolicy::Never),
+                false
+            ),
+            AfterExit::Finished
+        );
+        let mut w = running(t0);
+        assert_eq!(
+            w.exited(
+                ExitStatus::Code(2),
+                later,
+                &rules(RestartPolicy::Always),
+                true
+            ),
+            AfterExit::Finished
+        );
+        let mut w = running(t0);
+        w.stopping();
+        assert!(matches!(w.state, State::Stopping { .. }));
+        assert_eq!(
+            w.exited(
+                ExitStatus::Code(0),
+                later,
+                &rules(RestartPolicy::Always),
+                false
+            ),
+            AfterExit::Finished
+        );
+        let mut w = Worker::new(1, t0);
+        w.stopping();
+        assert_eq!(w.state, State::Done { status: None });
+    }
+}

@@ -1,0 +1,215 @@
+//! Shared harness for the integration tests: runs the real `corepool` binary as a child of the
+//! test, collects its stdout and stderr as they come, and waits for lines or for its exit with
+//! deadlines, so that a hung corepool fails a test instead of hanging it.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_corepool")
+}
+
+/// A running corepool and everything it has printed so far. Runs with COREPOOL_BALANCE=none
+/// unless the test sets another mode (flag or variable).
+pub struct Run {
+    pub child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let sink = buf.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 65536];
+        while let Ok(n) = from.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+        }
+    });
+    buf
+}
+
+impl Run {
+    /// Starts `corepool ARGS` with extra environment variables.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut cmd = Command::new(bin());
+        cmd.args(args);
+        Run::from_command(cmd, env)
+    }
+
+    /// Starts a prepared command (e.g. `unshare ... corepool ...`).
+    pub fn from_command(mut cmd: Command, env: &[(&str, &str)]) -> Run {
+        cmd.env_remove("WEB_CONCURRENCY");
+        // Most tests are about processes, not ports: no shared socket unless a test asks.
+        cmd.env("COREPOOL_BALANCE", "none");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn corepool");
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        Run {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    pub fn stdout_bytes(&self) -> Vec<u8> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds for (stdout, stderr); panics with both after `timeout`.
+    pub fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&str, &str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(&self.stdout(), &self.stderr()) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\n--- stdout:\n{}\n--- stderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until stderr contains `needle` `count` times.
+    pub fn wait_stderr(&self, needle: &str, count: usize, timeout: Duration) {
+        self.wait_for(
+            &format!("{count}x {needle:?} on stderr"),
+            timeout,
+            |_, e| e.matches(needle).count() >= count,
+        );
+    }
+
+    /// Waits until stdout contains `needle` `count` times.
+    pub fn wait_stdout(&self, needle: &str, count: usize, timeout: Duration) {
+        self.wait_for(
+            &format!("{count}x {needle:?} on stdout"),
+            timeout,
+            |o, _| o.matches(needle).count() >= count,
+        );
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on the pid of our own child.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({}, {sig})", self.pid());
+    }
+
+    /// Waits for corepool to exit; panics (after killing it) past `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Let the collector threads read the last bytes.
+                std::thread::sleep(Duration::from_millis(50));
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "corepool did not exit within {timeout:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the exit and returns its code (panics if corepool itself was killed).
+    pub fn exit_code(&mut self, timeout: Duration) -> i32 {
+        let status = self.wait_exit(timeout);
+        status.code().unwrap_or_else(|| {
+            panic!(
+                "corepool died of a signal: {status:?}\n--- stderr:\n{}",
+                self.stderr()
+            )
+        })
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs corepool to completion with a timeout: (exit code, stdout, stderr).
+pub fn run_to_end(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> (i32, String, String) {
+    let mut run = Run::start(args, env);
+    let code = run.exit_code(timeout);
+    (code, run.stdout(), run.stderr())
+}
+
+/// Pids of the worker processes, from "worker N started, pid P" lines, in order of appearance.
+pub fn started_pids(stderr: &str) -> Vec<i32> {
+    stderr
+        .lines()
+        .filter_map(|l| l.split_once(" started, pid ").map(|(_, p)| p.trim()))
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// True when a process exists (zombies included).
+pub fn exists(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// A fresh scratch directory under the system temp dir.
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "corepool-test-{name}-{}-{}",
+        std::process::id(),
+        Instant::now().elapsed().as_nanos()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Fails loudly when a prerequisite of a test is missing, instead of skipping the test.
+pub fn require(cmd: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "prerequisite missing: `{cmd}` must be installed (see .ci/run)"
+    );
+}
+
+pub const SECS: fn(u64) -> Duration = Duration::from_secs;

@@ -1,0 +1,470 @@
+//! The pool's life against real processes: graceful stop and its exit codes, kill-timeout
+//! escalation, crash-loop backoff, pool death, restart policies, and the one-line errors for
+//! bad input and bad commands.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+
+#[test]
+fn graceful_stop_exits_zero() {
+    let run = Run::start(&["-i", "2", "--", "sleep", "60"], &[]);
+    run.wait_stderr("started, pid", 2, SECS(5));
+    let pids = started_pids(&run.stderr());
+    let mut run = run;
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(5)), 0, "{}", run.stderr());
+    for pid in pids {
+        assert!(!exists(pid), "worker {pid} outlived corepool");
+    }
+}
+
+#[test]
+fn kill_timeout_escalates_to_sigkill_and_exits_one() {
+    // The worker and its child both ignore SIGTERM; the whole group must be killed.
+    let script = "trap '' TERM; sh -c 'trap \"\" TERM; echo child $$; exec sleep 60' & wait";
+    let mut run = Run::start(
+        &[
+            "-i",
+            "1",
+            "--kill-timeout",
+            "700ms",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        &[],
+    );
+    run.wait_stdout("child ", 1, SECS(5));
+    let child: i32 = run
+        .stdout()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let started = Instant::now();
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(5)), 1, "{}", run.stderr());
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(650),
+        "SIGKILL came before the kill timeout: {took:?}"
+    );
+    assert!(!exists(child), "the worker's child survived");
+    assert!(run.stderr().contains("SIGKILL"), "{}", run.stderr());
+}
+
+#[test]
+fn second_sigterm_skips_the_wait() {
+    let mut run = Run::start(
+        &[
+            "-i",
+            "1",
+            "--kill-timeout",
+            "30s",
+            "--",
+            "sh",
+            "-c",
+            "trap '' TERM; while :; do sleep 0.05; done",
+        ],
+        &[],
+    );
+    run.wait_stderr("started, pid", 1, SECS(5));
+    run.signal(libc::SIGTERM);
+    run.wait_stderr("stopping 1 workers", 1, SECS(5));
+    let started = Instant::now();
+    run.signal(libc::SIGINT);
+    assert_eq!(run.exit_code(SECS(5)), 1);
+    assert!(
+        started.elapsed() < SECS(3),
+        "the second signal did not skip the 30 s wait"
+    );
+}
+
+#[test]
+fn stop_signal_is_configurable() {
+    let script = "trap 'echo got-int; exit 0' INT; trap '' TERM; while :; do sleep 0.05; done";
+    let mut run = Run::start(
+        &[
+            "-i",
+            "1",
+            "--stop-signal",
+            "SIGINT",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        &[],
+    );
+    run.wait_stderr("started, pid", 1, SECS(5));
+    std::thread::sleep(Duration::from_millis(200));
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(5)), 0, "{}", run.stderr());
+    assert!(run.stdout().contains("got-int"));
+}
+
+#[test]
+fn crash_loop_backs_off_then_the_pool_dies_with_the_worker_status() {
+    let started = Instant::now();
+    let (code, _out, err) = run_to_end(
+        &[
+            "-i",
+            "1",
+            "--restart-delay",
+            "50ms",
+            "--max-restart-delay",
+            "200ms",
+            "--max-restarts",
+            "5",
+            "--",
+            "sh",
+            "-c",
+            "exit 7",
+        ],
+        &[],
+        SECS(10),
+    );
+    assert_eq!(code, 7, "{err}");
+    assert_eq!(started_pids(&err).len(), 5, "{err}");
+    // Backoff 50, 100, 200, 200 ms between the five starts: at least 550 ms in all.
+    assert!(
+        started.elapsed() >= Duration::from_millis(550),
+        "no backoff: {:?}",
+        started.elapsed()
+    );
+    assert!(err.contains("given up after 5"), "{err}");
+    let delays: Vec<&str> = err.lines().filter(|l| l.contains("restarts in")).collect();
+    assert_eq!(delays.len(), 4, "{err}");
+    assert!(
+        delays[0].contains("50ms") && delays[2].contains("200ms") && delays[3].contains("200ms"),
+        "{delays:?}"
+    );
+}
+
+#[test]
+fn pool_death_by_signal_reports_128_plus_n() {
+    let (code, _, err) = run_to_end(
+        &[
+            "-i",
+            "2",
+            "--restart-delay",
+            "0",
+            "--max-restarts",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "kill -SEGV $$",
+        ],
+        &[],
+        SECS(10),
+    );
+    assert_eq!(code, 128 + libc::SIGSEGV, "{err}");
+}
+
+#[test]
+fn restart_always_never_exits_zero_on_pool_death() {
+    let (code, _, err) = run_to_end(
+        &[
+            "-i",
+            "1",
+            "--restart-delay",
+            "0",
+            "--max-restarts",
+            "3",
+            "--",
+            "true",
+        ],
+        &[],
+        SECS(10),
+    );
+    assert_eq!(
+        code, 1,
+        "a dead pool under restart=always must not look like success: {err}"
+    );
+}
+
+#[test]
+fn restart_never_and_on_failure() {
+    let (code, _, err) = run_to_end(
+        &[
+            "-i",
+            "2",
+            "--restart",
+            "never",
+            "--",
+            "sh",
+            "-c",
+            "exit $((3 + COREPOOL_WORKER))",
+        ],
+        &[],
+        SECS(10),
+    );
+    assert!(code == 3 || code == 4, "{code}: {err}");
+    assert_eq!(started_pids(&err).len(), 2);
+
+    let (code, _, err) = run_to_end(
+        &["-i", "1", "--restart", "on-failure", "--", "true"],
+        &[],
+        SECS(10),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(started_pids(&err).len(), 1);
+
+    // on-failure restarts a failing worker until it succeeds: a counter file decides.
+    let dir = scratch("onfail");
+    let count = dir.join("count");
+    let script = format!(
+        "n=$(cat {0} 2>/dev/null || echo 0); echo $((n+1)) > {0}; [ $n -ge 2 ]",
+        count.display()
+    );
+    let (code, _, err) = run_to_end(
+        &[
+            "-i",
+            "1",
+            "--restart",
+            "on-failure",
+            "--restart-delay",
+            "10ms",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        &[],
+        SECS(10),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(started_pids(&err).len(), 3, "{err}");
+}
+
+#[test]
+fn a_long_lived_worker_resets_its_failure_count() {
+    // Each run lives 300 ms, longer than --min-uptime 200ms: it is never given up.
+    let mut run = Run::start(
+        &[
+            "-i",
+            "1",
+            "--min-uptime",
+            "200ms",
+            "--restart-delay",
+            "10ms",
+            "--max-restarts",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "sleep 0.3; exit 1",
+        ],
+        &[],
+    );
+    run.wait_stderr("started, pid", 5, SECS(10));
+    assert!(!run.stderr().contains("given up"), "{}", run.stderr());
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(5)), 0);
+}
+
+#[test]
+fn a_crashed_workers_leftover_children_are_stopped() {
+    // The worker leaves a child in its process group and dies; the child must not linger.
+    let script = "sleep 60 & echo left $!; exit 1";
+    let mut run = Run::start(
+        &["-i", "1", "--restart", "never", "--", "sh", "-c", script],
+        &[],
+    );
+    assert_eq!(run.exit_code(SECS(5)), 1, "{}", run.stderr());
+    let left: i32 = run
+        .stdout()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(!exists(left), "leftover {left} survived the pool");
+}
+
+#[test]
+fn command_errors_have_shell_codes() {
+    let (code, _, err) = run_to_end(&["--", "no-such-command-corepool"], &[], SECS(5));
+    assert_eq!(code, 127);
+    assert_eq!(
+        err.trim(),
+        "corepool: command not found: no-such-command-corepool"
+    );
+
+    let dir = scratch("cmds");
+    let (code, _, err) = run_to_end(&["--", dir.to_str().unwrap()], &[], SECS(5));
+    assert_eq!(code, 126, "{err}");
+    assert!(err.contains("is a directory"), "{err}");
+
+    let plain = dir.join("plain.sh");
+    std::fs::write(&plain, "echo hi").unwrap();
+    let (code, _, err) = run_to_end(&["--", plain.to_str().unwrap()], &[], SECS(5));
+    assert_eq!(code, 126, "{err}");
+    assert!(err.contains("not executable"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+fn assert_usage_error(args: &[&str], env: &[(&str, &str)], names: &str) {
+    let (code, out, err) = run_to_end(args, env, SECS(5));
+    assert_eq!(code, 2, "{args:?} {env:?}: {err}");
+    assert!(out.is_empty());
+    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+    assert!(err.contains(names), "{err:?} should name {names}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_input_is_one_line_naming_the_culprit() {
+    assert_usage_error(
+        &["--kill-timeout", "soon", "--", "true"],
+        &[],
+        "--kill-timeout",
+    );
+    assert_usage_error(
+        &["--", "true"],
+        &[("COREPOOL_RESTART_DELAY", "5 parsecs")],
+        "COREPOOL_RESTART_DELAY",
+    );
+    assert_usage_error(
+        &["--", "true"],
+        &[("COREPOOL_INSTANCES", "lots")],
+        "COREPOOL_INSTANCES",
+    );
+    assert_usage_error(
+        &["--", "true"],
+        &[("WEB_CONCURRENCY", "x")],
+        "WEB_CONCURRENCY",
+    );
+    assert_usage_error(
+        &["--stop-signal", "SIGBOGUS", "--", "true"],
+        &[],
+        "--stop-signal",
+    );
+    assert_usage_error(&["--restart", "sometimes", "--", "true"], &[], "--restart");
+    assert_usage_error(&["--log-format", "xml", "--", "true"], &[], "--log-format");
+    assert_usage_error(&["--no-such-flag", "--", "true"], &[], "--no-such-flag");
+    assert_usage_error(&[], &[], "no command");
+
+    let dir = scratch("badfile");
+    let file = dir.join("pool.toml");
+    std::fs::write(
+        &file,
+        "# pool\ninstances = 2\n\nkill_timeout = \"forever\"\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    assert_usage_error(
+        &["--config", path, "--", "true"],
+        &[],
+        &format!("{path}:4: kill_timeout"),
+    );
+    std::fs::write(&file, "instances = 2\ncolour = \"blue\"\n").unwrap();
+    assert_usage_error(
+        &["--", "true"],
+        &[("COREPOOL_CONFIG", path)],
+        &format!("{path}:2: unknown key 'colour'"),
+    );
+    std::fs::write(&file, "instances = 2\nrestart = \n").unwrap();
+    assert_usage_error(
+        &["--config", path, "--", "true"],
+        &[],
+        &format!("{path}:2: invalid TOML"),
+    );
+    assert_usage_error(
+        &["--config", "/nonexistent/pool.toml", "--", "true"],
+        &[],
+        "--config",
+    );
+}
+
+#[test]
+fn print_config_shows_every_source() {
+    let dir = scratch("printcfg");
+    std::fs::write(
+        dir.join("corepool.toml"),
+        "command = [\"node\", \"server.js\"]\nrestart = \"on-failure\"\nmax-restarts = 4\n",
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(bin());
+    cmd.current_dir(&dir)
+        .args(["--print-config", "--kill-timeout", "1500ms", "-i", "3"]);
+    let mut run = Run::from_command(
+        cmd,
+        &[
+            ("COREPOOL_STOP_SIGNAL", "INT"),
+            ("COREPOOL_MIN_UPTIME", "2m"),
+        ],
+    );
+    assert_eq!(run.exit_code(SECS(5)), 0, "{}", run.stderr());
+    let out = run.stdout();
+    let line = |key: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{key} = ")))
+            .unwrap_or_else(|| panic!("{key} missing:\n{out}"))
+            .to_string()
+    };
+    assert_eq!(
+        line("command"),
+        "command = [\"node\", \"server.js\"]  # file corepool.toml:1"
+    );
+    assert_eq!(line("instances"), "instances = 3  # flag --instances");
+    assert_eq!(
+        line("kill_timeout"),
+        "kill_timeout = \"1500ms\"  # flag --kill-timeout"
+    );
+    assert_eq!(
+        line("stop_signal"),
+        "stop_signal = \"SIGINT\"  # env COREPOOL_STOP_SIGNAL"
+    );
+    assert_eq!(
+        line("min_uptime"),
+        "min_uptime = \"2m\"  # env COREPOOL_MIN_UPTIME"
+    );
+    assert_eq!(
+        line("restart"),
+        "restart = \"on-failure\"  # file corepool.toml:2"
+    );
+    assert_eq!(
+        line("max_restarts"),
+        "max_restarts = 4  # file corepool.toml:3"
+    );
+    assert_eq!(
+        line("restart_delay"),
+        "restart_delay = \"100ms\"  # default"
+    );
+    // What it prints is itself a valid configuration file.
+    let reread = dir.join("again.toml");
+    let body: String = out
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{}\n", l.split("  #").next().unwrap()))
+        .collect();
+    std::fs::write(&reread, body).unwrap();
+    let (code, out2, err) = run_to_end(
+        &["--config", reread.to_str().unwrap(), "--print-config"],
+        &[],
+        SECS(5),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out2.contains("kill_timeout = \"1500ms\"  # file"), "{out2}");
+}
+
+#[test]
+fn a_bare_corepool_runs_the_command_from_its_file() {
+    let dir = scratch("bare");
+    std::fs::write(dir.join("corepool.toml"), "instances = 2\nrestart = \"never\"\ncommand = [\"sh\", \"-c\", \"echo slot-$COREPOOL_WORKER\"]\n").unwrap();
+    let mut cmd = std::process::Command::new(bin());
+    cmd.current_dir(&dir);
+    let mut run = Run::from_command(cmd, &[]);
+    assert_eq!(run.exit_code(SECS(5)), 0, "{}", run.stderr());
+    assert!(
+        run.stdout().contains("slot-0") && run.stdout().contains("slot-1"),
+        "{}",
+        run.stdout()
+    );
+}
