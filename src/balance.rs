@@ -33,6 +33,7 @@
 //! ready when it has started.
 
 use crate::launch::{self, WorkerIo};
+use crate::proxy::{self, Backends};
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -230,16 +231,21 @@ pub struct Balancer {
     pub mode: Mode,
     pub port: u16,
     pub port_increment: bool,
+    /// The public socket: handed to workers (socket) or accepted on by us (proxy).
     listener: Option<OwnedFd>,
     preload: Option<Preload>,
     notify: Option<NotifySocket>,
+    /// Proxy mode: the workers' private ports, and the accept loop.
+    backends: Backends,
+    accept_task: Option<tokio::task::JoinHandle<()>>,
     ready_tx: mpsc::UnboundedSender<Ready>,
 }
 
-/// What a launch needs kept until the worker runs: the readiness pipe's read end.
+/// What a launch needs kept until the worker runs: the readiness pipe, the private port.
 pub struct Handover {
     pub io: WorkerIo,
     ready_pipe: Option<(OwnedFd, OwnedFd)>,
+    private_port: Option<u16>,
 }
 
 impl Balancer {
@@ -252,8 +258,8 @@ impl Balancer {
         ready_tx: mpsc::UnboundedSender<Ready>,
     ) -> io::Result<Balancer> {
         let listener = match mode {
-            Mode::Socket => Some(bind_public(host, port)?),
-            _ => None,
+            Mode::Socket | Mode::Proxy => Some(bind_public(host, port)?),
+            Mode::None => None,
         };
         let notify = match mode {
             Mode::None => None,
@@ -266,6 +272,8 @@ impl Balancer {
             listener,
             preload,
             notify,
+            backends: Backends::default(),
+            accept_task: None,
             ready_tx,
         })
     }
@@ -283,6 +291,7 @@ impl Balancer {
         io.env
             .push(("COREPOOL_WORKERS".into(), workers.to_string()));
         let mut ready_pipe = None;
+        let mut private_port = None;
         match self.mode {
             Mode::None => {
                 if self.port_increment {
@@ -296,7 +305,18 @@ impl Balancer {
                     "NOTIFY_SOCKET",
                 ]);
             }
-            Mode::Socket | Mode::Proxy => {
+            Mode::Proxy => {
+                let port = proxy::private_port()?;
+                io.env.push(("PORT".into(), port.to_string()));
+                io.env.push(("HOSTNAME".into(), "127.0.0.1".into()));
+                io.unset
+                    .extend(["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"]);
+                private_port = Some(port);
+                if let Some(notify) = &self.notify {
+                    io.env.push(("NOTIFY_SOCKET".into(), notify.env_value()));
+                }
+            }
+            Mode::Socket => {
                 if let Some(listener) = &self.listener {
                     io.fds.push((listener.as_raw_fd(), LISTEN_FD));
                     io.env.push(("LISTEN_FDS".into(), "1".into()));
@@ -329,12 +349,20 @@ impl Balancer {
                 }
             }
         }
-        Ok(Handover { io, ready_pipe })
+        Ok(Handover {
+            io,
+            ready_pipe,
+            private_port,
+        })
     }
 
     /// After a successful launch: closes our copy of the pipe's write end and watches the read
     /// end for `READY=1`.
     pub fn watch(&self, handover: Handover, pid: i32) {
+        if let Some(port) = handover.private_port {
+            self.backends.add(pid, port);
+            proxy::probe(self.backends.clone(), pid, port, self.ready_tx.clone());
+        }
         let Some((read, write)) = handover.ready_pipe else {
             return;
         };
@@ -362,10 +390,36 @@ impl Balancer {
         });
     }
 
-    /// Starts listening for sd_notify datagrams (call once, inside the runtime).
-    pub fn start_notify(&mut self) {
+    /// Starts the sd_notify listener and, in proxy mode, the accept loop (once, in the runtime).
+    pub fn start(&mut self) {
         if let Some(notify) = self.notify.take() {
             tokio::spawn(notify.serve(self.ready_tx.clone()));
+        }
+        if self.mode == Mode::Proxy
+            && let Some(listener) = self.listener.take()
+        {
+            let listener = std::net::TcpListener::from(listener);
+            self.accept_task = Some(tokio::spawn(proxy::serve(listener, self.backends.clone())));
+        }
+    }
+
+    /// Readiness news for the proxy's routing (a no-op in the other modes).
+    pub fn worker_ready(&self, pid: i32) {
+        self.backends.ready(pid);
+    }
+
+    /// The worker is stopping or gone: route nothing new to it.
+    pub fn forget(&self, pid: i32) {
+        self.backends.remove(pid);
+    }
+
+    /// The pool is stopping: close the public socket, so that once the workers have closed
+    /// theirs new connections are refused at once (and a client retries elsewhere) instead of
+    /// waiting in a backlog nobody will accept from.
+    pub fn close(&mut self) {
+        self.listener = None;
+        if let Some(task) = self.accept_task.take() {
+            task.abort();
         }
     }
 }

@@ -9,6 +9,7 @@
 //! - `worker`: a slot's lifecycle state machine, and how a worker process is started;
 //! - `balance`: one public port for the pool (shared socket, preload, readiness);
 //! - `launch`: fork and exec of a worker, and command resolution;
+//! - `proxy`: the relay of `--balance proxy` (private ports, least connections);
 //! - `pool`: the supervisor loop (start, restart, forward, stop, exit code);
 //! - `logs`: worker output and corepool's own messages, a whole line at a time;
 //! - `exit`: exit codes.
@@ -20,6 +21,7 @@ pub mod exit;
 pub mod launch;
 pub mod logs;
 pub mod pool;
+pub mod proxy;
 pub mod reaper;
 pub mod signals;
 pub mod worker;

@@ -36,12 +36,6 @@ fn run() -> i32 {
         Err(err) => return fail(err.code, err.message),
     };
 
-    if config.balance == Mode::Proxy {
-        return fail(
-            exit::USAGE,
-            "--balance proxy is not available in this version yet (use socket or none)",
-        );
-    }
     // Asked once, before any worker exists (and before the reaper runs).
     let preload = match config.balance {
         Mode::Socket => match Preload::prepare(balance::node_version(&program)) {
@@ -97,6 +91,11 @@ fn run() -> i32 {
                 config.host,
                 config.port,
                 p.how
+            ),
+            (None, Mode::Proxy) => tracing::info!(
+                "balance proxy on {}:{}, workers on private loopback ports",
+                config.host,
+                config.port
             ),
             (None, mode) => tracing::info!("balance {}", mode.name()),
         }

@@ -14,7 +14,7 @@
 //! kill timeout gets SIGKILL, and corepool exits only when every group is gone.
 
 use crate::balance::{Balancer, Ready};
-use crate::config::Config;
+use crate::config::{Config, format_duration as human};
 use crate::exit;
 use crate::launch::LaunchSpec;
 use crate::logs::{Output, PumpHandle, Stream};
@@ -42,6 +42,15 @@ enum Target {
     Group(Pid),
     /// A lone process that left its group (setsid) but is still our child.
     Process(Pid),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Group(pgid) => write!(f, "process group {pgid}"),
+            Target::Process(pid) => write!(f, "process {pid}"),
+        }
+    }
 }
 
 impl Target {
@@ -143,7 +152,7 @@ impl Pool {
 
     /// Runs the pool until it is finished; returns corepool's exit code.
     pub async fn run(mut self, mut signals: SignalStream) -> i32 {
-        self.balancer.start_notify();
+        self.balancer.start();
         loop {
             let now = Instant::now();
             self.start_due(now);
@@ -217,6 +226,7 @@ impl Pool {
 
     /// Applies one reaped exit: a worker's, or an orphan's.
     fn on_exit(&mut self, exit: Exit) {
+        self.balancer.forget(exit.pid.as_raw());
         if let Some(k) = self.retiring.iter().position(|&(_, pid)| pid == exit.pid) {
             let (slot, pid) = self.retiring.remove(k);
             tracing::info!(
@@ -278,17 +288,17 @@ impl Pool {
         let worker = &mut self.workers[i];
         match worker.exited(status, now, &self.rules, stopping) {
             AfterExit::RestartAt(at) => tracing::info!(
-                "worker {} restarts in {:?} (restart {}, {} short-lived exits in a row)",
+                "worker {} restarts in {} (restart {}, {} short-lived exits in a row)",
                 worker.slot,
-                at.saturating_duration_since(now),
+                human(at.saturating_duration_since(now)),
                 worker.restarts,
                 worker.failures
             ),
             AfterExit::GaveUp => tracing::error!(
-                "worker {} given up after {} consecutive exits within {:?}",
+                "worker {} given up after {} consecutive exits within {}",
                 worker.slot,
                 worker.failures,
-                self.rules.min_uptime
+                human(self.rules.min_uptime)
             ),
             AfterExit::Finished => {}
         }
@@ -308,10 +318,10 @@ impl Pool {
             Action::Stop(sig) => match self.ending {
                 None => {
                     tracing::info!(
-                        "{sig}: stopping {} workers with {}, kill timeout {:?}",
+                        "{sig}: stopping {} workers with {}, kill timeout {}",
                         self.live_workers(),
                         self.config.stop_signal,
-                        self.config.kill_timeout
+                        human(self.config.kill_timeout)
                     );
                     self.begin_stop(Ending::Stop(sig));
                 }
@@ -345,6 +355,7 @@ impl Pool {
     /// starts draining them.
     fn begin_stop(&mut self, ending: Ending) {
         self.ending = Some(ending);
+        self.balancer.close();
         if self.reload.take().is_some() {
             tracing::info!("rolling reload cancelled by the stop");
         }
@@ -379,6 +390,10 @@ impl Pool {
     /// Readiness news: a worker (or a reload's replacement) accepts connections.
     fn on_ready(&mut self, ready: Ready) {
         let pid = Pid::from_raw(ready.pid);
+        if self.ending.is_some() {
+            return;
+        }
+        self.balancer.worker_ready(ready.pid);
         let now = Instant::now();
         if let Some(i) = self
             .workers
@@ -391,8 +406,8 @@ impl Pool {
                 .map(|n| now.saturating_duration_since(n.since));
             if let Some(old) = self.workers[i].promote() {
                 tracing::info!(
-                    "worker {slot}: replacement pid {pid} ready after {:?}; stopping old pid {old}",
-                    took.unwrap_or_default()
+                    "worker {slot}: replacement pid {pid} ready after {}; stopping old pid {old}",
+                    human(took.unwrap_or_default())
                 );
                 self.drain(Target::Group(old));
                 self.retiring.push((slot, old));
@@ -402,7 +417,11 @@ impl Pool {
         if let Some(worker) = self.workers.iter_mut().find(|w| w.pid() == Some(pid))
             && let Some(took) = worker.ready(now)
         {
-            tracing::info!("worker {} ready (pid {pid}) after {took:?}", worker.slot);
+            tracing::info!(
+                "worker {} ready (pid {pid}) after {}",
+                worker.slot,
+                human(took)
+            );
         }
     }
 
@@ -416,10 +435,11 @@ impl Pool {
         for i in 0..self.workers.len() {
             if let Some(pid) = self.workers[i].unready_for(timeout, now) {
                 tracing::warn!(
-                    "worker {} (pid {pid}) not ready after {timeout:?}: restarting it \
+                    "worker {} (pid {pid}) not ready after {}: restarting it \
                      (a Node server reports itself through corepool's preload; another program \
                      sends READY=1 to $NOTIFY_SOCKET, or use --balance proxy)",
-                    self.workers[i].slot
+                    self.workers[i].slot,
+                    human(timeout)
                 );
                 self.drain(Target::Group(pid));
                 self.workers[i].restarting();
@@ -432,8 +452,9 @@ impl Pool {
                 self.drain(Target::Group(next.pid));
                 self.retiring.push((slot, next.pid));
                 self.abort_reload(&format!(
-                    "the replacement of worker {slot} (pid {}) was not ready after {timeout:?}",
-                    next.pid
+                    "the replacement of worker {slot} (pid {}) was not ready after {}",
+                    next.pid,
+                    human(timeout)
                 ));
             }
         }
@@ -509,6 +530,9 @@ impl Pool {
     }
 
     fn drain(&mut self, target: Target) {
+        if let Target::Group(pgid) = target {
+            self.balancer.forget(pgid.as_raw());
+        }
         if self.drains.iter().any(|d| d.target == target) {
             return;
         }
@@ -526,7 +550,7 @@ impl Pool {
         for drain in &mut self.drains {
             if !drain.killed && drain.deadline <= now {
                 tracing::warn!(
-                    "{:?} still alive after the kill timeout: SIGKILL",
+                    "{} still alive after the kill timeout: SIGKILL",
                     drain.target
                 );
                 drain.target.signal(Signal::SIGKILL);
