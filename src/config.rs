@@ -860,6 +860,36 @@ mod tests {
     }
 
     #[test]
+    fn readme_documents_every_option() {
+        let readme = include_str!("../README.md");
+        for spec in OPTIONS {
+            let row = readme
+                .lines()
+                .find(|l| {
+                    let first = l.split(" | ").next().unwrap_or("");
+                    first.starts_with("| `") && first.contains(&format!("--{}", spec.long))
+                })
+                .unwrap_or_else(|| panic!("README has no row for --{}", spec.long));
+            assert!(
+                row.contains(spec.env),
+                "README row of --{} lacks {}",
+                spec.long,
+                spec.env
+            );
+            assert!(
+                row.contains(&format!("`{}`", spec.key)),
+                "README row of --{} lacks key",
+                spec.long
+            );
+            assert!(
+                row.contains(&format!("`{}`", spec.default)),
+                "README row of --{} lacks its default",
+                spec.long
+            );
+        }
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
