@@ -219,6 +219,18 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
+/// The heap share of one Node worker under a memory limit, in MiB: 70% of the limit divided
+/// among the workers, leaving 30% for what V8's old-space limit does not cover (young
+/// generation, code, buffers, native modules, the other processes of the container). At least
+/// 64 MiB, so that a tiny limit still lets Node start. None when NODE_OPTIONS already sets it.
+pub fn heap_share_mib(limit_bytes: u64, workers: usize, node_options: &str) -> Option<u64> {
+    if node_options.contains("--max-old-space-size") || workers == 0 {
+        return None;
+    }
+    let share = limit_bytes / 10 * 7 / workers as u64;
+    Some((share >> 20).max(64))
+}
+
 /// Readiness news for the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ready {
@@ -234,6 +246,8 @@ pub struct Balancer {
     /// The public socket: handed to workers (socket) or accepted on by us (proxy).
     listener: Option<OwnedFd>,
     preload: Option<Preload>,
+    /// `--max-old-space-size=…` for each Node worker under a memory limit (heap share).
+    heap_option: Option<String>,
     notify: Option<NotifySocket>,
     /// Proxy mode: the workers' private ports, and the accept loop.
     backends: Backends,
@@ -271,11 +285,17 @@ impl Balancer {
             port_increment,
             listener,
             preload,
+            heap_option: None,
             notify,
             backends: Backends::default(),
             accept_task: None,
             ready_tx,
         })
+    }
+
+    /// Adds `--max-old-space-size` to every worker's NODE_OPTIONS.
+    pub fn set_heap_option(&mut self, option: Option<String>) {
+        self.heap_option = option;
     }
 
     /// Whether a worker must report readiness (else it is ready once started).
@@ -349,6 +369,23 @@ impl Balancer {
                 }
             }
         }
+        let extra: Vec<&str> = [
+            self.preload.as_ref().map(|p| p.node_option.as_str()),
+            self.heap_option.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !extra.is_empty() {
+            let mut node_options = std::env::var("NODE_OPTIONS").unwrap_or_default();
+            for option in extra {
+                if !node_options.trim().is_empty() {
+                    node_options.push(' ');
+                }
+                node_options.push_str(option);
+            }
+            io.env.push(("NODE_OPTIONS".into(), node_options));
+        }
         Ok(Handover {
             io,
             ready_pipe,
@@ -400,6 +437,17 @@ impl Balancer {
         {
             let listener = std::net::TcpListener::from(listener);
             self.accept_task = Some(tokio::spawn(proxy::serve(listener, self.backends.clone())));
+        }
+    }
+
+    /// Proxy connections (open now, accepted in all), for metrics; None in the other modes.
+    pub fn connections(&self) -> (Option<usize>, Option<u64>) {
+        match self.mode {
+            Mode::Proxy => (
+                Some(self.backends.open_connections()),
+                Some(self.backends.accepted()),
+            ),
+            _ => (None, None),
         }
     }
 
@@ -529,6 +577,13 @@ mod tests {
             "{}",
             old.node_option
         );
+    }
+
+    #[test]
+    fn heap_shares() {
+        assert_eq!(heap_share_mib(2 << 30, 2, ""), Some(716));
+        assert_eq!(heap_share_mib(128 << 20, 4, ""), Some(64));
+        assert_eq!(heap_share_mib(2 << 30, 2, "--max-old-space-size=100"), None);
     }
 
     #[test]

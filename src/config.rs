@@ -16,7 +16,7 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use nix::sys::signal::Signal;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tracing::level_filters::LevelFilter;
@@ -217,6 +217,63 @@ pub const OPTIONS: &[OptSpec] = &[
         default: "false",
         help: "With --balance none: give each worker PORT=port+slot",
     },
+    OptSpec {
+        key: "metrics",
+        long: "metrics",
+        short: None,
+        env: "COREPOOL_METRICS",
+        fallback_env: None,
+        switch: false,
+        value_name: "ADDR",
+        default: "off",
+        help: "Serve /metrics, /healthz and /readyz on this address (e.g. :9100, 127.0.0.1:9100)",
+    },
+    OptSpec {
+        key: "min_ready",
+        long: "min-ready",
+        short: None,
+        env: "COREPOOL_MIN_READY",
+        fallback_env: None,
+        switch: false,
+        value_name: "N",
+        default: "1",
+        help: "/readyz answers 200 only while at least this many workers are ready",
+    },
+    OptSpec {
+        key: "shutdown_delay",
+        long: "shutdown-delay",
+        short: None,
+        env: "COREPOOL_SHUTDOWN_DELAY",
+        fallback_env: None,
+        switch: false,
+        value_name: "DURATION",
+        default: "0s",
+        help: "On SIGTERM, fail /readyz at once but keep serving this long before stopping",
+    },
+    OptSpec {
+        key: "heap_share",
+        long: "heap-share",
+        short: None,
+        env: "COREPOOL_HEAP_SHARE",
+        fallback_env: None,
+        switch: false,
+        value_name: "auto|off",
+        default: "auto",
+        help: "Under a cgroup memory limit, give each Node worker --max-old-space-size = \
+               70% of the limit / workers (unless NODE_OPTIONS sets it)",
+    },
+    OptSpec {
+        key: "max_memory",
+        long: "max-memory",
+        short: None,
+        env: "COREPOOL_MAX_MEMORY",
+        fallback_env: None,
+        switch: false,
+        value_name: "SIZE",
+        default: "off",
+        help: "Replace, gracefully and one at a time, a worker whose process group stays above \
+               this RSS (e.g. 512MiB)",
+    },
 ];
 
 /// The config file given by flag or variable, else this one when present.
@@ -352,6 +409,11 @@ pub struct Config {
     pub ready_timeout: Duration,
     pub reload_batch: usize,
     pub port_increment: bool,
+    pub metrics: Option<SocketAddr>,
+    pub min_ready: usize,
+    pub shutdown_delay: Duration,
+    pub heap_share: bool,
+    pub max_memory: Option<u64>,
     pub cpu: CpuReport,
     /// For `--print-config`: each key, its value as TOML, and a comment on where it came from.
     pub provenance: Vec<(String, String, String)>,
@@ -472,6 +534,43 @@ pub fn parse_host(text: &str) -> Result<IpAddr, String> {
     }
     t.parse()
         .map_err(|_| format!("'{t}' is not an IP address (e.g. 0.0.0.0, ::, 127.0.0.1)"))
+}
+
+/// `off`, or where to serve metrics: `:9100`, `9100`, `127.0.0.1:9100`, `[::]:9100`.
+pub fn parse_metrics_addr(text: &str) -> Result<Option<SocketAddr>, String> {
+    let t = text.trim();
+    if t.is_empty() || t.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    let bad = || format!("'{t}' is not an address (write :9100, 127.0.0.1:9100 or off)");
+    if let Some(port) = t.strip_prefix(':').or(t.parse::<u16>().ok().map(|_| t)) {
+        let port = parse_port(port).map_err(|_| bad())?;
+        return Ok(Some(SocketAddr::from(([0, 0, 0, 0], port))));
+    }
+    let (host, port) = t.rsplit_once(':').ok_or_else(bad)?;
+    let host = parse_host(host).map_err(|_| bad())?;
+    let port = parse_port(port).map_err(|_| bad())?;
+    Ok(Some(SocketAddr::new(host, port)))
+}
+
+/// `off`, or a size.
+pub fn parse_optional_size(text: &str) -> Result<Option<u64>, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("off") || t.is_empty() {
+        return Ok(None);
+    }
+    match parse_size(t)? {
+        0 => Err("a size of 0 would restart every worker; write off to disable".into()),
+        n => Ok(Some(n)),
+    }
+}
+
+fn parse_auto_off(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "auto" | "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        other => Err(format!("'{other}' is not auto or off")),
+    }
 }
 
 fn parse_batch(text: &str) -> Result<usize, String> {
@@ -806,6 +905,18 @@ pub fn resolve(matches: &ArgMatches, cpu: CpuReport) -> Result<Config, ConfigErr
         )));
     }
 
+    let (metrics, _) = r.get("metrics", parse_metrics_addr, |m: &Option<SocketAddr>| {
+        quoted(&m.map(|a| a.to_string()).unwrap_or_else(|| "off".into()))
+    })?;
+    let (min_ready, _) = r.get("min_ready", parse_batch, usize::to_string)?;
+    let (shutdown_delay, _) = r.get("shutdown_delay", parse_duration, dur)?;
+    let (heap_share, _) = r.get("heap_share", parse_auto_off, |b: &bool| {
+        quoted(if *b { "auto" } else { "off" })
+    })?;
+    let (max_memory, _) = r.get("max_memory", parse_optional_size, |m: &Option<u64>| {
+        m.map(|b| b.to_string()).unwrap_or_else(|| quoted("off"))
+    })?;
+
     Ok(Config {
         command,
         instances,
@@ -824,6 +935,11 @@ pub fn resolve(matches: &ArgMatches, cpu: CpuReport) -> Result<Config, ConfigErr
         ready_timeout,
         reload_batch,
         port_increment,
+        metrics,
+        min_ready,
+        shutdown_delay,
+        heap_share,
+        max_memory,
         cpu,
         provenance: r.provenance,
     })
@@ -922,6 +1038,33 @@ mod tests {
         ] {
             assert!(parse_size(bad).is_err(), "{bad} should be rejected");
         }
+    }
+
+    #[test]
+    fn metrics_addresses() {
+        assert_eq!(parse_metrics_addr("off"), Ok(None));
+        assert_eq!(
+            parse_metrics_addr(":9100"),
+            Ok(Some("0.0.0.0:9100".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_metrics_addr("9100"),
+            Ok(Some("0.0.0.0:9100".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_metrics_addr("127.0.0.1:9"),
+            Ok(Some("127.0.0.1:9".parse().unwrap()))
+        );
+        assert_eq!(
+            parse_metrics_addr("[::1]:9"),
+            Ok(Some("[::1]:9".parse().unwrap()))
+        );
+        for bad in ["x", ":0", ":99999", "host:9", "1.2.3.4"] {
+            assert!(parse_metrics_addr(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_optional_size("off"), Ok(None));
+        assert_eq!(parse_optional_size("1Gi"), Ok(Some(1 << 30)));
+        assert!(parse_optional_size("0").is_err());
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! - `balance`: one public port for the pool (shared socket, preload, readiness);
 //! - `launch`: fork and exec of a worker, and command resolution;
 //! - `proxy`: the relay of `--balance proxy` (private ports, least connections);
+//! - `metrics`: /metrics, /healthz, /readyz and process-group usage;
+//! - `control`: `corepool status` and `corepool reload` over an abstract unix socket;
 //! - `pool`: the supervisor loop (start, restart, forward, stop, exit code);
 //! - `logs`: worker output and corepool's own messages, a whole line at a time;
 //! - `exit`: exit codes.
@@ -17,9 +19,11 @@
 pub mod balance;
 pub mod cgroup;
 pub mod config;
+pub mod control;
 pub mod exit;
 pub mod launch;
 pub mod logs;
+pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod reaper;

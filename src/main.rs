@@ -7,7 +7,7 @@
 
 use corepool::balance::{self, Balancer, Mode, Preload};
 use corepool::config::{self, ClapOrConfig, Invocation};
-use corepool::{exit, launch, logs, pool, reaper, signals};
+use corepool::{cgroup, control, exit, launch, logs, metrics, pool, reaper, signals};
 use std::io::Write;
 
 fn main() {
@@ -21,7 +21,14 @@ fn fail(code: i32, message: impl std::fmt::Display) -> i32 {
 }
 
 fn run() -> i32 {
-    let config = match config::load(std::env::args()) {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("status") => return client_status(&args[2..]),
+        Some("reload") => return client_reload(&args[2..]),
+        Some("health") => return client_health(&args[2..]),
+        _ => {}
+    }
+    let config = match config::load(args) {
         Ok(Invocation::Run(config)) => config,
         Ok(Invocation::PrintConfig(config)) => {
             let _ = std::io::stdout().write_all(config.to_toml().as_bytes());
@@ -58,6 +65,18 @@ fn run() -> i32 {
             );
         }
     };
+    // Bound before any worker starts, so that a wrong address fails at once.
+    let metrics_listener = match config.metrics.map(metrics::bind).transpose() {
+        Ok(listener) => listener,
+        Err(err) => {
+            let addr = config.metrics.map(|a| a.to_string()).unwrap_or_default();
+            return fail(
+                exit::STARTUP,
+                format_args!("cannot serve metrics on {addr} (--metrics): {err}"),
+            );
+        }
+    };
+    let heap_option = heap_share(&config);
     runtime.block_on(async move {
         let signals = match signals::SignalStream::install() {
             Ok(signals) => signals,
@@ -100,7 +119,7 @@ fn run() -> i32 {
             (None, mode) => tracing::info!("balance {}", mode.name()),
         }
         let (ready_tx, ready_rx) = tokio::sync::mpsc::unbounded_channel();
-        let balancer = match Balancer::new(
+        let mut balancer = match Balancer::new(
             config.balance,
             config.host,
             config.port,
@@ -116,13 +135,43 @@ fn run() -> i32 {
                 return exit::STARTUP;
             }
         };
+        balancer.set_heap_option(heap_option.map(|(option, how)| {
+            tracing::info!("{how}");
+            option
+        }));
+        let shared = metrics::Shared::new(config.balance.name(), config.min_ready);
+        if let Some(listener) = metrics_listener {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    tracing::info!(
+                        "metrics on http://{}/metrics (/healthz, /readyz)",
+                        config.metrics.map(|a| a.to_string()).unwrap_or_default()
+                    );
+                    tokio::spawn(metrics::serve(listener, shared.clone()));
+                }
+                Err(err) => tracing::error!("metrics endpoint unavailable: {err}"),
+            }
+        }
+        let (command_tx, command_rx) = tokio::sync::mpsc::unbounded_channel();
+        match control::bind() {
+            Ok(listener) => {
+                tokio::spawn(control::serve(listener, shared.clone(), command_tx));
+            }
+            Err(err) => tracing::warn!(
+                "control socket @{} unavailable ({err}): corepool status/reload will not reach \
+                 this pool (set COREPOOL_CONTROL to a unique name)",
+                control::socket_name()
+            ),
+        }
         let launch = launch::LaunchSpec {
             program,
             argv: config.command.clone(),
         };
-        pool::Pool::new(config, launch, balancer, ready_rx, output)
-            .run(signals)
-            .await
+        pool::Pool::new(
+            config, launch, balancer, ready_rx, output, shared, command_rx,
+        )
+        .run(signals)
+        .await
     })
 }
 
@@ -140,5 +189,92 @@ fn clap_failure(err: clap::Error) -> i32 {
             let first = first.strip_prefix("error: ").unwrap_or(first);
             fail(exit::USAGE, format_args!("{first} (see corepool --help)"))
         }
+    }
+}
+
+/// The `--max-old-space-size` option for each Node worker, and a log line saying why.
+fn heap_share(config: &config::Config) -> Option<(String, String)> {
+    if !config.heap_share {
+        return None;
+    }
+    let limit = cgroup::memory_limit()?;
+    let user = std::env::var("NODE_OPTIONS").unwrap_or_default();
+    let mib = balance::heap_share_mib(limit.bytes, config.instances, &user)?;
+    Some((
+        format!("--max-old-space-size={mib}"),
+        format!(
+            "memory limit {} MiB ({}): each of {} Node workers gets --max-old-space-size={mib} \
+             (70% of the limit shared; --heap-share off to disable)",
+            limit.bytes >> 20,
+            limit.dir.display(),
+            config.instances
+        ),
+    ))
+}
+
+/// `corepool status [--json]`.
+fn client_status(args: &[String]) -> i32 {
+    let json = match args {
+        [] => false,
+        [flag] if flag == "--json" => true,
+        _ => return fail(exit::USAGE, "usage: corepool status [--json]"),
+    };
+    match control::request("status") {
+        Ok(answer) => {
+            let text = if json {
+                answer
+            } else {
+                match serde_json::from_str(&answer) {
+                    Ok(value) => control::status_table(&value),
+                    Err(_) => answer,
+                }
+            };
+            let _ = std::io::stdout().write_all(text.as_bytes());
+            0
+        }
+        Err(err) => fail(1, err),
+    }
+}
+
+/// `corepool reload`.
+fn client_reload(args: &[String]) -> i32 {
+    if !args.is_empty() {
+        return fail(exit::USAGE, "usage: corepool reload");
+    }
+    match control::request("reload") {
+        Ok(answer) => {
+            let _ = std::io::stdout().write_all(answer.as_bytes());
+            0
+        }
+        Err(err) => fail(1, err),
+    }
+}
+
+/// `corepool health [ADDR]`: exit 0 when /healthz answers 200, else 1.
+fn client_health(args: &[String]) -> i32 {
+    let given = match args {
+        [] => std::env::var("COREPOOL_METRICS").ok(),
+        [addr] => Some(addr.clone()),
+        _ => return fail(exit::USAGE, "usage: corepool health [ADDR]"),
+    };
+    let addr = match given.as_deref().map(config::parse_metrics_addr) {
+        Some(Ok(Some(addr))) => addr,
+        Some(Err(why)) => return fail(exit::USAGE, format_args!("health: {why}")),
+        _ => {
+            return fail(
+                exit::USAGE,
+                "health: no address: give one (corepool health :9100) or set COREPOOL_METRICS",
+            );
+        }
+    };
+    // A wildcard listen address is reached on loopback.
+    let target = if addr.ip().is_unspecified() {
+        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    };
+    match metrics::probe(target, std::time::Duration::from_secs(3)) {
+        Ok(()) => 0,
+        Err(err) => fail(1, format_args!("unhealthy: {err}")),
     }
 }

@@ -15,16 +15,20 @@
 
 use crate::balance::{Balancer, Ready};
 use crate::config::{Config, format_duration as human};
+use crate::control::Command;
 use crate::exit;
 use crate::launch::LaunchSpec;
 use crate::logs::{Output, PumpHandle, Stream};
+use crate::metrics::{Shared, SlotView, Snapshot, group_usage};
 use crate::reaper::{self, Exit, ExitStatus};
 use crate::signals::{Action, SignalStream};
 use crate::worker::{AfterExit, Next, RestartRules, State, Worker};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use std::collections::HashMap;
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
@@ -32,6 +36,10 @@ use tokio::sync::mpsc;
 const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// The safety net: reap and re-check at least this often, whatever else happens.
 const SAFETY_TICK: Duration = Duration::from_secs(1);
+/// How often worker memory is compared with --max-memory.
+const MEMORY_CHECK: Duration = Duration::from_secs(2);
+/// Consecutive checks above --max-memory before a worker is replaced.
+const MEMORY_STRIKES: u32 = 3;
 /// How long, after the last worker is gone, to wait for their output pipes to reach EOF.
 const PIPE_GRACE: Duration = Duration::from_secs(2);
 
@@ -103,6 +111,16 @@ pub struct Pool {
     reload: Option<VecDeque<usize>>,
     /// Old processes replaced by a reload, being stopped.
     retiring: Vec<(usize, Pid)>,
+    /// What the reporters (metrics, status) see.
+    shared: Arc<Shared>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    reloads: u64,
+    memory_restarts: u64,
+    /// SIGTERM under --shutdown-delay: not ready any more, the stop begins at this time.
+    stop_at: Option<(Instant, Signal)>,
+    /// Consecutive memory checks each slot spent above --max-memory, and when we last looked.
+    memory_strikes: HashMap<usize, u32>,
+    memory_checked: Instant,
     workers: Vec<Worker>,
     pumps: Vec<PumpHandle>,
     drains: Vec<Drain>,
@@ -120,6 +138,8 @@ impl Pool {
         balancer: Balancer,
         ready_rx: mpsc::UnboundedReceiver<Ready>,
         output: Output,
+        shared: Arc<Shared>,
+        commands: mpsc::UnboundedReceiver<Command>,
     ) -> Pool {
         let now = Instant::now();
         let rules = RestartRules {
@@ -141,6 +161,13 @@ impl Pool {
             output,
             reload: None,
             retiring: Vec::new(),
+            shared,
+            commands,
+            reloads: 0,
+            memory_restarts: 0,
+            stop_at: None,
+            memory_strikes: HashMap::new(),
+            memory_checked: now,
             workers,
             pumps: Vec::new(),
             drains: Vec::new(),
@@ -157,8 +184,11 @@ impl Pool {
             let now = Instant::now();
             self.start_due(now);
             self.check_readiness(now);
+            self.check_memory(now);
             self.advance_reload(now);
+            self.check_shutdown_delay(now);
             self.escalate(now);
+            self.publish(now);
             if let Some(code) = self.outcome() {
                 return self.finish(code).await;
             }
@@ -166,6 +196,7 @@ impl Pool {
             tokio::select! {
                 action = signals.next() => self.on_signal(action),
                 Some(ready) = self.ready_rx.recv() => self.on_ready(ready),
+                Some(Command::Reload) = self.commands.recv() => self.begin_reload(),
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
             for exit in reaper::reap_all() {
@@ -315,6 +346,24 @@ impl Pool {
     fn on_signal(&mut self, action: Action) {
         match action {
             Action::Reap => {}
+            Action::Stop(sig)
+                if sig == Signal::SIGTERM
+                    && self.ending.is_none()
+                    && self.stop_at.is_none()
+                    && !self.config.shutdown_delay.is_zero() =>
+            {
+                let delay = self.config.shutdown_delay;
+                tracing::info!(
+                    "SIGTERM: not ready any more (/readyz fails); workers keep serving for the \
+                     shutdown delay of {}, then stop",
+                    human(delay)
+                );
+                self.stop_at = Some((Instant::now() + delay, sig));
+            }
+            Action::Stop(sig) if self.ending.is_none() && self.stop_at.is_some() => {
+                tracing::info!("{sig} during the shutdown delay: stopping now");
+                self.stop_at = Some((Instant::now(), sig));
+            }
             Action::Stop(sig) => match self.ending {
                 None => {
                     tracing::info!(
@@ -463,21 +512,22 @@ impl Pool {
     /// SIGHUP: replace every running worker, `reload_batch` at a time.
     fn begin_reload(&mut self) {
         if self.ending.is_some() {
-            tracing::info!("SIGHUP during the stop: ignored");
+            tracing::info!("reload requested during the stop: ignored");
             return;
         }
         if self.reload.is_some() {
-            tracing::warn!("SIGHUP: a rolling reload is already under way; ignored");
+            tracing::warn!("a rolling reload is already under way; this request is ignored");
             return;
         }
         let slots: VecDeque<usize> = (0..self.workers.len())
             .filter(|&i| matches!(self.workers[i].state, State::Running { .. }))
             .collect();
         tracing::info!(
-            "SIGHUP: rolling reload of {} workers, {} at a time",
+            "rolling reload of {} workers, {} at a time",
             slots.len(),
             self.config.reload_batch
         );
+        self.reloads += 1;
         self.reload = Some(slots);
     }
 
@@ -527,6 +577,111 @@ impl Pool {
         } else {
             tracing::warn!("{why}");
         }
+    }
+
+    /// The shutdown delay is over: begin the stop.
+    fn check_shutdown_delay(&mut self, now: Instant) {
+        if let Some((at, sig)) = self.stop_at
+            && at <= now
+            && self.ending.is_none()
+        {
+            tracing::info!(
+                "shutdown delay over: stopping {} workers with {}, kill timeout {}",
+                self.live_workers(),
+                self.config.stop_signal,
+                human(self.config.kill_timeout)
+            );
+            self.begin_stop(Ending::Stop(sig));
+        }
+    }
+
+    /// Every MEMORY_CHECK, compares each ready worker's process-group RSS with --max-memory;
+    /// a worker above it MEMORY_STRIKES times in a row is queued for a graceful replacement.
+    fn check_memory(&mut self, now: Instant) {
+        let Some(limit) = self.config.max_memory else {
+            return;
+        };
+        if self.ending.is_some()
+            || now.saturating_duration_since(self.memory_checked) < MEMORY_CHECK
+        {
+            return;
+        }
+        self.memory_checked = now;
+        let groups: Vec<i32> = self
+            .workers
+            .iter()
+            .filter(|w| w.is_ready() && w.next.is_none())
+            .filter_map(|w| w.pid().map(Pid::as_raw))
+            .collect();
+        let usage = group_usage(&groups);
+        for i in 0..self.workers.len() {
+            let slot = self.workers[i].slot;
+            let rss = self.workers[i]
+                .pid()
+                .and_then(|p| usage.get(&p.as_raw()))
+                .map(|u| u.rss_bytes);
+            let Some(rss) = rss.filter(|&r| r > limit) else {
+                self.memory_strikes.remove(&slot);
+                continue;
+            };
+            let strikes = self.memory_strikes.entry(slot).or_insert(0);
+            *strikes += 1;
+            if *strikes < MEMORY_STRIKES {
+                continue;
+            }
+            self.memory_strikes.remove(&slot);
+            let queue = self.reload.get_or_insert_with(VecDeque::new);
+            if !queue.contains(&i) {
+                tracing::warn!(
+                    "worker {slot}: {} MiB resident, above --max-memory {} MiB for {} checks: \
+                     replacing it",
+                    rss >> 20,
+                    limit >> 20,
+                    MEMORY_STRIKES
+                );
+                queue.push_back(i);
+                self.memory_restarts += 1;
+            }
+        }
+    }
+
+    /// Hands the reporters a fresh view of the pool.
+    fn publish(&self, now: Instant) {
+        let slots = self
+            .workers
+            .iter()
+            .map(|w| {
+                let (state, uptime) = match w.state {
+                    State::Waiting { .. } => ("waiting", None),
+                    State::Running { since, .. } => {
+                        ("running", Some(now.saturating_duration_since(since)))
+                    }
+                    State::Stopping { since, .. } => {
+                        ("stopping", Some(now.saturating_duration_since(since)))
+                    }
+                    State::Done { .. } => ("done", None),
+                    State::GivenUp { .. } => ("given-up", None),
+                };
+                SlotView {
+                    slot: w.slot,
+                    pid: w.pid().map(Pid::as_raw),
+                    state,
+                    ready: w.is_ready() && self.ending.is_none(),
+                    restarts: w.restarts,
+                    uptime,
+                }
+            })
+            .collect();
+        let (open, total) = self.balancer.connections();
+        self.shared.publish(Snapshot {
+            heartbeat: now,
+            slots,
+            stopping: self.ending.is_some() || self.stop_at.is_some(),
+            reloads: self.reloads,
+            memory_restarts: self.memory_restarts,
+            open_connections: open,
+            connections_total: total,
+        });
     }
 
     fn drain(&mut self, target: Target) {
@@ -584,6 +739,7 @@ impl Pool {
             next = next.min(now + DRAIN_POLL);
         }
         let deadlines = self.drains.iter().filter(|d| !d.killed).map(|d| d.deadline);
+        let deadlines = deadlines.chain(self.stop_at.map(|(at, _)| at));
         let starts = self.workers.iter().filter_map(Worker::due);
         let timeout = self.config.ready_timeout;
         let readiness = self.workers.iter().flat_map(|w| {

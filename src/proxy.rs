@@ -36,7 +36,7 @@ struct Backend {
 /// The workers' private ports, shared by the pool (which adds, readies and removes them) and
 /// the accept loop (which picks one per connection).
 #[derive(Clone, Default)]
-pub struct Backends(Arc<Mutex<Vec<Backend>>>);
+pub struct Backends(Arc<Mutex<Vec<Backend>>>, Arc<std::sync::atomic::AtomicU64>);
 
 impl Backends {
     fn with<R>(&self, f: impl FnOnce(&mut Vec<Backend>) -> R) -> R {
@@ -82,6 +82,11 @@ impl Backends {
             ready.sort_by_key(|(_, active)| active.load(Ordering::Relaxed));
             ready
         })
+    }
+
+    /// Connections accepted since start, for metrics.
+    pub fn accepted(&self) -> u64 {
+        self.1.load(Ordering::Relaxed)
     }
 
     /// Connections being relayed now, for metrics and logs.
@@ -135,6 +140,7 @@ pub async fn serve(listener: std::net::TcpListener, backends: Backends) {
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
+                backends.1.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(relay(client, peer, backends.clone()));
             }
             Err(err) => {

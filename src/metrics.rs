@@ -1,0 +1,414 @@
+//! Metrics: what the pool looks like from outside, for Prometheus, Kubernetes probes and
+//! `corepool status`.
+//!
+//! The supervisor loop publishes a [`Snapshot`] of its slots after every turn (cheap: N small
+//! records under a mutex). Everything that reports reads the snapshot and never touches the pool:
+//! the HTTP endpoint of `--metrics ADDR` (`/metrics` in the Prometheus text format, `/healthz`,
+//! `/readyz`), the control socket's `status`, and the memory watch. Memory and CPU are those of a
+//! worker's whole process group, summed from /proc at the time of asking.
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The supervisor loop is considered alive while it published within this long (it wakes at
+/// least once a second).
+const HEARTBEAT_LIMIT: Duration = Duration::from_secs(5);
+
+/// One slot as reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotView {
+    pub slot: usize,
+    pub pid: Option<i32>,
+    /// waiting, running, stopping, done, given-up.
+    pub state: &'static str,
+    pub ready: bool,
+    pub restarts: u64,
+    /// How long the current process has run.
+    pub uptime: Option<Duration>,
+}
+
+/// The pool as last published by the supervisor loop.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub heartbeat: Instant,
+    pub slots: Vec<SlotView>,
+    /// A stop (or the shutdown delay before it) is under way: not ready.
+    pub stopping: bool,
+    pub reloads: u64,
+    pub memory_restarts: u64,
+    pub open_connections: Option<usize>,
+    pub connections_total: Option<u64>,
+}
+
+/// The snapshot shared between the loop and the reporters, and what does not change.
+pub struct Shared {
+    snapshot: Mutex<Snapshot>,
+    pub balance: &'static str,
+    pub min_ready: usize,
+}
+
+impl Shared {
+    pub fn new(balance: &'static str, min_ready: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            snapshot: Mutex::new(Snapshot {
+                heartbeat: Instant::now(),
+                slots: Vec::new(),
+                stopping: false,
+                reloads: 0,
+                memory_restarts: 0,
+                open_connections: None,
+                connections_total: None,
+            }),
+            balance,
+            min_ready,
+        })
+    }
+
+    pub fn publish(&self, snapshot: Snapshot) {
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = snapshot;
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The supervisor loop turned recently.
+    pub fn healthy(&self) -> bool {
+        self.snapshot().heartbeat.elapsed() < HEARTBEAT_LIMIT
+    }
+
+    /// Enough workers are ready and no stop is under way.
+    pub fn ready(&self) -> bool {
+        let snap = self.snapshot();
+        let ready = snap.slots.iter().filter(|s| s.ready).count();
+        !snap.stopping && ready >= self.min_ready.max(1) && self.healthy()
+    }
+}
+
+/// Memory and CPU of one process group.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    pub rss_bytes: u64,
+    pub cpu_seconds: f64,
+    pub processes: usize,
+}
+
+/// Sums RSS and CPU time of every process whose process group is one of `groups`, from
+/// /proc/<pid>/stat (fields pgrp, utime, stime, rss).
+pub fn group_usage(groups: &[i32]) -> HashMap<i32, Usage> {
+    let mut usage: HashMap<i32, Usage> = groups.iter().map(|&g| (g, Usage::default())).collect();
+    if groups.is_empty() {
+        return usage;
+    }
+    // SAFETY: sysconf has no memory effects.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
+            libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
+        )
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return usage;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((pgrp, cpu_ticks, rss_pages)) = parse_stat(&stat) else {
+            continue;
+        };
+        if let Some(u) = usage.get_mut(&pgrp) {
+            u.rss_bytes += rss_pages * page;
+            u.cpu_seconds += cpu_ticks as f64 / ticks;
+            u.processes += 1;
+        }
+    }
+    usage
+}
+
+/// (pgrp, utime + stime, rss) from a /proc/<pid>/stat line.
+fn parse_stat(stat: &str) -> Option<(i32, u64, u64)> {
+    let after = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // after ")": state(0) ppid(1) pgrp(2) ... utime(11) stime(12) ... rss(21)
+    let pgrp = fields.get(2)?.parse().ok()?;
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let rss = fields.get(21)?.parse::<i64>().ok()?.max(0) as u64;
+    Some((pgrp, utime + stime, rss))
+}
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, String)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+/// The Prometheus text exposition of a snapshot.
+pub fn render(shared: &Shared) -> String {
+    let snap = shared.snapshot();
+    let mut registry = Registry::with_prefix("corepool");
+
+    let info = Family::<Labels, Gauge>::default();
+    info.get_or_create(&labels(&[
+        ("version", env!("CARGO_PKG_VERSION").to_string()),
+        ("balance", shared.balance.to_string()),
+    ]))
+    .set(1);
+    registry.register("info", "corepool version and balance mode", info);
+
+    let states = Family::<Labels, Gauge>::default();
+    for state in ["waiting", "running", "stopping", "done", "given-up"] {
+        let n = snap.slots.iter().filter(|s| s.state == state).count();
+        states
+            .get_or_create(&labels(&[("state", state.to_string())]))
+            .set(n as i64);
+    }
+    registry.register("workers", "Worker slots by state", states);
+
+    let ready = Gauge::<i64>::default();
+    ready.set(snap.slots.iter().filter(|s| s.ready).count() as i64);
+    registry.register("workers_ready", "Workers accepting connections", ready);
+
+    let restarts = Family::<Labels, Counter>::default();
+    let rss = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+    let cpu = Family::<Labels, Counter<f64, AtomicU64>>::default();
+    let groups: Vec<i32> = snap.slots.iter().filter_map(|s| s.pid).collect();
+    let usage = group_usage(&groups);
+    for s in &snap.slots {
+        let slot = labels(&[("slot", s.slot.to_string())]);
+        restarts.get_or_create(&slot).inc_by(s.restarts);
+        if let Some(u) = s.pid.and_then(|p| usage.get(&p)) {
+            rss.get_or_create(&slot).set(u.rss_bytes as f64);
+            cpu.get_or_create(&slot).inc_by(u.cpu_seconds);
+        }
+    }
+    registry.register("worker_restarts", "Restarts per worker slot", restarts);
+    registry.register(
+        "worker_rss_bytes",
+        "Resident memory of the worker's whole process group",
+        rss,
+    );
+    registry.register(
+        "worker_cpu_seconds",
+        "CPU time of the worker's current process group",
+        cpu,
+    );
+
+    let reloads = Counter::<u64>::default();
+    reloads.inc_by(snap.reloads);
+    registry.register("reloads", "Rolling reloads started", reloads);
+    let memory_restarts = Counter::<u64>::default();
+    memory_restarts.inc_by(snap.memory_restarts);
+    registry.register(
+        "memory_restarts",
+        "Workers replaced for staying above --max-memory",
+        memory_restarts,
+    );
+    if let (Some(open), Some(total)) = (snap.open_connections, snap.connections_total) {
+        let open_gauge = Gauge::<i64>::default();
+        open_gauge.set(open as i64);
+        registry.register(
+            "proxy_connections_open",
+            "Connections being relayed",
+            open_gauge,
+        );
+        let total_counter = Counter::<u64>::default();
+        total_counter.inc_by(total);
+        registry.register(
+            "proxy_connections",
+            "Connections accepted by the proxy",
+            total_counter,
+        );
+    }
+
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_text::encode(&mut out, &registry);
+    out
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the process exits.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(answer(stream, shared.clone()));
+            }
+            Err(err) => {
+                tracing::warn!("metrics: accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Binds the metrics address (before any worker starts, so a mistake fails early).
+pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// One HTTP/1.x request: read the request head (bounded in size and time), answer, close.
+async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    if read.is_err() {
+        return;
+    }
+    let text = String::from_utf8_lossy(&head);
+    let mut parts = text.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics") => ("200 OK", prometheus_text::CONTENT_TYPE, render(&shared)),
+        ("GET" | "HEAD", "/healthz") if shared.healthy() => ("200 OK", "text/plain", "ok\n".into()),
+        ("GET" | "HEAD", "/healthz") => (
+            "503 Service Unavailable",
+            "text/plain",
+            "supervisor stalled\n".into(),
+        ),
+        ("GET" | "HEAD", "/readyz") => readyz(&shared),
+        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n".into()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "method not allowed\n".into(),
+        ),
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if method != "HEAD" {
+        response.push_str(&body);
+    }
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+fn readyz(shared: &Shared) -> (&'static str, &'static str, String) {
+    let snap = shared.snapshot();
+    let ready = snap.slots.iter().filter(|s| s.ready).count();
+    if shared.ready() {
+        (
+            "200 OK",
+            "text/plain",
+            format!("ready: {ready} of {} workers\n", snap.slots.len()),
+        )
+    } else if snap.stopping {
+        ("503 Service Unavailable", "text/plain", "stopping\n".into())
+    } else {
+        (
+            "503 Service Unavailable",
+            "text/plain",
+            format!(
+                "not ready: {ready} of {} workers ready, {} needed\n",
+                snap.slots.len(),
+                shared.min_ready
+            ),
+        )
+    }
+}
+
+/// `corepool health [ADDR]`: GET /healthz; true on 200. For HEALTHCHECK in images without curl.
+pub fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = stream.set_write_timeout(Some(timeout));
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: corepool\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let status = answer.lines().next().unwrap_or("").to_string();
+    if status.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else if status.is_empty() {
+        Err(format!("{addr}: no answer"))
+    } else {
+        Err(format!("{addr}: {status}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_stat() {
+        let line = "1234 (node server (x)) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 11 0 100 1000000 2560 18446744073709551615";
+        assert_eq!(parse_stat(line), Some((1234, 300, 2560)));
+        assert_eq!(parse_stat("garbage"), None);
+    }
+
+    #[test]
+    fn own_group_usage() {
+        // SAFETY: getpgrp has no memory effects.
+        let me = unsafe { libc::getpgrp() };
+        let usage = group_usage(&[me]);
+        assert!(usage[&me].rss_bytes > 0 && usage[&me].processes >= 1);
+    }
+
+    #[test]
+    fn renders_prometheus_text() {
+        let shared = Shared::new("socket", 1);
+        let mut snap = shared.snapshot();
+        snap.slots = vec![SlotView {
+            slot: 0,
+            pid: None,
+            state: "waiting",
+            ready: false,
+            restarts: 3,
+            uptime: None,
+        }];
+        shared.publish(snap);
+        let text = render(&shared);
+        assert!(
+            text.contains("corepool_info{version=\"0.1.0\",balance=\"socket\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("corepool_workers{state=\"waiting\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("corepool_worker_restarts_total{slot=\"0\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("corepool_workers_ready 0"), "{text}");
+        assert!(!shared.ready());
+    }
+}
