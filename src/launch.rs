@@ -7,7 +7,8 @@
 //! corepool prepares everything in the parent (every allocation happens before `fork`), and the
 //! child makes only async-signal-safe system calls before `execve`:
 //!
-//! 1. its own process group (`setpgid(0, 0)`), so `kill(-pgid)` reaches it and all it starts;
+//! 1. its own process group (`setpgid(0, 0)`), so `kill(-pgid)` reaches it and all it starts,
+//!    and SIGKILL as its parent-death signal, so it cannot outlive a killed corepool;
 //! 2. an empty signal mask and default dispositions (see `signals::reset_for_exec`);
 //! 3. stdin from /dev/null, stdout and stderr into pipes that corepool reads line by line;
 //! 4. every inherited descriptor from 3 up marked close-on-exec, then the descriptors handed
@@ -123,6 +124,8 @@ impl LaunchSpec {
         let (err_r, err_w) = pipe()?;
         let (exec_r, exec_w) = pipe()?;
         let child_fds = ChildFds {
+            // SAFETY: getpid has no memory effects.
+            parent: unsafe { libc::getpid() },
             stdin: devnull.as_raw_fd(),
             stdout: out_w.as_raw_fd(),
             stderr: err_w.as_raw_fd(),
@@ -178,6 +181,8 @@ fn read_exec_report(pipe: OwnedFd) -> Option<i32> {
 
 /// Descriptors the child places on 0, 1, 2, and where it reports a failed exec.
 struct ChildFds {
+    /// corepool's pid, to notice that it died before the death signal was armed.
+    parent: libc::pid_t,
     stdin: RawFd,
     stdout: RawFd,
     stderr: RawFd,
@@ -206,6 +211,14 @@ unsafe fn child_exec(
             libc::_exit(127);
         }
         if libc::setpgid(0, 0) != 0 {
+            fail(report);
+        }
+        // If corepool itself is SIGKILLed (it is not PID 1, or the OOM killer chose it), its
+        // workers must not live on holding the port. The signal is tied to the forking thread:
+        // corepool forks only from its main thread, which lives as long as the process.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0
+            || libc::getppid() != fds.parent
+        {
             fail(report);
         }
         if signals::reset_for_exec().is_err() {

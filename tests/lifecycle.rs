@@ -468,3 +468,19 @@ fn a_bare_corepool_runs_the_command_from_its_file() {
         run.stdout()
     );
 }
+
+#[test]
+fn workers_do_not_outlive_a_killed_corepool() {
+    let mut run = Run::start(&["-i", "2", "--", "sleep", "60"], &[]);
+    run.wait_stderr("started, pid", 2, SECS(5));
+    let pids = started_pids(&run.stderr());
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    let deadline = Instant::now() + SECS(3);
+    while pids.iter().any(|&p| exists(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in pids {
+        assert!(!exists(pid), "worker {pid} outlived a SIGKILLed corepool");
+    }
+}

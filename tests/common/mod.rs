@@ -157,8 +157,19 @@ impl Run {
 }
 
 impl Drop for Run {
+    /// A test that failed half-way still stops its pool gracefully (SIGTERM, then SIGKILL after
+    /// 5 s), so that no worker outlives the test holding a port.
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
