@@ -435,25 +435,35 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .ok_or_else(|| format!("'{t}' has no unit (write e.g. 1500ms, 10s, 2m)"))?;
     let (number, unit) = t.split_at(split);
-    let scale = match unit.trim() {
-        "ms" => 0.001,
-        "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        _ => {
-            return Err(format!(
-                "'{t}' is not a duration (write e.g. 1500ms, 10s, 2m)"
-            ));
-        }
+    let bad = || format!("'{t}' is not a duration (write e.g. 1500ms, 10s, 2m)");
+    let unit_ns: u128 = match unit.trim() {
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" | "min" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        _ => return Err(bad()),
     };
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("'{t}' is not a duration (write e.g. 1500ms, 10s, 2m)"))?;
-    let secs = value * scale;
-    if !secs.is_finite() || secs > 365.0 * 86_400.0 {
-        return Err(format!("'{t}' is longer than a year"));
+    // Exact decimal arithmetic (no floats): "5547061.685s" is exactly that many nanoseconds.
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && fraction.is_empty() || fraction.contains('.') || fraction.len() > 9 {
+        return Err(bad());
     }
-    Ok(Duration::from_secs_f64(secs))
+    let whole: u128 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    let fraction_value: u128 = if fraction.is_empty() {
+        0
+    } else {
+        fraction.parse().map_err(|_| bad())?
+    };
+    let nanos = whole
+        .checked_mul(unit_ns)
+        .and_then(|n| n.checked_add(fraction_value * unit_ns / 10u128.pow(fraction.len() as u32)))
+        .filter(|&n| n <= 365 * 86_400 * 1_000_000_000)
+        .ok_or_else(|| format!("'{t}' is longer than a year"))?;
+    Ok(Duration::from_nanos(nanos as u64))
 }
 
 /// Formats a duration the way [`parse_duration`] reads it.
@@ -835,6 +845,24 @@ fn find_file(matches: &ArgMatches) -> Result<Option<ConfigFile>, ConfigError> {
 /// Builds the configuration from parsed arguments and the CPU report.
 pub fn resolve(matches: &ArgMatches, cpu: CpuReport) -> Result<Config, ConfigError> {
     let file = find_file(matches)?;
+    resolve_from(matches, file, cpu)
+}
+
+/// The configuration a file's text gives, defaults and environment aside from flags: the whole
+/// path a configuration file takes, for tests and fuzzing.
+pub fn from_file_text(path: &str, text: &str, cpu: CpuReport) -> Result<Config, ConfigError> {
+    let file = ConfigFile::parse(path, text)?;
+    let matches = command()
+        .try_get_matches_from(["corepool"])
+        .map_err(|e| ConfigError(e.to_string()))?;
+    resolve_from(&matches, Some(file), cpu)
+}
+
+fn resolve_from(
+    matches: &ArgMatches,
+    file: Option<ConfigFile>,
+    cpu: CpuReport,
+) -> Result<Config, ConfigError> {
     let mut r = Resolver {
         matches,
         file: file.as_ref(),
