@@ -103,9 +103,11 @@ impl Output {
 
     /// Routes corepool's own tracing events to the stderr writer, in `format`.
     pub fn install_tracing(&self, level: tracing::level_filters::LevelFilter) {
+        // A weak sender: the global subscriber must not keep the stderr writer open after
+        // `finish`, or exit would wait out the whole grace period.
         let layer = EventLayer {
             format: self.format,
-            sink: self.stderr.clone(),
+            sink: self.stderr.downgrade(),
         };
         // Only fails if a subscriber is already set (tests calling twice): keep the first.
         let _ = tracing_subscriber::registry()
@@ -433,7 +435,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// The tracing layer that formats corepool's own events and hands them to the stderr writer.
 struct EventLayer {
     format: LogFormat,
-    sink: mpsc::Sender<Vec<u8>>,
+    sink: mpsc::WeakSender<Vec<u8>>,
 }
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EventLayer {
@@ -463,7 +465,9 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EventLayer {
         };
         line.push('\n');
         // Never wait: a full channel means stderr is blocked, and PID 1 must keep going.
-        let _ = self.sink.try_send(line.into_bytes());
+        if let Some(sink) = self.sink.upgrade() {
+            let _ = sink.try_send(line.into_bytes());
+        }
     }
 }
 
