@@ -74,7 +74,7 @@ impl SignalStream {
 }
 
 /// Puts the calling (freshly forked) process back to a clean signal state before exec: an empty
-/// signal mask and the default disposition for every catchable signal. Exec resets caught
+/// signal mask and the default disposition for every catchable signal, real-time ones included. Exec resets caught
 /// signals to default but keeps ignored ones and the mask, and Rust ignores SIGPIPE, so without
 /// this a worker would inherit corepool's choices.
 ///
@@ -89,15 +89,54 @@ pub fn reset_for_exec() -> std::io::Result<()> {
         if libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        for signo in 1..libc::SIGRTMIN() {
+        for signo in 1..=64 {
             if signo == libc::SIGKILL || signo == libc::SIGSTOP {
                 continue;
             }
-            // Numbers the C library reserves for itself (32, 33) fail with EINVAL: harmless.
-            libc::signal(signo, libc::SIG_DFL);
+            set_default(signo);
         }
     }
     Ok(())
+}
+
+/// The kernel's own `struct sigaction` (x86_64 and aarch64 layout).
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Sets the default disposition with the raw system call: the C library refuses the signals it
+/// reserves for itself (32 and 33), yet a parent may have left them ignored, and an ignored
+/// signal survives exec.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+unsafe fn set_default(signo: i32) {
+    let action = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: a valid kernel sigaction on the stack; the old action is not asked for. Failure
+    // (EINVAL for numbers the kernel does not know) leaves nothing to undo.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigaction,
+            signo,
+            &action as *const KernelSigaction,
+            std::ptr::null_mut::<KernelSigaction>(),
+            8usize,
+        );
+    }
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+unsafe fn set_default(signo: i32) {
+    // SAFETY: signal(2) with SIG_DFL; glibc rejects its reserved numbers, which is harmless.
+    unsafe { libc::signal(signo, libc::SIG_DFL) };
 }
 
 /// Parses a signal as users write it: `SIGTERM`, `TERM`, `term` or `15`.

@@ -1,0 +1,295 @@
+//! corepool's duties as an init: PID 1 in a new pid namespace reaps every orphan, signals reach
+//! a worker's whole process group, each worker starts clean (own group, empty signal mask, no
+//! ignored signals, no stray descriptors, stdin from /dev/null, the pool's variables), and the
+//! signals PID 1 must survive do not stop it.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// (state, ppid) of every process, from /proc.
+fn processes() -> Vec<(i32, char, i32)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let after = stat.rsplit_once(')')?.1;
+            let mut f = after.split_whitespace();
+            let state = f.next()?.chars().next()?;
+            let ppid = f.next()?.parse().ok()?;
+            Some((pid, state, ppid))
+        })
+        .collect()
+}
+
+fn children_of(parent: i32) -> Vec<(i32, char)> {
+    processes()
+        .into_iter()
+        .filter(|&(_, _, ppid)| ppid == parent)
+        .map(|(pid, state, _)| (pid, state))
+        .collect()
+}
+
+#[test]
+fn as_pid1_in_a_pid_namespace_every_orphan_is_reaped() {
+    require("unshare");
+    // The worker double-forks 100 sleeps (they re-parent to PID 1, corepool), prints their
+    // pids, and waits. After they exit, no zombie may remain under corepool.
+    let worker =
+        "for i in $(seq 100); do (sleep 0.3 & echo orphan $!) ; done; echo spawned; exec sleep 60";
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        bin(),
+        "-i",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        worker,
+    ]);
+    let mut run = Run::from_command(cmd, &[]);
+    run.wait_stdout("spawned", 1, SECS(10));
+    assert!(
+        run.stderr().contains("running as PID 1"),
+        "{}",
+        run.stderr()
+    );
+    // corepool is unshare's child; in our namespace it has an ordinary pid.
+    let corepool = children_of(run.pid())
+        .first()
+        .map(|c| c.0)
+        .expect("corepool under unshare");
+    // While the sleeps run they are corepool's children (re-parented to PID 1).
+    let adopted = children_of(corepool).len();
+    assert!(
+        adopted > 50,
+        "only {adopted} children under PID 1: orphans were not re-parented to it"
+    );
+    let deadline = Instant::now() + SECS(5);
+    loop {
+        let kids = children_of(corepool);
+        let zombies = kids.iter().filter(|k| k.1 == 'Z').count();
+        if kids.len() == 1 && zombies == 0 {
+            break; // only the worker is left
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} children, {zombies} zombies left under PID 1",
+            kids.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: kill(2) on corepool's pid as seen here.
+    assert_eq!(unsafe { libc::kill(corepool, libc::SIGTERM) }, 0);
+    assert_eq!(run.exit_code(SECS(10)), 0, "{}", run.stderr());
+}
+
+#[test]
+fn not_pid1_it_is_a_subreaper_and_still_reaps_orphans() {
+    let worker = "(sleep 0.2 & echo grandchild $!); exec sleep 60";
+    let run = Run::start(&["-i", "1", "--", "sh", "-c", worker], &[]);
+    run.wait_stdout("grandchild", 1, SECS(5));
+    assert!(run.stderr().contains("child subreaper"), "{}", run.stderr());
+    let grandchild: i32 = run
+        .stdout()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + SECS(3);
+    while exists(grandchild) {
+        assert!(
+            Instant::now() < deadline,
+            "orphan {grandchild} not reaped (zombie under corepool?)"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn signals_reach_the_workers_whole_process_group() {
+    // The worker and a child of it in the same group each trap the forwarded signals.
+    let worker = "trap 'echo leader-$COREPOOL_WORKER-USR1' USR1; trap 'echo leader-$COREPOOL_WORKER-USR2' USR2; \
+                  trap 'echo leader-$COREPOOL_WORKER-WINCH' WINCH; \
+                  sh -c \"trap 'echo child-USR1' USR1; trap 'echo child-USR2' USR2; trap 'echo child-WINCH' WINCH; \
+                  echo child-up; while :; do sleep 0.05; done\" & \
+                  while :; do sleep 0.05; done";
+    let run = Run::start(&["-i", "2", "--", "sh", "-c", worker], &[]);
+    run.wait_stdout("child-up", 2, SECS(5));
+    std::thread::sleep(Duration::from_millis(200));
+    for (sig, name) in [
+        (libc::SIGUSR1, "USR1"),
+        (libc::SIGUSR2, "USR2"),
+        (libc::SIGWINCH, "WINCH"),
+    ] {
+        run.signal(sig);
+        run.wait_stdout(&format!("child-{name}"), 2, SECS(5));
+        run.wait_stdout(&format!("leader-0-{name}"), 1, SECS(5));
+        run.wait_stdout(&format!("leader-1-{name}"), 1, SECS(5));
+    }
+}
+
+#[test]
+fn each_worker_starts_clean() {
+    // grep is the worker itself: its own signal state and descriptors are what corepool gave.
+    let run = Run::start(
+        &[
+            "-i",
+            "1",
+            "--restart",
+            "never",
+            "--",
+            "grep",
+            "-E",
+            "^(SigBlk|SigIgn|PPid)",
+            "/proc/self/status",
+        ],
+        &[],
+    );
+    run.wait_stdout("SigIgn", 1, SECS(5));
+    let out = run.stdout();
+    assert!(out.contains("SigBlk:\t0000000000000000"), "{out}");
+    assert!(out.contains("SigIgn:\t0000000000000000"), "{out}");
+
+    let script = "echo env $COREPOOL_WORKER $NODE_APP_INSTANCE $COREPOOL_WORKERS; \
+                  set -- $(cut -d' ' -f5 /proc/$$/stat); echo pgid $1 pid $$";
+    let (code, out, err) = run_to_end(
+        &["-i", "3", "--restart", "never", "--", "sh", "-c", script],
+        &[],
+        SECS(5),
+    );
+    assert_eq!(code, 0, "{err}");
+    for slot in 0..3 {
+        assert!(out.contains(&format!("env {slot} {slot} 3")), "{out}");
+    }
+    for line in out.lines().filter(|l| l.starts_with("pgid ")) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            f[1], f[3],
+            "worker is not its own process group leader: {line}"
+        );
+    }
+
+    // Descriptors, seen from outside: only 0, 1, 2, with stdin from /dev/null (and in socket
+    // mode the listening socket on 3 and the readiness pipe on 4).
+    let fds_of = |pid: i32| -> Vec<(i32, String)> {
+        let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                let fd = e.file_name().to_string_lossy().parse().unwrap();
+                (
+                    fd,
+                    std::fs::read_link(e.path()).unwrap().display().to_string(),
+                )
+            })
+            .collect();
+        fds.sort();
+        fds
+    };
+    let run = Run::start(&["-i", "1", "--", "sleep", "60"], &[]);
+    run.wait_stderr("started, pid", 1, SECS(5));
+    let fds = fds_of(started_pids(&run.stderr())[0]);
+    assert_eq!(
+        fds.iter().map(|f| f.0).collect::<Vec<_>>(),
+        vec![0, 1, 2],
+        "{fds:?}"
+    );
+    assert_eq!(fds[0].1, "/dev/null");
+    assert!(
+        fds[1].1.starts_with("pipe:") && fds[2].1.starts_with("pipe:"),
+        "{fds:?}"
+    );
+    drop(run);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let run = Run::start(
+        &[
+            "-i",
+            "1",
+            "--balance",
+            "socket",
+            "--host",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "--ready-timeout",
+            "1m",
+            "--",
+            "sleep",
+            "60",
+        ],
+        &[],
+    );
+    run.wait_stderr("started, pid", 1, SECS(5));
+    let fds = fds_of(started_pids(&run.stderr())[0]);
+    assert_eq!(
+        fds.iter().map(|f| f.0).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3, 4],
+        "{fds:?}"
+    );
+    assert!(
+        fds[3].1.starts_with("socket:") && fds[4].1.starts_with("pipe:"),
+        "{fds:?}"
+    );
+}
+
+#[test]
+fn job_control_signals_and_sighup_do_not_stop_pid1() {
+    let mut run = Run::start(&["-i", "1", "--", "sleep", "60"], &[]);
+    run.wait_stderr("started, pid", 1, SECS(5));
+    for sig in [libc::SIGHUP, libc::SIGTTIN, libc::SIGTTOU, libc::SIGTSTP] {
+        run.signal(sig);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", run.pid())).unwrap();
+    let state = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(state == "S" || state == "R", "corepool is in state {state}");
+    assert!(
+        run.child.try_wait().unwrap().is_none(),
+        "corepool died: {}",
+        run.stderr()
+    );
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(5)), 0);
+}
+
+#[test]
+fn sigterm_during_start_up_always_stops_cleanly() {
+    for delay_ms in [0u64, 1, 2, 5, 10, 20, 50, 0, 1, 3] {
+        let mut run = Run::start(&["-i", "2", "--", "sleep", "60"], &[]);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        run.signal(libc::SIGTERM);
+        let status = run.wait_exit(SECS(10));
+        // Before the handlers are installed the default action kills it (143); after, 0 or 1.
+        let code = status.code();
+        let by_signal = std::os::unix::process::ExitStatusExt::signal(&status);
+        assert!(
+            matches!(code, Some(0) | Some(1)) || by_signal == Some(libc::SIGTERM),
+            "delay {delay_ms} ms: {status:?}\n{}",
+            run.stderr()
+        );
+        for pid in started_pids(&run.stderr()) {
+            assert!(!exists(pid), "worker {pid} survived");
+        }
+    }
+}
