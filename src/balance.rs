@@ -8,23 +8,30 @@
 //! - `proxy`: each worker listens on a private port of its own; corepool relays (see `proxy`).
 //! - `none`: no port handling at all (queue consumers), optionally PORT=base+slot.
 //!
-//! ## One shared socket, not one SO_REUSEPORT socket per slot
-//! Measured on this project's 2-core test machine (Linux 6.18, Node 20, 2 workers adopting the
-//! socket, 1000 HTTP requests each on a new connection):
+//! ## One SO_REUSEPORT socket per slot, not one shared socket
+//! Both were measured on this project's 2-core test machine (Linux 6.18, Node 20, 2 workers
+//! adopting the socket, HTTP requests on new connections from 1 to 64 clients at a time):
 //!
-//! | clients in parallel | shared socket | reuseport per slot |
+//! | clients in parallel | one shared socket | one reuseport socket per slot |
 //! |---|---|---|
-//! | 1  | 407 / 593 | 479 / 521 |
-//! | 8  | 498 / 502 | 486 / 514 |
-//! | 64 | 493 / 507 | 477 / 523 |
+//! | 1  (machine idle)            | 407 / 593 | 479 / 521 |
+//! | 8  (machine idle)            | 498 / 502 | 486 / 514 |
+//! | 64 (machine idle)            | 493 / 507 | 477 / 523 |
+//! | 16 (other test pools busy)   | 739 / 269, 637 / 371 | 500 / 508 and alike |
 //!
-//! Both spread the load within 60/40. They differ while a worker is away: with reuseport the
-//! kernel keeps hashing 1/N of new connections to the socket of a worker that is restarting
-//! (or stuck in a long synchronous render), and they wait in that socket's backlog until it
-//! is back, or are reset if the slot is given up and its socket closed. With one shared
-//! socket, whichever worker is free accepts next: a restart or a busy worker delays nobody.
-//! Because corepool itself keeps the socket open, connections that arrive while *every*
-//! worker restarts wait in the backlog; none is refused.
+//! On an idle machine both spread well. Under CPU contention the shared socket does not: every
+//! worker's epoll wakes for each connection and whichever is scheduled first accepts all that
+//! are queued, so one worker took 73% (tests/port.rs, run beside the other test files). With
+//! SO_REUSEPORT the kernel hashes each connection to one socket of the group: the spread no
+//! longer depends on scheduling luck.
+//!
+//! The price is paid while a worker is away: connections hashed to its socket wait in that
+//! socket's backlog until the slot's next process (same socket) accepts them, typically the
+//! restart backoff plus the server's start-up (100 ms + ~80 ms for a hello server, ~400 ms for
+//! Next.js). None is refused (tests/reliability.rs kills workers at random under load: 0
+//! refused). A slot given up for good has its socket closed, so nothing waits for it forever.
+//! Because corepool keeps holding every socket, connections that arrive while a worker
+//! restarts wait in the backlog; none is refused.
 //!
 //! ## Readiness
 //! A worker is ready when it accepts connections. The Node preload writes `READY=1` to a pipe
@@ -85,14 +92,18 @@ fn above_ten(fd: OwnedFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(moved) })
 }
 
-/// Binds and listens on the public address. Errors name the address and say why.
-pub fn bind_public(host: IpAddr, port: u16) -> io::Result<OwnedFd> {
+/// Binds and listens on the public address (with SO_REUSEPORT, one of a group of sockets on the
+/// same address). Errors name the address and say why.
+pub fn bind_public(host: IpAddr, port: u16, reuseport: bool) -> io::Result<OwnedFd> {
     let family = match host {
         IpAddr::V4(_) => AddressFamily::Inet,
         IpAddr::V6(_) => AddressFamily::Inet6,
     };
     let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     socket::setsockopt(&fd, socket::sockopt::ReuseAddr, &true)?;
+    if reuseport {
+        socket::setsockopt(&fd, socket::sockopt::ReusePort, &true)?;
+    }
     let addr = SocketAddr::new(host, port);
     match addr {
         SocketAddr::V4(v4) => socket::bind(fd.as_raw_fd(), &SockaddrIn::from(v4))?,
@@ -243,12 +254,16 @@ pub struct Balancer {
     pub mode: Mode,
     pub port: u16,
     pub port_increment: bool,
-    /// The public socket: handed to workers (socket) or accepted on by us (proxy).
+    /// Socket mode: one SO_REUSEPORT listening socket per slot, handed to that slot's worker.
+    slot_sockets: Vec<Option<OwnedFd>>,
+    /// Proxy mode: the public socket we accept on.
     listener: Option<OwnedFd>,
     preload: Option<Preload>,
     /// `--max-old-space-size=…` for each Node worker under a memory limit (heap share).
     heap_option: Option<String>,
     notify: Option<NotifySocket>,
+    /// NOTIFY_SOCKET for the workers (the socket itself moves into its task at `start`).
+    notify_env: Option<String>,
     /// Proxy mode: the workers' private ports, and the accept loop.
     backends: Backends,
     accept_task: Option<tokio::task::JoinHandle<()>>,
@@ -267,13 +282,20 @@ impl Balancer {
         mode: Mode,
         host: IpAddr,
         port: u16,
+        slots: usize,
         port_increment: bool,
         preload: Option<Preload>,
         ready_tx: mpsc::UnboundedSender<Ready>,
     ) -> io::Result<Balancer> {
         let listener = match mode {
-            Mode::Socket | Mode::Proxy => Some(bind_public(host, port)?),
-            Mode::None => None,
+            Mode::Proxy => Some(bind_public(host, port, false)?),
+            _ => None,
+        };
+        let slot_sockets = match mode {
+            Mode::Socket => (0..slots)
+                .map(|_| bind_public(host, port, true).map(Some))
+                .collect::<io::Result<_>>()?,
+            _ => Vec::new(),
         };
         let notify = match mode {
             Mode::None => None,
@@ -283,9 +305,11 @@ impl Balancer {
             mode,
             port,
             port_increment,
+            slot_sockets,
             listener,
             preload,
             heap_option: None,
+            notify_env: notify.as_ref().map(NotifySocket::env_value),
             notify,
             backends: Backends::default(),
             accept_task: None,
@@ -332,12 +356,12 @@ impl Balancer {
                 io.unset
                     .extend(["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"]);
                 private_port = Some(port);
-                if let Some(notify) = &self.notify {
-                    io.env.push(("NOTIFY_SOCKET".into(), notify.env_value()));
+                if let Some(notify) = &self.notify_env {
+                    io.env.push(("NOTIFY_SOCKET".into(), notify.clone()));
                 }
             }
             Mode::Socket => {
-                if let Some(listener) = &self.listener {
+                if let Some(Some(listener)) = self.slot_sockets.get(slot) {
                     io.fds.push((listener.as_raw_fd(), LISTEN_FD));
                     io.env.push(("LISTEN_FDS".into(), "1".into()));
                     io.env.push(("LISTEN_FDNAMES".into(), "corepool".into()));
@@ -364,8 +388,8 @@ impl Balancer {
                     };
                     io.env.push(("NODE_OPTIONS".into(), node_options));
                 }
-                if let Some(notify) = &self.notify {
-                    io.env.push(("NOTIFY_SOCKET".into(), notify.env_value()));
+                if let Some(notify) = &self.notify_env {
+                    io.env.push(("NOTIFY_SOCKET".into(), notify.clone()));
                 }
             }
         }
@@ -451,6 +475,14 @@ impl Balancer {
         }
     }
 
+    /// A slot given up for good: close its socket, so the kernel stops queueing connections
+    /// for a worker that will never come (what was queued there is reset; clients retry).
+    pub fn abandon(&mut self, slot: usize) {
+        if let Some(socket) = self.slot_sockets.get_mut(slot) {
+            *socket = None;
+        }
+    }
+
     /// Readiness news for the proxy's routing (a no-op in the other modes).
     pub fn worker_ready(&self, pid: i32) {
         self.backends.ready(pid);
@@ -466,6 +498,7 @@ impl Balancer {
     /// waiting in a backlog nobody will accept from.
     pub fn close(&mut self) {
         self.listener = None;
+        self.slot_sockets.clear();
         if let Some(task) = self.accept_task.take() {
             task.abort();
         }

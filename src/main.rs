@@ -123,6 +123,7 @@ fn run() -> i32 {
             config.balance,
             config.host,
             config.port,
+            config.instances,
             config.port_increment,
             preload,
             ready_tx,

@@ -325,12 +325,16 @@ impl Pool {
                 worker.restarts,
                 worker.failures
             ),
-            AfterExit::GaveUp => tracing::error!(
-                "worker {} given up after {} consecutive exits within {}",
-                worker.slot,
-                worker.failures,
-                human(self.rules.min_uptime)
-            ),
+            AfterExit::GaveUp => {
+                tracing::error!(
+                    "worker {} given up after {} consecutive exits within {}",
+                    worker.slot,
+                    worker.failures,
+                    human(self.rules.min_uptime)
+                );
+                let slot = worker.slot;
+                self.balancer.abandon(slot);
+            }
             AfterExit::Finished => {}
         }
         if self.ending.is_none() && self.workers.iter().all(Worker::is_over) {

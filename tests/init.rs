@@ -46,6 +46,7 @@ fn as_pid1_in_a_pid_namespace_every_orphan_is_reaped() {
         "--pid",
         "--fork",
         "--mount-proc",
+        "--kill-child=SIGTERM",
         bin(),
         "-i",
         "1",

@@ -123,7 +123,15 @@ fn pid1_in_a_read_only_busybox_root_serves_reaps_and_stops() {
          --kill-timeout 3s -- /bin/sh -c '{worker}'"
     );
     let mut cmd = Command::new("unshare");
-    cmd.args(["--pid", "--mount", "--fork", "sh", "-c", &script]);
+    cmd.args([
+        "--pid",
+        "--mount",
+        "--fork",
+        "--kill-child=SIGTERM",
+        "sh",
+        "-c",
+        &script,
+    ]);
     let mut run = Run::from_command(
         cmd,
         &[(

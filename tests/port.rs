@@ -1,0 +1,288 @@
+//! One port for the whole pool, socket mode: an unmodified Node server (CommonJS or ESM) adopts
+//! the shared socket, the client's address reaches it, load spreads, readiness tells the truth
+//! (preload pipe, sd_notify, ready timeout), a failing reload keeps the old workers, and a
+//! read-only root does not matter. Loopback only; every load is bounded.
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/server.js");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET / on a new connection; the JSON body.
+fn get(port: u16) -> Result<serde_json::Value, String> {
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(SECS(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .map_err(|e| format!("read: {e}"))?;
+    let body = text.split_once("\r\n\r\n").map(|b| b.1).unwrap_or("");
+    serde_json::from_str(body.trim()).map_err(|e| format!("body {body:?}: {e}"))
+}
+
+fn socket_pool(n: usize, port: u16, extra: &[&str], command: &[&str], env: &[(&str, &str)]) -> Run {
+    let port = port.to_string();
+    let n = n.to_string();
+    let mut args = vec![
+        "-i",
+        &n,
+        "--balance",
+        "socket",
+        "--host",
+        "127.0.0.1",
+        "-p",
+        &port,
+    ];
+    args.extend_from_slice(extra);
+    args.push("--");
+    args.extend_from_slice(command);
+    Run::start(&args, env)
+}
+
+#[test]
+fn workers_share_one_port_and_see_the_client() {
+    let port = free_port();
+    let run = socket_pool(2, port, &[], &["node", HELLO], &[]);
+    run.wait_stderr(" ready (pid", 2, SECS(15));
+    let mut by_worker: HashMap<String, usize> = HashMap::new();
+    for _ in 0..200 {
+        let v = get(port).expect("request");
+        assert_eq!(
+            v["client"], "127.0.0.1",
+            "the app must see the real client: {v}"
+        );
+        *by_worker
+            .entry(v["worker"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(by_worker.len(), 2, "{by_worker:?}");
+    // The app's own start-up line shows the public port.
+    run.wait_stdout(&format!("listening on 127.0.0.1:{port}"), 2, SECS(5));
+    // One SO_REUSEPORT listening socket per slot on the port, all held by corepool.
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let listening = tcp
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(3) == Some(&"0A") && f[1].ends_with(&format!(":{port:04X}"))
+        })
+        .count();
+    assert_eq!(
+        listening, 2,
+        "expected one listening socket per slot on {port}"
+    );
+}
+
+#[test]
+fn a_thousand_connections_spread_with_no_worker_above_60_percent() {
+    let port = free_port();
+    let run = socket_pool(2, port, &[], &["node", HELLO], &[]);
+    run.wait_stderr(" ready (pid", 2, SECS(15));
+    let counts: Vec<HashMap<String, usize>> = (0..16)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut m = HashMap::new();
+                for _ in 0..63 {
+                    let v = get(port).expect("request");
+                    *m.entry(v["worker"].as_str().unwrap().to_string())
+                        .or_default() += 1;
+                }
+                m
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let mut total: HashMap<String, usize> = HashMap::new();
+    for m in counts {
+        for (k, v) in m {
+            *total.entry(k).or_default() += v;
+        }
+    }
+    let all: usize = total.values().sum();
+    let top = *total.values().max().unwrap();
+    eprintln!("spread over {all} connections: {total:?}");
+    assert!(
+        top * 100 <= all * 60,
+        "one worker took {top} of {all}: {total:?}"
+    );
+}
+
+#[test]
+fn esm_servers_adopt_the_socket_and_user_node_options_are_kept() {
+    let dir = scratch("esm");
+    let server = dir.join("server.mjs");
+    std::fs::write(
+        &server,
+        "import http from 'node:http';\n\
+         const s = http.createServer((req, res) => res.end(JSON.stringify({worker: process.env.COREPOOL_WORKER, \
+         client: req.socket.remoteAddress, options: process.env.NODE_OPTIONS, execArgv: process.execArgv})));\n\
+         s.listen({ port: Number(process.env.PORT), host: '0.0.0.0' });\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let run = socket_pool(
+        2,
+        port,
+        &[],
+        &["node", server.to_str().unwrap()],
+        &[("NODE_OPTIONS", "--max-http-header-size=20000")],
+    );
+    run.wait_stderr(" ready (pid", 2, SECS(15));
+    let mut workers = std::collections::HashSet::new();
+    for _ in 0..50 {
+        let v = get(port).unwrap();
+        assert!(
+            v["options"]
+                .as_str()
+                .unwrap()
+                .starts_with("--max-http-header-size=20000 "),
+            "{v}"
+        );
+        workers.insert(v["worker"].as_str().unwrap().to_string());
+    }
+    assert_eq!(workers.len(), 2);
+}
+
+#[test]
+fn sd_notify_makes_a_non_node_worker_ready() {
+    require("python3");
+    let worker = "import os, socket, time\n\
+                  addr = os.environ['NOTIFY_SOCKET']\n\
+                  addr = '\\0' + addr[1:] if addr.startswith('@') else addr\n\
+                  time.sleep(0.3)\n\
+                  s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+                  s.sendto(b'READY=1\\nSTATUS=serving', addr)\n\
+                  time.sleep(60)\n";
+    let port = free_port();
+    let run = socket_pool(1, port, &[], &["python3", "-c", worker], &[]);
+    run.wait_stderr("worker 0 ready (pid", 1, SECS(10));
+}
+
+#[test]
+fn a_worker_that_never_listens_is_restarted_after_the_ready_timeout() {
+    let port = free_port();
+    let run = socket_pool(
+        1,
+        port,
+        &["--ready-timeout", "500ms", "--kill-timeout", "1s"],
+        &["sleep", "60"],
+        &[],
+    );
+    run.wait_stderr("started, pid", 2, SECS(5));
+    assert!(
+        run.stderr().contains("not ready after 500ms: restarting"),
+        "{}",
+        run.stderr()
+    );
+}
+
+#[test]
+fn a_reload_whose_replacement_never_gets_ready_keeps_the_old_workers() {
+    let dir = scratch("badreload");
+    let marker = dir.join("broken");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        format!(
+            "if (require('fs').existsSync({:?})) {{ setInterval(() => {{}}, 1000); }} else {{ require({:?}); }}",
+            marker.to_str().unwrap(),
+            HELLO
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let run = socket_pool(
+        2,
+        port,
+        &["--ready-timeout", "1s", "--kill-timeout", "1s"],
+        &["node", server.to_str().unwrap()],
+        &[],
+    );
+    run.wait_stderr(" ready (pid", 2, SECS(15));
+    let before: std::collections::HashSet<i64> = (0..20)
+        .map(|_| get(port).unwrap()["pid"].as_i64().unwrap())
+        .collect();
+    std::fs::write(&marker, "").unwrap();
+    run.signal(libc::SIGHUP);
+    run.wait_stderr("rolling reload stopped", 1, SECS(10));
+    assert!(
+        run.stderr().contains("was not ready after 1s"),
+        "{}",
+        run.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..20 {
+        let pid = get(port).expect("old workers keep serving")["pid"]
+            .as_i64()
+            .unwrap();
+        assert!(
+            before.contains(&pid),
+            "served by {pid}, not an old worker {before:?}"
+        );
+    }
+}
+
+#[test]
+fn the_port_in_use_fails_at_once_with_code_3() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut run = socket_pool(2, port, &[], &["node", HELLO], &[]);
+    assert_eq!(run.exit_code(SECS(5)), 3);
+    let err = run.stderr();
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("in use"),
+        "{err}"
+    );
+    assert!(!err.contains("started, pid"), "{err}");
+}
+
+#[test]
+fn socket_mode_works_on_a_read_only_root() {
+    require("unshare");
+    let port = free_port();
+    // Every mount read-only (/, /tmp, /dev/shm...), then corepool with a Node pool.
+    let script = format!(
+        "mount --make-rprivate / && for m in $(awk '{{print $2}}' /proc/mounts | sort -u); do \
+           mount -o remount,bind,ro \"$m\" 2>/dev/null; done; \
+         if touch /corepool-probe 2>/dev/null || touch /tmp/corepool-probe 2>/dev/null || touch /dev/shm/corepool-probe 2>/dev/null; \
+         then echo WRITABLE; exit 99; fi; \
+         exec {} -i 2 --balance socket --host 127.0.0.1 -p {port} -- node {HELLO}",
+        bin()
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--fork",
+        "--kill-child=SIGTERM",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let run = Run::from_command(cmd, &[]);
+    run.wait_for("two ready workers", SECS(15), |o, e| {
+        o.contains("WRITABLE") || e.matches(" ready (pid").count() >= 2
+    });
+    assert!(
+        !run.stdout().contains("WRITABLE"),
+        "the test could not make the root read-only"
+    );
+    for _ in 0..10 {
+        get(port).expect("served from a read-only root");
+    }
+}
