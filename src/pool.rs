@@ -34,6 +34,8 @@ use tokio::sync::mpsc;
 
 /// How often liveness of draining groups is checked while a stop is under way.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// Proxy mode: time between routing away from a replaced worker and signalling it.
+const PROXY_HANDOFF: Duration = Duration::from_millis(250);
 /// The safety net: reap and re-check at least this often, whatever else happens.
 const SAFETY_TICK: Duration = Duration::from_secs(1);
 /// How often worker memory is compared with --max-memory.
@@ -86,6 +88,8 @@ impl Target {
 #[derive(Debug)]
 struct Drain {
     target: Target,
+    /// When the stop signal is due, until it is sent (then None).
+    signal_at: Option<Instant>,
     deadline: Instant,
     killed: bool,
 }
@@ -383,6 +387,7 @@ impl Pool {
                     let now = Instant::now();
                     for drain in &mut self.drains {
                         drain.deadline = drain.deadline.min(now);
+                        drain.signal_at = drain.signal_at.map(|at| at.min(now));
                     }
                 }
             },
@@ -462,7 +467,14 @@ impl Pool {
                     "worker {slot}: replacement pid {pid} ready after {}; stopping old pid {old}",
                     human(took.unwrap_or_default())
                 );
-                self.drain(Target::Group(old));
+                // In proxy mode the relay may have just connected to the old worker: stop
+                // routing to it now, signal it a moment later, so that what already sits in its
+                // accept queue is accepted before it closes its listener.
+                let handoff = match self.balancer.mode {
+                    crate::balance::Mode::Proxy => PROXY_HANDOFF,
+                    _ => Duration::ZERO,
+                };
+                self.drain_after(Target::Group(old), handoff);
                 self.retiring.push((slot, old));
             }
             return;
@@ -689,16 +701,29 @@ impl Pool {
     }
 
     fn drain(&mut self, target: Target) {
+        self.drain_after(target, Duration::ZERO);
+    }
+
+    /// Stops routing to `target` at once, sends it the stop signal after `delay`, and SIGKILL
+    /// after the kill timeout on top.
+    fn drain_after(&mut self, target: Target, delay: Duration) {
         if let Target::Group(pgid) = target {
             self.balancer.forget(pgid.as_raw());
         }
         if self.drains.iter().any(|d| d.target == target) {
             return;
         }
-        target.signal(self.config.stop_signal);
+        let now = Instant::now();
+        let signal_at = if delay.is_zero() {
+            target.signal(self.config.stop_signal);
+            None
+        } else {
+            Some(now + delay)
+        };
         self.drains.push(Drain {
             target,
-            deadline: Instant::now() + self.config.kill_timeout,
+            signal_at,
+            deadline: now + delay + self.config.kill_timeout,
             killed: false,
         });
     }
@@ -707,6 +732,10 @@ impl Pool {
     fn escalate(&mut self, now: Instant) {
         self.drains.retain(|d| d.target.alive());
         for drain in &mut self.drains {
+            if drain.signal_at.is_some_and(|at| at <= now) {
+                drain.target.signal(self.config.stop_signal);
+                drain.signal_at = None;
+            }
             if !drain.killed && drain.deadline <= now {
                 tracing::warn!(
                     "{} still alive after the kill timeout: SIGKILL",
@@ -743,6 +772,7 @@ impl Pool {
             next = next.min(now + DRAIN_POLL);
         }
         let deadlines = self.drains.iter().filter(|d| !d.killed).map(|d| d.deadline);
+        let deadlines = deadlines.chain(self.drains.iter().filter_map(|d| d.signal_at));
         let deadlines = deadlines.chain(self.stop_at.map(|(at, _)| at));
         let starts = self.workers.iter().filter_map(Worker::due);
         let timeout = self.config.ready_timeout;

@@ -37,6 +37,7 @@ struct Backend {
 /// the accept loop (which picks one per connection).
 #[derive(Clone, Default)]
 pub struct Backends(Arc<Mutex<Vec<Backend>>>, Arc<std::sync::atomic::AtomicU64>);
+// .0: the backends; .1: connections accepted (also the round-robin turn among equals).
 
 impl Backends {
     fn with<R>(&self, f: impl FnOnce(&mut Vec<Backend>) -> R) -> R {
@@ -71,14 +72,19 @@ impl Backends {
         self.with(|list| list.retain(|b| b.pid != pid));
     }
 
-    /// Ready backends, fewest open connections first.
+    /// Ready backends, fewest open connections first; among equals, in turn (so that one
+    /// client making requests one after another is spread too).
     fn candidates(&self) -> Vec<(u16, Arc<AtomicUsize>)> {
+        let turn = self.1.load(Ordering::Relaxed) as usize;
         self.with(|list| {
             let mut ready: Vec<_> = list
                 .iter()
                 .filter(|b| b.ready)
                 .map(|b| (b.port, b.active.clone()))
                 .collect();
+            let n = ready.len().max(1);
+            ready.rotate_left(turn % n);
+            // A stable sort keeps the rotation among backends equally busy.
             ready.sort_by_key(|(_, active)| active.load(Ordering::Relaxed));
             ready
         })

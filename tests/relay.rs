@@ -1,0 +1,312 @@
+//! Proxy mode against real servers that only know $PORT: python's http.server, a Node server;
+//! large bodies both ways byte-exact, half-closes, a WebSocket upgrade, slow clients, never a
+//! connection to a worker that is not ready, and no failed request through kills and reloads.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// A Node fixture: GET /big returns N deterministic bytes, POST answers the body's length and
+/// checksum, and an `upgrade` handler echoes WebSocket text frames.
+const NODE_SERVER: &str = r#"
+const http = require('http'), crypto = require('crypto');
+const byte = (i) => (i * 31 + (i >> 8)) & 255;
+const s = http.createServer((req, res) => {
+  if (req.method === 'POST') {
+    let n = 0, sum = 0;
+    req.on('data', (c) => { for (const b of c) { sum = (sum * 33 + b) >>> 0; } n += c.length; });
+    req.on('end', () => res.end(JSON.stringify({ n, sum, worker: process.env.COREPOOL_WORKER })));
+  } else if (req.url.startsWith('/big')) {
+    const n = Number(req.url.slice(5)); const buf = Buffer.alloc(n);
+    for (let i = 0; i < n; i++) buf[i] = byte(i);
+    res.setHeader('content-length', n); res.end(buf);
+  } else {
+    res.end(JSON.stringify({ worker: process.env.COREPOOL_WORKER, pid: process.pid }));
+  }
+});
+s.on('upgrade', (req, sock) => {
+  const key = crypto.createHash('sha1').update(req.headers['sec-websocket-key'] + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64');
+  sock.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ' + key + '\r\n\r\n');
+  sock.on('data', (f) => {
+    const len = f[1] & 127, mask = f.slice(2, 6), data = Buffer.alloc(len);
+    for (let i = 0; i < len; i++) data[i] = f[6 + i] ^ mask[i % 4];
+    sock.write(Buffer.concat([Buffer.from([0x81, len]), data]));
+  });
+});
+const delay = process.env.COREPOOL_WORKER === '1' ? Number(process.env.SLOT1_DELAY || 0) : 0;
+setTimeout(() => s.listen(Number(process.env.PORT), process.env.HOSTNAME), delay);
+process.on('SIGTERM', () => { s.close(() => process.exit(0)); s.closeIdleConnections?.(); });
+"#;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn node_fixture() -> String {
+    let dir = scratch("relay");
+    let path = dir.join("server.js");
+    std::fs::write(&path, NODE_SERVER).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn proxy_pool(n: usize, port: u16, command: &[&str], env: &[(&str, &str)]) -> Run {
+    let port = port.to_string();
+    let n = n.to_string();
+    let mut args = vec![
+        "-i",
+        &n,
+        "--balance",
+        "proxy",
+        "--host",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "--log-format",
+        "prefix",
+        "--",
+    ];
+    args.extend_from_slice(command);
+    Run::start(&args, env)
+}
+
+fn exchange(port: u16, request: &[u8]) -> Result<Vec<u8>, String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(SECS(20))).unwrap();
+    s.write_all(request).map_err(|e| format!("write: {e}"))?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(|e| format!("read: {e}"))?;
+    Ok(out)
+}
+
+fn body(response: &[u8]) -> &[u8] {
+    let at = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    &response[at + 4..]
+}
+
+#[test]
+fn python_http_server_behind_the_proxy_byte_exact_and_half_closed() {
+    require("python3");
+    let dir = scratch("pyhttp");
+    let file: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.join("file.bin"), &file).unwrap();
+    let port = free_port();
+    let serve = format!(
+        "exec python3 -m http.server \"$PORT\" --bind \"$HOSTNAME\" --directory {}",
+        dir.display()
+    );
+    let run = proxy_pool(2, port, &["sh", "-c", &serve], &[]);
+    run.wait_stderr(" ready (pid", 2, SECS(15));
+    for _ in 0..30 {
+        let response = exchange(port, b"GET /file.bin HTTP/1.0\r\n\r\n").unwrap();
+        assert!(body(&response) == file.as_slice(), "file differs");
+    }
+    // Both workers served (their access logs carry the slot prefix).
+    let log = run.stderr();
+    assert!(
+        log.contains("[0:") && log.contains("[1:") && log.contains("GET /file.bin"),
+        "{log}"
+    );
+    // Half-close: the request, then our write side shut; the whole answer still arrives.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /file.bin HTTP/1.0\r\n\r\n").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    assert!(
+        body(&out) == file.as_slice(),
+        "half-closed request lost data"
+    );
+}
+
+#[test]
+fn fifty_megabytes_up_and_down_byte_exact() {
+    let server = node_fixture();
+    let port = free_port();
+    let run = proxy_pool(2, port, &["node", &server], &[]);
+    run.wait_stderr(" ready (pid", 2, SECS(15));
+    let n = 50 * 1024 * 1024;
+    // Upload: stream 50 MB, compare length and checksum computed on both sides.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(SECS(60))).unwrap();
+    s.write_all(
+        format!("POST /up HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {n}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let mut sum: u32 = 0;
+    let mut chunk = vec![0u8; 1 << 20];
+    for block in 0..(n / chunk.len()) {
+        for (i, b) in chunk.iter_mut().enumerate() {
+            *b = ((block * 7 + i * 13) % 256) as u8;
+            sum = sum.wrapping_mul(33).wrapping_add(u32::from(*b));
+        }
+        s.write_all(&chunk).unwrap();
+    }
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(body(&out)).unwrap();
+    assert_eq!(v["n"], n);
+    assert_eq!(v["sum"], sum);
+    // Download.
+    let response = exchange(port, format!("GET /big/{n} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
+    let got = body(&response);
+    assert_eq!(got.len(), n);
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, &b)| b == ((i * 31 + (i >> 8)) & 255) as u8),
+        "download differs"
+    );
+}
+
+#[test]
+fn websocket_upgrade_and_echo() {
+    let server = node_fixture();
+    let port = free_port();
+    let run = proxy_pool(1, port, &["node", &server], &[]);
+    run.wait_stderr(" ready (pid", 1, SECS(15));
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(SECS(5))).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(s.try_clone().unwrap());
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap() > 2 {
+        if line.starts_with("Sec-WebSocket-Accept") {
+            assert!(line.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{line}");
+        }
+        line.clear();
+    }
+    let text = b"hello through corepool";
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | text.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(text.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&frame).unwrap();
+    let mut echo = [0u8; 2 + 22];
+    reader.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo[2..], text);
+}
+
+#[test]
+fn a_slow_client_blocks_nobody() {
+    let server = node_fixture();
+    let port = free_port();
+    let run = proxy_pool(1, port, &["node", &server], &[]);
+    run.wait_stderr(" ready (pid", 1, SECS(15));
+    let slow = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        for b in b"GET /big/200000 HTTP/1.0\r\n\r\n" {
+            s.write_all(&[*b]).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut out = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf).unwrap() {
+                0 => break,
+                n => out.extend_from_slice(&buf[..n]),
+            }
+            if out.len() % 8192 < 64 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        body(&out).len()
+    });
+    // Meanwhile everyone else is served at once.
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    for _ in 0..50 {
+        exchange(port, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    }
+    assert!(
+        started.elapsed() < SECS(3),
+        "fast clients waited behind a slow one: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(slow.join().unwrap(), 200_000);
+}
+
+#[test]
+fn never_to_a_worker_that_is_not_ready() {
+    let server = node_fixture();
+    let port = free_port();
+    let run = proxy_pool(2, port, &["node", &server], &[("SLOT1_DELAY", "3000")]);
+    run.wait_stderr("worker 0 ready", 1, SECS(15));
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        let v: serde_json::Value =
+            serde_json::from_slice(body(&exchange(port, b"GET / HTTP/1.0\r\n\r\n").unwrap()))
+                .unwrap();
+        assert_eq!(
+            v["worker"], "0",
+            "a request went to the worker that is not listening yet"
+        );
+    }
+    run.wait_stderr("worker 1 ready", 1, SECS(10));
+}
+
+fn load(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(usize, Vec<String>)> {
+    std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0, Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            match exchange(port, b"GET / HTTP/1.0\r\n\r\n") {
+                Ok(r) if r.starts_with(b"HTTP/1.1 200") => ok += 1,
+                Ok(r) => failed.push(String::from_utf8_lossy(&r[..r.len().min(40)]).into_owned()),
+                Err(e) => failed.push(e),
+            }
+        }
+        (ok, failed)
+    })
+}
+
+#[test]
+fn kills_and_reloads_under_load_fail_nothing_that_was_not_in_flight() {
+    let server = node_fixture();
+    let port = free_port();
+    let mut run = proxy_pool(2, port, &["node", &server], &[]);
+    run.wait_stderr(" ready (pid", 2, SECS(15));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4).map(|_| load(port, stop.clone())).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let victim = started_pids(&run.stderr())[0];
+    // SAFETY: kill(2) on a worker pid corepool reported.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    run.wait_stderr(" ready (pid", 3, SECS(15));
+    std::thread::sleep(Duration::from_millis(300));
+    run.signal(libc::SIGHUP);
+    run.wait_stderr("rolling reload complete", 1, SECS(20));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for c in clients {
+        let (o, f) = c.join().unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    let refused: Vec<_> = failed.iter().filter(|e| e.starts_with("connect")).collect();
+    assert!(refused.is_empty(), "{refused:?}");
+    assert!(
+        failed.len() <= 4,
+        "{} of {} failed: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
+    assert!(ok > 50);
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(10)), 0, "{}", run.stderr());
+}
