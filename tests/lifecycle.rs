@@ -484,3 +484,43 @@ fn workers_do_not_outlive_a_killed_corepool() {
         assert!(!exists(pid), "worker {pid} outlived a SIGKILLed corepool");
     }
 }
+
+#[test]
+fn balance_none_with_port_increment_gives_each_worker_its_port() {
+    let (code, out, err) = run_to_end(
+        &[
+            "-i",
+            "3",
+            "--balance",
+            "none",
+            "-p",
+            "4100",
+            "--port-increment",
+            "--restart",
+            "never",
+            "--",
+            "sh",
+            "-c",
+            "echo port-$COREPOOL_WORKER-$PORT-${LISTEN_FDS:-none}",
+        ],
+        &[("LISTEN_FDS", "7")],
+        SECS(5),
+    );
+    assert_eq!(code, 0, "{err}");
+    for slot in 0..3 {
+        assert!(
+            out.contains(&format!("port-{slot}-{}-none", 4100 + slot)),
+            "{out}"
+        );
+    }
+    let (code, _, err) = run_to_end(
+        &["--balance", "socket", "--port-increment", "--", "true"],
+        &[],
+        SECS(5),
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("--port-increment") && err.contains("--balance none"),
+        "{err}"
+    );
+}
