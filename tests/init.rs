@@ -210,12 +210,7 @@ fn each_worker_starts_clean() {
         "{fds:?}"
     );
     drop(run);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = free_port().to_string();
     let run = Run::start(
         &[
             "-i",

@@ -33,11 +33,6 @@ fn build_fixture() -> std::path::PathBuf {
     std::path::PathBuf::from(path)
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// GET / on a new connection; the `worker=N pid=P` text of the page, or why it failed.
 fn get_worker(port: u16) -> Result<String, String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;

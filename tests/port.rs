@@ -12,14 +12,6 @@ use std::time::Duration;
 
 const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/server.js");
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// GET / on a new connection; the JSON body.
 fn get(port: u16) -> Result<serde_json::Value, String> {
     let mut s =

@@ -43,14 +43,6 @@ setTimeout(() => s.listen(Number(process.env.PORT), process.env.HOSTNAME), delay
 process.on('SIGTERM', () => { s.close(() => process.exit(0)); s.closeIdleConnections?.(); });
 "#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn node_fixture() -> String {
     let dir = scratch("relay");
     let path = dir.join("server.js");

@@ -235,14 +235,6 @@ fn no_permission_to_bind_fails_before_any_worker() {
     assert!(!err.contains("started, pid"), "{err}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn request(port: u16) -> Result<(), String> {
     let mut s =
         std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;

@@ -107,11 +107,7 @@ fn pid1_in_a_read_only_busybox_root_serves_reaps_and_stops() {
     let corepool = static_binary();
     let root = scratch("rootfs");
     make_rootfs(&root, &corepool);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let r = root.to_str().unwrap();
     // Each worker leaves an orphan behind (re-parented to PID 1), checks that / is read-only,
     // then becomes a busybox web server on its private port.

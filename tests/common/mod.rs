@@ -218,6 +218,14 @@ pub fn scratch(name: &str) -> std::path::PathBuf {
     dir
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago (tests run in parallel: never a fixed one).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
 /// Fails loudly when a prerequisite of a test is missing, instead of skipping the test.
 pub fn require(cmd: &str) {
     let found = Command::new("sh")
