@@ -121,11 +121,23 @@ pub fn bind_public(host: IpAddr, port: u16, reuseport: bool) -> io::Result<Owned
 }
 
 /// How the Node preload reaches a worker: the NODE_OPTIONS words to append.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Preload {
     pub node_option: String,
     /// For the start-up log: how it was delivered and why.
     pub how: String,
+    /// The file written for `--require`, removed when the pool is done with it.
+    file: Option<PathBuf>,
+}
+
+impl Drop for Preload {
+    fn drop(&mut self) {
+        if let Some(file) = &self.file {
+            if let Err(err) = std::fs::remove_file(file) {
+                tracing::warn!("cannot remove the Node preload {}: {err}", file.display());
+            }
+        }
+    }
 }
 
 impl Preload {
@@ -134,7 +146,8 @@ impl Preload {
     /// writable of $COREPOOL_RUNTIME_DIR, /dev/shm, /tmp.
     pub fn prepare(node_version: Option<(u32, u32)>) -> io::Result<Preload> {
         let imports = match node_version {
-            Some((major, minor)) => major >= 19 || (major == 18 && minor >= 19),
+            // `--import` came with Node 18.18 (and 20.0).
+            Some((major, minor)) => major >= 19 || (major == 18 && minor >= 18),
             // No node found to ask: assume a current one.
             None => true,
         };
@@ -151,12 +164,14 @@ impl Preload {
                     base64(module.as_bytes())
                 ),
                 how: format!("--import of a data: URL ({version})"),
+                file: None,
             });
         }
         let file = write_preload_file()?;
         Ok(Preload {
             node_option: format!("--require \"{}\"", file.display()),
             how: format!("--require {} ({version} has no --import)", file.display()),
+            file: Some(file),
         })
     }
 }
@@ -599,12 +614,12 @@ mod tests {
                 .starts_with("--import=data:")
         );
         assert!(
-            Preload::prepare(Some((18, 19)))
+            Preload::prepare(Some((18, 18)))
                 .unwrap()
                 .node_option
                 .starts_with("--import=")
         );
-        let old = Preload::prepare(Some((18, 12))).unwrap();
+        let old = Preload::prepare(Some((18, 17))).unwrap();
         assert!(
             old.node_option.starts_with("--require"),
             "{}",

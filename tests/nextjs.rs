@@ -8,8 +8,6 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -35,16 +33,7 @@ fn build_fixture() -> std::path::PathBuf {
 
 /// GET / on a new connection; the `worker=N pid=P` text of the page, or why it failed.
 fn get_worker(port: u16) -> Result<String, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)
-        .map_err(|e| format!("read: {e}"))?;
-    if !body.starts_with("HTTP/1.1 200") {
-        return Err(format!("status: {}", body.lines().next().unwrap_or("")));
-    }
+    let body = get_ok(port, "/")?;
     let at = body.find("worker=").ok_or("no worker= in page")?;
     let rest = &body[at..];
     Ok(rest[..rest.find('<').unwrap_or(rest.len())].to_string())

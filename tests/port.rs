@@ -7,24 +7,9 @@ mod common;
 
 use common::*;
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/server.js");
-
-/// GET / on a new connection; the JSON body.
-fn get(port: u16) -> Result<serde_json::Value, String> {
-    let mut s =
-        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(SECS(10))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut text = String::new();
-    s.read_to_string(&mut text)
-        .map_err(|e| format!("read: {e}"))?;
-    let body = text.split_once("\r\n\r\n").map(|b| b.1).unwrap_or("");
-    serde_json::from_str(body.trim()).map_err(|e| format!("body {body:?}: {e}"))
-}
 
 fn socket_pool(n: usize, port: u16, extra: &[&str], command: &[&str], env: &[(&str, &str)]) -> Run {
     let port = port.to_string();
@@ -52,7 +37,7 @@ fn workers_share_one_port_and_see_the_client() {
     run.wait_stderr(" ready (pid", 2, SECS(15));
     let mut by_worker: HashMap<String, usize> = HashMap::new();
     for _ in 0..200 {
-        let v = get(port).expect("request");
+        let v = get_json(port).expect("request");
         assert_eq!(
             v["client"], "127.0.0.1",
             "the app must see the real client: {v}"
@@ -89,7 +74,7 @@ fn a_thousand_connections_spread_with_no_worker_above_60_percent() {
             std::thread::spawn(move || {
                 let mut m = HashMap::new();
                 for _ in 0..63 {
-                    let v = get(port).expect("request");
+                    let v = get_json(port).expect("request");
                     *m.entry(v["worker"].as_str().unwrap().to_string())
                         .or_default() += 1;
                 }
@@ -138,7 +123,7 @@ fn esm_servers_adopt_the_socket_and_user_node_options_are_kept() {
     run.wait_stderr(" ready (pid", 2, SECS(15));
     let mut workers = std::collections::HashSet::new();
     for _ in 0..50 {
-        let v = get(port).unwrap();
+        let v = get_json(port).unwrap();
         assert!(
             v["options"]
                 .as_str()
@@ -208,7 +193,7 @@ fn a_reload_whose_replacement_never_gets_ready_keeps_the_old_workers() {
     );
     run.wait_stderr(" ready (pid", 2, SECS(15));
     let before: std::collections::HashSet<i64> = (0..20)
-        .map(|_| get(port).unwrap()["pid"].as_i64().unwrap())
+        .map(|_| get_json(port).unwrap()["pid"].as_i64().unwrap())
         .collect();
     std::fs::write(&marker, "").unwrap();
     run.signal(libc::SIGHUP);
@@ -220,7 +205,7 @@ fn a_reload_whose_replacement_never_gets_ready_keeps_the_old_workers() {
     );
     std::thread::sleep(Duration::from_millis(300));
     for _ in 0..20 {
-        let pid = get(port).expect("old workers keep serving")["pid"]
+        let pid = get_json(port).expect("old workers keep serving")["pid"]
             .as_i64()
             .unwrap();
         assert!(
@@ -275,6 +260,6 @@ fn socket_mode_works_on_a_read_only_root() {
         "the test could not make the root read-only"
     );
     for _ in 0..10 {
-        get(port).expect("served from a read-only root");
+        get_json(port).expect("served from a read-only root");
     }
 }

@@ -5,35 +5,10 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/server.js");
-
-/// (status code, body) of an HTTP request.
-fn http(port: u16, method: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(SECS(10))).unwrap();
-    s.write_all(
-        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or("0")
-        .parse()
-        .unwrap_or(0);
-    (
-        code,
-        text.split_once("\r\n\r\n")
-            .map(|b| b.1.to_string())
-            .unwrap_or_default(),
-    )
-}
 
 fn metric(body: &str, series: &str) -> Option<f64> {
     body.lines()
@@ -82,7 +57,7 @@ fn metrics_health_and_readiness_tell_the_truth() {
     let (port, mport) = (free_port(), free_port());
     let run = pool(port, mport, &control_name("metrics"), &[]);
     run.wait_stderr(" ready (pid", 2, SECS(15));
-    let (code, body) = http(mport, "GET", "/metrics");
+    let (code, body) = http(mport, "GET", "/metrics").unwrap();
     assert_eq!(code, 200);
     assert_eq!(
         metric(&body, "corepool_info{version=\"0.1.0\",balance=\"socket\"}"),
@@ -118,15 +93,15 @@ fn metrics_health_and_readiness_tell_the_truth() {
             Some(0.0)
         );
     }
-    assert_eq!(http(mport, "GET", "/healthz").0, 200);
-    assert_eq!(http(mport, "GET", "/readyz").0, 200);
-    assert_eq!(http(mport, "GET", "/nope").0, 404);
-    assert_eq!(http(mport, "POST", "/metrics").0, 405);
+    assert_eq!(http(mport, "GET", "/healthz").unwrap().0, 200);
+    assert_eq!(http(mport, "GET", "/readyz").unwrap().0, 200);
+    assert_eq!(http(mport, "GET", "/nope").unwrap().0, 404);
+    assert_eq!(http(mport, "POST", "/metrics").unwrap().0, 405);
 
     // SAFETY: kill(2) on a worker corepool reported.
     unsafe { libc::kill(started_pids(&run.stderr())[0], libc::SIGKILL) };
     run.wait_stderr(" ready (pid", 3, SECS(15));
-    let (_, body) = http(mport, "GET", "/metrics");
+    let (_, body) = http(mport, "GET", "/metrics").unwrap();
     assert_eq!(
         metric(&body, "corepool_worker_restarts_total{slot=\"0\"}"),
         Some(1.0),
@@ -163,11 +138,11 @@ fn readyz_fails_until_enough_workers_are_ready() {
         &[("COREPOOL_CONTROL", &control_name("readyz"))],
     );
     run.wait_stderr("worker 0 ready", 1, SECS(15));
-    let (code, body) = http(mport, "GET", "/readyz");
+    let (code, body) = http(mport, "GET", "/readyz").unwrap();
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("1 of 2 workers ready, 2 needed"), "{body}");
     assert_eq!(
-        http(mport, "GET", "/healthz").0,
+        http(mport, "GET", "/healthz").unwrap().0,
         200,
         "liveness does not depend on the workers"
     );
@@ -247,7 +222,7 @@ fn status_and_reload_from_inside_the_container() {
     assert_eq!(code, 0);
     assert!(out.starts_with("ok"), "{out}");
     run.wait_stderr("rolling reload complete", 1, SECS(15));
-    let (_, body) = http(mport, "GET", "/metrics");
+    let (_, body) = http(mport, "GET", "/metrics").unwrap();
     assert_eq!(metric(&body, "corepool_reloads_total"), Some(1.0));
 
     // Another user is refused; no pool under a name answers with a clear message.
@@ -286,10 +261,10 @@ fn the_shutdown_delay_withdraws_readiness_first() {
     let started = Instant::now();
     run.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(http(mport, "GET", "/readyz").0, 503);
+    assert_eq!(http(mport, "GET", "/readyz").unwrap().0, 503);
     while started.elapsed() < Duration::from_millis(1100) {
         assert_eq!(
-            http(port, "GET", "/").0,
+            http(port, "GET", "/").unwrap().0,
             200,
             "workers stopped serving during the delay"
         );
@@ -407,7 +382,7 @@ fn max_memory_replaces_a_fat_worker() {
     );
     run.wait_stderr("above --max-memory 100 MiB", 1, SECS(20));
     run.wait_stderr("replacement started", 1, SECS(5));
-    let (_, body) = http(mport, "GET", "/metrics");
+    let (_, body) = http(mport, "GET", "/metrics").unwrap();
     assert!(
         metric(&body, "corepool_memory_restarts_total").unwrap() >= 1.0,
         "{body}"

@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -40,22 +39,6 @@ fn settled_footprint(pid: i32) -> (usize, u64, u64) {
     (fewest, last.1, last.2)
 }
 
-/// Zombie children of `parent`.
-fn zombies_of(parent: i32) -> usize {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
-        .filter(|stat| {
-            let Some((_, after)) = stat.rsplit_once(')') else {
-                return false;
-            };
-            let f: Vec<&str> = after.split_whitespace().collect();
-            f.first() == Some(&"Z") && f.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(parent)
-        })
-        .count()
-}
-
 fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
@@ -88,14 +71,18 @@ while True:
     let mut run = Run::start(&["-i", "1", "--", "python3", "-c", worker], &[]);
     run.wait_stdout("warm", 1, SECS(10));
     let me = run.pid();
-    wait_until("warm-up orphans reaped", SECS(5), || zombies_of(me) == 0);
+    wait_until("warm-up orphans reaped", SECS(5), || {
+        zombies_of(me).is_empty()
+    });
     std::thread::sleep(Duration::from_millis(300));
     let before = footprint(me);
     let worker_pid = started_pids(&run.stderr())[0];
     // SAFETY: kill(2) on the worker corepool reported.
     unsafe { libc::kill(worker_pid, libc::SIGUSR1) };
     run.wait_stdout("made 1000", 1, SECS(60));
-    wait_until("every orphan reaped", SECS(10), || zombies_of(me) == 0);
+    wait_until("every orphan reaped", SECS(10), || {
+        zombies_of(me).is_empty()
+    });
     std::thread::sleep(Duration::from_millis(300));
     let after = footprint(me);
     assert_eq!(
@@ -249,22 +236,6 @@ fn no_permission_to_bind_fails_before_any_worker() {
     assert!(!err.contains("started, pid"), "{err}");
 }
 
-fn request(port: u16) -> Result<(), String> {
-    let mut s =
-        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(SECS(10))).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)
-        .map_err(|e| format!("read: {e}"))?;
-    if body.starts_with("HTTP/1.1 200") {
-        Ok(())
-    } else {
-        Err(format!("answer: {body:?}"))
-    }
-}
-
 /// Workers killed at random for a minute under load: no connection is ever refused, only the
 /// requests a victim was answering may fail, and the pool is whole at the end. The duration can
 /// be raised for a soak run: COREPOOL_SOAK_SECONDS=600 cargo test --test reliability random.
@@ -303,8 +274,8 @@ fn random_kills_under_load_refuse_no_connection() {
             std::thread::spawn(move || {
                 let (mut ok, mut failed) = (0usize, Vec::new());
                 while !stop.load(Ordering::Relaxed) {
-                    match request(port) {
-                        Ok(()) => ok += 1,
+                    match get_ok(port, "/") {
+                        Ok(_) => ok += 1,
                         Err(e) => failed.push(e),
                     }
                 }

@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use std::io::{Read, Write};
 use std::os::unix::fs::symlink;
 use std::path::Path;
 use std::process::Command;
@@ -41,34 +40,6 @@ fn make_rootfs(root: &Path, corepool: &str) {
         .status()
         .unwrap();
     assert!(status.success(), "mknod /dev/null");
-}
-
-fn get(port: u16) -> Result<String, String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(SECS(5))).unwrap();
-    s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    Ok(out)
-}
-
-/// Pids of processes whose parent is `parent` and whose state is zombie.
-fn zombies_of(parent: i32) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let Some((_, after)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let f: Vec<&str> = after.split_whitespace().collect();
-        if f.first() == Some(&"Z") && f.get(1).and_then(|p| p.parse().ok()) == Some(parent) {
-            found.push(entry.file_name().to_string_lossy().parse().unwrap_or(0));
-        }
-    }
-    found
 }
 
 /// The pid (as seen from here) of the process named `name` below `ancestor`.
@@ -149,7 +120,7 @@ fn pid1_in_a_read_only_busybox_root_serves_reaps_and_stops() {
     );
 
     for _ in 0..20 {
-        let page = get(port).expect("request through corepool");
+        let page = get_ok(port, "/index.html").expect("request through corepool");
         assert!(page.contains("hello from a busybox worker"), "{page}");
     }
 

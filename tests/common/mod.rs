@@ -3,7 +3,7 @@
 //! deadlines, so that a hung corepool fails a test instead of hanging it.
 #![allow(dead_code)]
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -240,3 +240,57 @@ pub fn require(cmd: &str) {
 }
 
 pub const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// One HTTP/1.1 request on a new connection (`Connection: close`): the status code and the body,
+/// or which step failed (connect, write, read).
+pub fn http(port: u16, method: &str, path: &str) -> Result<(u16, String), String> {
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| format!("write: {e}"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .map_err(|e| format!("read: {e}"))?;
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status line in {text:?}"))?;
+    let body = text.split_once("\r\n\r\n").map(|b| b.1).unwrap_or("");
+    Ok((code, body.to_string()))
+}
+
+/// GET `path`: the body of a 200 answer, else why there was none.
+pub fn get_ok(port: u16, path: &str) -> Result<String, String> {
+    match http(port, "GET", path)? {
+        (200, body) => Ok(body),
+        (code, body) => Err(format!("status {code}: {body:?}")),
+    }
+}
+
+/// GET / of a server that answers JSON (examples/hello/server.js): the parsed body.
+pub fn get_json(port: u16) -> Result<serde_json::Value, String> {
+    let body = get_ok(port, "/")?;
+    serde_json::from_str(body.trim()).map_err(|e| format!("body {body:?}: {e}"))
+}
+
+/// Pids of the zombie children of `parent`.
+pub fn zombies_of(parent: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some((_, after)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let f: Vec<&str> = after.split_whitespace().collect();
+        if f.first() == Some(&"Z") && f.get(1).and_then(|p| p.parse().ok()) == Some(parent) {
+            found.push(entry.file_name().to_string_lossy().parse().unwrap_or(0));
+        }
+    }
+    found
+}
