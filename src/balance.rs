@@ -132,10 +132,10 @@ pub struct Preload {
 
 impl Drop for Preload {
     fn drop(&mut self) {
-        if let Some(file) = &self.file {
-            if let Err(err) = std::fs::remove_file(file) {
-                tracing::warn!("cannot remove the Node preload {}: {err}", file.display());
-            }
+        if let Some(file) = &self.file
+            && let Err(err) = std::fs::remove_file(file)
+        {
+            tracing::warn!("cannot remove the Node preload {}: {err}", file.display());
         }
     }
 }
