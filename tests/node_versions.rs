@@ -10,7 +10,7 @@ mod common;
 
 use common::*;
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/server.js");
 
@@ -50,7 +50,7 @@ fn esm_server() -> PathBuf {
 
 /// Two workers of `server` under the given node: both answer on the one port with the client's
 /// address, both print the public port, and a SIGTERM stops them with code 0. Returns stderr.
-fn pool_serves(node: &PathBuf, server: &PathBuf) -> String {
+fn pool_serves(node: &Path, server: &Path) -> String {
     let port = free_port();
     let port_arg = port.to_string();
     let mut run = Run::start(
