@@ -9,7 +9,8 @@
 //! - `worker`: a slot's lifecycle state machine, and how a worker process is started;
 //! - `balance`: one public port for the pool (shared socket, preload, readiness);
 //! - `launch`: fork and exec of a worker, and command resolution;
-//! - `proxy`: the relay of `--balance proxy` (private ports, least connections);
+//! - `proxy`: `--balance proxy`: private ports, readiness probes, least connections;
+//! - `relay`: the bytes of one proxied connection, moved by splice(2);
 //! - `metrics`: /metrics, /healthz, /readyz and process-group usage;
 //! - `control`: `corepool status` and `corepool reload` over an abstract unix socket;
 //! - `pool`: the supervisor loop (start, restart, forward, stop, exit code);
@@ -27,5 +28,6 @@ pub mod metrics;
 pub mod pool;
 pub mod proxy;
 pub mod reaper;
+pub mod relay;
 pub mod signals;
 pub mod worker;

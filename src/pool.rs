@@ -113,6 +113,8 @@ pub struct Pool {
     output: Output,
     /// Slots still to be replaced by the rolling reload under way, if any.
     reload: Option<VecDeque<usize>>,
+    /// A reload was asked for while another ran: it follows once that one ends.
+    reload_pending: bool,
     /// Old processes replaced by a reload, being stopped.
     retiring: Vec<(usize, Pid)>,
     /// What the reporters (metrics, status) see.
@@ -164,6 +166,7 @@ impl Pool {
             ready_rx,
             output,
             reload: None,
+            reload_pending: false,
             retiring: Vec::new(),
             shared,
             commands,
@@ -414,6 +417,7 @@ impl Pool {
     fn begin_stop(&mut self, ending: Ending) {
         self.ending = Some(ending);
         self.balancer.close();
+        self.reload_pending = false;
         if self.reload.take().is_some() {
             tracing::info!("rolling reload cancelled by the stop");
         }
@@ -532,7 +536,13 @@ impl Pool {
             return;
         }
         if self.reload.is_some() {
-            tracing::warn!("a rolling reload is already under way; this request is ignored");
+            // The workers this reload already replaced may predate what the request is for
+            // (new code deployed in between): a whole reload follows this one. Requests
+            // that arrive meanwhile are the same request.
+            if !self.reload_pending {
+                tracing::info!("a rolling reload is under way; another will follow it");
+            }
+            self.reload_pending = true;
             return;
         }
         let slots: VecDeque<usize> = (0..self.workers.len())
@@ -549,12 +559,15 @@ impl Pool {
 
     /// Starts the next batch of replacements once the current one is done.
     fn advance_reload(&mut self, now: Instant) {
-        let Some(queue) = &mut self.reload else {
-            return;
-        };
         if self.workers.iter().any(|w| w.next.is_some()) {
             return;
         }
+        if self.reload.is_none() && std::mem::take(&mut self.reload_pending) {
+            self.begin_reload();
+        }
+        let Some(queue) = &mut self.reload else {
+            return;
+        };
         if queue.is_empty() {
             self.reload = None;
             tracing::info!("rolling reload complete");

@@ -6,11 +6,8 @@
 //! or shutting down), the next one is tried, so a client sees no refusal while any worker is
 //! up. A worker is ready once its private port accepts a connection (probed every 50 ms).
 //!
-//! Bytes are relayed with `tokio::io::copy_bidirectional`, which keeps half-closes (a client
-//! that shuts down its sending side still gets the whole answer) and never interprets the
-//! stream, so WebSocket upgrades and large bodies pass as they are. Zero-copy splice(2) is not
-//! used: on loopback the relay is not the bottleneck of a Node server (the workers' CPU is), and
-//! a splice path would double the code that every byte goes through; see bench/ for figures.
+//! The bytes of each connection are moved by `relay` (splice(2), half-closes kept, nothing
+//! interpreted, so WebSocket upgrades and large bodies pass as they are).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::balance::Ready;
+use crate::relay;
 
 /// How often a starting worker's private port is probed.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
@@ -159,17 +157,17 @@ pub async fn serve(listener: std::net::TcpListener, backends: Backends) {
 }
 
 /// Connects to the least busy ready worker (trying the others on refusal) and relays.
-async fn relay(mut client: TcpStream, peer: SocketAddr, backends: Backends) {
+async fn relay(client: TcpStream, peer: SocketAddr, backends: Backends) {
     let _ = client.set_nodelay(true);
     // While no worker is ready (all restarting), wait a little rather than refuse.
     for _attempt in 0..100 {
         for (port, active) in backends.candidates() {
-            let Ok(mut upstream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await else {
+            let Ok(upstream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await else {
                 continue;
             };
             let _ = upstream.set_nodelay(true);
             active.fetch_add(1, Ordering::Relaxed);
-            let result = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            let result = relay::relay(&client, &upstream).await;
             active.fetch_sub(1, Ordering::Relaxed);
             if let Err(err) = result {
                 tracing::debug!("proxy: connection from {peer} ended: {err}");

@@ -215,6 +215,56 @@ fn a_reload_whose_replacement_never_gets_ready_keeps_the_old_workers() {
     }
 }
 
+/// SIGHUPs that arrive while a reload runs (new code deployed twice in a row) are one more
+/// whole reload after it, so no worker keeps code older than the last request.
+#[test]
+fn a_reload_asked_for_during_a_reload_follows_it() {
+    let dir = scratch("reload-twice");
+    let server = dir.join("server.js");
+    // Listens 700 ms after start, so a reload of two workers takes well over a second.
+    std::fs::write(
+        &server,
+        format!("setTimeout(() => require({HELLO:?}), 700);"),
+    )
+    .unwrap();
+    let port = free_port();
+    let mut run = socket_pool(2, port, &[], &["node", server.to_str().unwrap()], &[]);
+    run.wait_stderr(" ready (pid", 2, SECS(15));
+    run.signal(libc::SIGHUP);
+    run.wait_stderr("replacement started", 1, SECS(5));
+    for _ in 0..3 {
+        run.signal(libc::SIGHUP);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    run.wait_stderr("rolling reload complete", 2, SECS(20));
+    let err = run.stderr();
+    assert_eq!(
+        err.matches("rolling reload of 2 workers").count(),
+        2,
+        "{err}"
+    );
+    assert_eq!(err.matches("another will follow it").count(), 1, "{err}");
+    assert_eq!(err.matches("replacement started").count(), 4, "{err}");
+    // The workers now serving are the second reload's.
+    let second: Vec<i32> = err
+        .split("rolling reload of 2 workers")
+        .nth(2)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            l.split_once("replacement started, pid ")
+                .map(|(_, p)| p.trim())
+        })
+        .map(|p| p.parse().unwrap())
+        .collect();
+    for _ in 0..20 {
+        let pid = get_json(port).unwrap()["pid"].as_i64().unwrap() as i32;
+        assert!(second.contains(&pid), "served by {pid}, not by {second:?}");
+    }
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(10)), 0);
+}
+
 #[test]
 fn the_port_in_use_fails_at_once_with_code_3() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
