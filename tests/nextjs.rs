@@ -14,21 +14,7 @@ use std::time::{Duration, Instant};
 
 fn build_fixture() -> std::path::PathBuf {
     require("npm");
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/nextapp/build.sh"
-    );
-    let out = std::process::Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("run build.sh");
-    assert!(
-        out.status.success(),
-        "building the Next.js fixture failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    std::path::PathBuf::from(path)
+    std::path::PathBuf::from(fixture("tests/fixtures/nextapp/build.sh", &[]))
 }
 
 /// GET / on a new connection; the `worker=N pid=P` text of the page, or why it failed.
@@ -77,21 +63,12 @@ fn finish(handles: Vec<std::thread::JoinHandle<(usize, Vec<String>)>>) -> (usize
 fn nextjs_standalone_serves_survives_kill_and_reloads_without_errors() {
     let server = build_fixture();
     let port = free_port();
-    let port_text = port.to_string();
     let mut cmd = std::process::Command::new(bin());
-    cmd.current_dir(server.parent().unwrap()).args([
-        "-i",
-        "2",
-        "--balance",
-        "socket",
-        "--host",
-        "127.0.0.1",
-        "-p",
-        &port_text,
-        "--",
-        "node",
-        "server.js",
-    ]);
+    cmd.current_dir(server.parent().unwrap()).args(socket_args(
+        2,
+        port,
+        &["--", "node", "server.js"],
+    ));
     let mut run = Run::from_command(cmd, &[("NEXT_TELEMETRY_DISABLED", "1")]);
     run.wait_stderr(" ready (pid", 2, SECS(30));
 

@@ -17,18 +17,8 @@ const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/server.
 /// The `node` binary of an official build of `version`, fetched once.
 fn node(version: &str) -> PathBuf {
     require("npm");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nodes/fetch.sh");
     let cache = concat!(env!("CARGO_MANIFEST_DIR"), "/target/nodes");
-    let out = std::process::Command::new("bash")
-        .args([script, version, cache])
-        .output()
-        .expect("run fetch.sh");
-    assert!(
-        out.status.success(),
-        "fetching Node.js {version} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    PathBuf::from(fixture("tests/fixtures/nodes/fetch.sh", &[version, cache]))
 }
 
 /// An ES module twin of examples/hello/server.js.
@@ -52,21 +42,12 @@ fn esm_server() -> PathBuf {
 /// address, both print the public port, and a SIGTERM stops them with code 0. Returns stderr.
 fn pool_serves(node: &Path, server: &Path) -> String {
     let port = free_port();
-    let port_arg = port.to_string();
     let mut run = Run::start(
-        &[
-            "-i",
-            "2",
-            "--balance",
-            "socket",
-            "--host",
-            "127.0.0.1",
-            "-p",
-            &port_arg,
-            "--",
-            node.to_str().unwrap(),
-            server.to_str().unwrap(),
-        ],
+        &socket_args(
+            2,
+            port,
+            &["--", node.to_str().unwrap(), server.to_str().unwrap()],
+        ),
         &[],
     );
     run.wait_stderr(" ready (pid", 2, SECS(20));

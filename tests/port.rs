@@ -12,21 +12,9 @@ use std::time::Duration;
 const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/server.js");
 
 fn socket_pool(n: usize, port: u16, extra: &[&str], command: &[&str], env: &[(&str, &str)]) -> Run {
-    let port = port.to_string();
-    let n = n.to_string();
-    let mut args = vec![
-        "-i",
-        &n,
-        "--balance",
-        "socket",
-        "--host",
-        "127.0.0.1",
-        "-p",
-        &port,
-    ];
-    args.extend_from_slice(extra);
-    args.push("--");
-    args.extend_from_slice(command);
+    let mut args = socket_args(n, port, extra);
+    args.push("--".into());
+    args.extend(command.iter().map(|a| a.to_string()));
     Run::start(&args, env)
 }
 

@@ -34,21 +34,14 @@ fn client(args: &[&str], control: &str) -> (i32, String, String) {
 }
 
 fn pool(port: u16, metrics: u16, control: &str, extra: &[&str]) -> Run {
-    let (p, m) = (port.to_string(), format!("127.0.0.1:{metrics}"));
-    let mut args = vec![
-        "-i",
-        "2",
-        "--balance",
-        "socket",
-        "--host",
-        "127.0.0.1",
-        "-p",
-        &p,
-        "--metrics",
-        &m,
-    ];
-    args.extend_from_slice(extra);
-    args.extend_from_slice(&["--", "node", HELLO]);
+    let metrics = format!("127.0.0.1:{metrics}");
+    let mut args = socket_args(2, port, &["--metrics", &metrics]);
+    args.extend(
+        extra
+            .iter()
+            .chain(&["--", "node", HELLO])
+            .map(|a| a.to_string()),
+    );
     Run::start(&args, &[("COREPOOL_CONTROL", control)])
 }
 

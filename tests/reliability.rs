@@ -246,24 +246,9 @@ fn random_kills_under_load_refuse_no_connection() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
     let port = free_port();
-    let port_text = port.to_string();
     let server = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/server.js");
     let mut run = Run::start(
-        &[
-            "-i",
-            "2",
-            "--balance",
-            "socket",
-            "--host",
-            "127.0.0.1",
-            "-p",
-            &port_text,
-            "--restart-delay",
-            "0",
-            "--",
-            "node",
-            server,
-        ],
+        &socket_args(2, port, &["--restart-delay", "0", "--", "node", server]),
         &[],
     );
     run.wait_stderr(" ready (pid", 2, SECS(15));

@@ -12,17 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn static_binary() -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/build-static.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .output()
-        .expect("run build-static.sh");
-    assert!(
-        out.status.success(),
-        "static build failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    fixture("build-static.sh", &[])
 }
 
 fn make_rootfs(root: &Path, corepool: &str) {

@@ -38,7 +38,7 @@ fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
 
 impl Run {
     /// Starts `corepool ARGS` with extra environment variables.
-    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Run {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Run {
         let mut cmd = Command::new(bin());
         cmd.args(args);
         Run::from_command(cmd, env)
@@ -182,6 +182,35 @@ impl Drop for Run {
             let _ = self.child.wait();
         }
     }
+}
+
+/// `corepool -i N --balance socket --host 127.0.0.1 -p PORT` followed by `rest`.
+pub fn socket_args(n: usize, port: u16, rest: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["-i", &n.to_string(), "--balance", "socket"]
+        .into_iter()
+        .chain(["--host", "127.0.0.1", "-p", &port.to_string()])
+        .map(String::from)
+        .collect();
+    args.extend(rest.iter().map(|a| a.to_string()));
+    args
+}
+
+/// Runs a fixture script of the repository (`tests/fixtures/...`, `build-static.sh`) with
+/// bash and returns what it printed: the path of what it built or fetched. Fails the test with
+/// the script's stderr when it fails.
+pub fn fixture(script: &str, args: &[&str]) -> String {
+    let path = format!("{}/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new("bash")
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Runs corepool to completion with a timeout: (exit code, stdout, stderr).
