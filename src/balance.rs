@@ -394,15 +394,6 @@ impl Balancer {
                         .push(("COREPOOL_READY_FD".into(), READY_FD.to_string()));
                     ready_pipe = Some((read, write));
                 }
-                if let Some(preload) = &self.preload {
-                    let node_options = match std::env::var("NODE_OPTIONS") {
-                        Ok(user) if !user.trim().is_empty() => {
-                            format!("{user} {}", preload.node_option)
-                        }
-                        _ => preload.node_option.clone(),
-                    };
-                    io.env.push(("NODE_OPTIONS".into(), node_options));
-                }
                 if let Some(notify) = &self.notify_env {
                     io.env.push(("NOTIFY_SOCKET".into(), notify.clone()));
                 }

@@ -279,6 +279,9 @@ pub const OPTIONS: &[OptSpec] = &[
 /// The config file given by flag or variable, else this one when present.
 pub const DEFAULT_FILE: &str = "corepool.toml";
 
+/// A configuration file larger than this is not one (a device or a log named by mistake).
+const MAX_FILE_BYTES: u64 = 1 << 20;
+
 /// A configuration mistake: one line, naming where the bad value came from. Exit code 2.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError(pub String);
@@ -463,6 +466,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .and_then(|n| n.checked_add(fraction_value * unit_ns / 10u128.pow(fraction.len() as u32)))
         .filter(|&n| n <= 365 * 86_400 * 1_000_000_000)
         .ok_or_else(|| format!("'{t}' is longer than a year"))?;
+    if !nanos.is_multiple_of(1_000_000) {
+        return Err(format!("'{t}' is finer than a millisecond"));
+    }
     Ok(Duration::from_nanos(nanos as u64))
 }
 
@@ -549,7 +555,7 @@ pub fn parse_host(text: &str) -> Result<IpAddr, String> {
 /// `off`, or where to serve metrics: `:9100`, `9100`, `127.0.0.1:9100`, `[::]:9100`.
 pub fn parse_metrics_addr(text: &str) -> Result<Option<SocketAddr>, String> {
     let t = text.trim();
-    if t.is_empty() || t.eq_ignore_ascii_case("off") {
+    if t.eq_ignore_ascii_case("off") {
         return Ok(None);
     }
     let bad = || format!("'{t}' is not an address (write :9100, 127.0.0.1:9100 or off)");
@@ -566,11 +572,13 @@ pub fn parse_metrics_addr(text: &str) -> Result<Option<SocketAddr>, String> {
 /// `off`, or a size.
 pub fn parse_optional_size(text: &str) -> Result<Option<u64>, String> {
     let t = text.trim();
-    if t.eq_ignore_ascii_case("off") || t.is_empty() {
+    if t.eq_ignore_ascii_case("off") {
         return Ok(None);
     }
     match parse_size(t)? {
-        0 => Err("a size of 0 would restart every worker; write off to disable".into()),
+        n if n < 1 << 20 => Err(format!(
+            "'{t}' is {n} bytes, less than any worker needs (write e.g. 512MiB, or off)"
+        )),
         n => Ok(Some(n)),
     }
 }
@@ -580,6 +588,30 @@ fn parse_auto_off(text: &str) -> Result<bool, String> {
         "auto" | "on" | "true" => Ok(true),
         "off" | "false" => Ok(false),
         other => Err(format!("'{other}' is not auto or off")),
+    }
+}
+
+/// A duration that must not be zero.
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err(format!("'{}' must be longer than 0", text.trim())),
+        d => Ok(d),
+    }
+}
+
+/// A signal that can end a worker: not one that stops (suspends) a process or that a process
+/// ignores unless it asks for it.
+fn parse_stop_signal(text: &str) -> Result<Signal, String> {
+    let signal = parse_signal(text)?;
+    match signal {
+        Signal::SIGSTOP | Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU => Err(format!(
+            "{} suspends a process instead of stopping it",
+            signal.as_str()
+        )),
+        Signal::SIGCONT | Signal::SIGCHLD => {
+            Err(format!("{} cannot stop a process", signal.as_str()))
+        }
+        _ => Ok(signal),
     }
 }
 
@@ -630,7 +662,9 @@ pub fn command() -> Command {
             .env(spec.env)
             .value_name(spec.value_name)
             .help(format!("{} [default: {}]", spec.help, spec.default))
-            .allow_negative_numbers(true);
+            // `--kill-timeout -1s` reaches our parser (which names the flag) instead of
+            // clap's "unexpected argument '-1'".
+            .allow_hyphen_values(!spec.switch);
         if let Some(short) = spec.short {
             arg = arg.short(short);
         }
@@ -654,8 +688,15 @@ struct ConfigFile {
 impl ConfigFile {
     fn load(path: &Path, named_by: &str) -> Result<ConfigFile, ConfigError> {
         let shown = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|err| ConfigError(format!("{named_by}: cannot read {shown}: {err}")))?;
+        let cannot = |why: String| ConfigError(format!("{named_by}: cannot read {shown}: {why}"));
+        let meta = std::fs::metadata(path).map_err(|err| cannot(err.to_string()))?;
+        if !meta.is_file() {
+            return Err(cannot("not a regular file".into()));
+        }
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(cannot(format!("larger than {} KiB", MAX_FILE_BYTES >> 10)));
+        }
+        let text = std::fs::read_to_string(path).map_err(|err| cannot(err.to_string()))?;
         ConfigFile::parse(&shown, &text)
     }
 
@@ -681,6 +722,11 @@ impl ConfigFile {
             if !known {
                 return Err(ConfigError(format!(
                     "{path}:{line}: unknown key '{raw_key}'"
+                )));
+            }
+            if let Some((_, first)) = values.get(&key) {
+                return Err(ConfigError(format!(
+                    "{path}:{line}: '{raw_key}' repeats the key of line {first} (- and _ are the same)"
                 )));
             }
             values.insert(key, (spanned.into_inner(), line));
@@ -715,7 +761,8 @@ impl ConfigFile {
         Ok(Some((text, source)))
     }
 
-    /// `command = ["node", "server.js"]` (or a single string, split on whitespace).
+    /// `command = ["node", "server.js"]`. A single string is refused: splitting it would have to
+    /// guess at the shell's quoting.
     fn command(&self) -> Result<Option<(Vec<String>, Source)>, ConfigError> {
         let Some((value, line)) = self.values.get("command") else {
             return Ok(None);
@@ -735,10 +782,17 @@ impl ConfigFile {
                 .iter()
                 .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
                 .collect::<Result<_, _>>()?,
-            toml::Value::String(s) => s.split_whitespace().map(str::to_string).collect(),
+            toml::Value::String(s) => {
+                let words: Vec<String> = s.split_whitespace().map(quoted).collect();
+                return Err(ConfigError(format!(
+                    "{}: expected a list of strings, e.g. command = [{}]",
+                    source.culprit("command"),
+                    words.join(", ")
+                )));
+            }
             _ => return Err(bad()),
         };
-        if argv.is_empty() {
+        if argv.first().is_none_or(|program| program.is_empty()) {
             return Err(ConfigError(format!(
                 "{}: is empty",
                 source.culprit("command")
@@ -791,6 +845,12 @@ impl Resolver<'_> {
             .find(|o| o.key == key)
             .unwrap_or_else(|| unreachable!("option {key} is declared in OPTIONS"));
         let (text, source) = self.raw(spec)?;
+        if text.trim().is_empty() {
+            return Err(ConfigError(format!(
+                "invalid value for {}: is empty",
+                source.culprit(key)
+            )));
+        }
         let value = parse(&text).map_err(|why| {
             ConfigError(format!("invalid value for {}: {why}", source.culprit(key)))
         })?;
@@ -816,6 +876,10 @@ pub fn load(args: impl IntoIterator<Item = String>) -> Result<Invocation, ClapOr
         Err(ClapOrConfig::Config(ConfigError(
             "no command to run: give one after -- (corepool -- node server.js) or set command in corepool.toml".into(),
         )))
+    } else if config.command[0].trim().is_empty() {
+        Err(ClapOrConfig::Config(ConfigError(
+            "the command's program name is empty (corepool -- \"\" ...)".into(),
+        )))
     } else {
         Ok(Invocation::Run(config))
     }
@@ -836,7 +900,8 @@ fn find_file(matches: &ArgMatches) -> Result<Option<ConfigFile>, ConfigError> {
         return ConfigFile::load(Path::new(path), named_by).map(Some);
     }
     let default = PathBuf::from(DEFAULT_FILE);
-    if default.exists() {
+    // A link to nowhere is a mistake to report, not a file to ignore.
+    if default.symlink_metadata().is_ok() {
         return ConfigFile::load(&default, DEFAULT_FILE).map(Some);
     }
     Ok(None)
@@ -905,12 +970,31 @@ fn resolve_from(
 
     let dur = |d: &Duration| quoted(&format_duration(*d));
     let (kill_timeout, _) = r.get("kill_timeout", parse_duration, dur)?;
-    let (stop_signal, _) = r.get("stop_signal", parse_signal, |s: &Signal| quoted(s.as_str()))?;
+    let (stop_signal, _) = r.get("stop_signal", parse_stop_signal, |s: &Signal| {
+        quoted(s.as_str())
+    })?;
     let (restart, _) = r.get("restart", RestartPolicy::parse, |p: &RestartPolicy| {
         quoted(p.name())
     })?;
-    let (restart_delay, _) = r.get("restart_delay", parse_duration, dur)?;
-    let (max_restart_delay, _) = r.get("max_restart_delay", parse_duration, dur)?;
+    let (restart_delay, first_source) = r.get("restart_delay", parse_duration, dur)?;
+    let (max_restart_delay, source) = r.get("max_restart_delay", parse_duration, dur)?;
+    if max_restart_delay < restart_delay {
+        let (first, max) = (
+            format_duration(restart_delay),
+            format_duration(max_restart_delay),
+        );
+        return Err(ConfigError(if source == Source::Default {
+            format!(
+                "invalid value for {}: {first} is longer than max_restart_delay ({max})",
+                first_source.culprit("restart_delay")
+            )
+        } else {
+            format!(
+                "invalid value for {}: {max} is shorter than restart_delay ({first})",
+                source.culprit("max_restart_delay")
+            )
+        }));
+    }
     let (min_uptime, _) = r.get("min_uptime", parse_duration, dur)?;
     let (max_restarts, _) = r.get("max_restarts", parse_count, u32::to_string)?;
     let (log_format, _) = r.get("log_format", LogFormat::parse, |f: &LogFormat| {
@@ -920,10 +1004,10 @@ fn resolve_from(
         quoted(&l.to_string().to_lowercase())
     })?;
 
-    let (port, _) = r.get("port", parse_port, u16::to_string)?;
+    let (port, port_source) = r.get("port", parse_port, u16::to_string)?;
     let (host, _) = r.get("host", parse_host, |h: &IpAddr| quoted(&h.to_string()))?;
     let (balance, _) = r.get("balance", Mode::parse, |m: &Mode| quoted(m.name()))?;
-    let (ready_timeout, _) = r.get("ready_timeout", parse_duration, dur)?;
+    let (ready_timeout, _) = r.get("ready_timeout", parse_positive_duration, dur)?;
     let (reload_batch, _) = r.get("reload_batch", parse_batch, usize::to_string)?;
     let (port_increment, source) = r.get("port_increment", parse_bool, bool::to_string)?;
     if port_increment && balance != Mode::None {
@@ -932,11 +1016,37 @@ fn resolve_from(
             source.culprit("port_increment")
         )));
     }
+    if port_increment && usize::from(port) + instances - 1 > usize::from(u16::MAX) {
+        let culprit = match port_source {
+            Source::Default => source.culprit("port_increment"),
+            _ => port_source.culprit("port"),
+        };
+        return Err(ConfigError(format!(
+            "invalid value for {culprit}: {instances} workers from port {port} would go past 65535"
+        )));
+    }
 
-    let (metrics, _) = r.get("metrics", parse_metrics_addr, |m: &Option<SocketAddr>| {
+    let (metrics, source) = r.get("metrics", parse_metrics_addr, |m: &Option<SocketAddr>| {
         quoted(&m.map(|a| a.to_string()).unwrap_or_else(|| "off".into()))
     })?;
-    let (min_ready, _) = r.get("min_ready", parse_batch, usize::to_string)?;
+    if let Some(addr) = metrics
+        && balance != Mode::None
+        && addr.port() == port
+        && (addr.ip() == host || addr.ip().is_unspecified() || host.is_unspecified())
+    {
+        return Err(ConfigError(format!(
+            "invalid value for {}: {addr} is the pool's own port ({host}:{port})",
+            source.culprit("metrics")
+        )));
+    }
+    let (min_ready, source) = r.get("min_ready", parse_batch, usize::to_string)?;
+    if min_ready > instances {
+        return Err(ConfigError(format!(
+            "invalid value for {}: {min_ready} ready workers asked for, but the pool has \
+             {instances} (instances), so it could never be ready",
+            source.culprit("min_ready")
+        )));
+    }
     let (shutdown_delay, _) = r.get("shutdown_delay", parse_duration, dur)?;
     let (heap_share, _) = r.get("heap_share", parse_auto_off, |b: &bool| {
         quoted(if *b { "auto" } else { "off" })
@@ -978,6 +1088,11 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut out = String::from("# corepool effective configuration\n");
         for (key, value, source) in &self.provenance {
+            if key == "command" && self.command.is_empty() {
+                // `command = []` would not load back: say so in a comment instead.
+                out.push_str(&format!("# command: {source}\n"));
+                continue;
+            }
             out.push_str(&format!("{key} = {value}  # {source}\n"));
         }
         out

@@ -66,7 +66,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// The environment of one worker: corepool's own, minus `unset` and the names in `set`, plus
-/// `set`. `LISTEN_PID` gets a placeholder the child fills in.
+/// `set` (where a name is set twice, the later value). `LISTEN_PID` gets a placeholder the child fills in.
 fn environment(io: &WorkerIo) -> io::Result<(Vec<CString>, Option<usize>)> {
     let overridden = |name: &OsString| {
         let name = name.as_bytes();
@@ -82,8 +82,11 @@ fn environment(io: &WorkerIo) -> io::Result<(Vec<CString>, Option<usize>)> {
             )?);
         }
     }
-    for (name, value) in &io.env {
-        env.push(cstring(format!("{name}={value}").as_bytes())?);
+    // One entry per name, the last setting winning: with two, getenv(3) would see the first.
+    for (k, (name, value)) in io.env.iter().enumerate() {
+        if !io.env[k + 1..].iter().any(|(later, _)| later == name) {
+            env.push(cstring(format!("{name}={value}").as_bytes())?);
+        }
     }
     let mut listen_pid_at = None;
     if io.listen_pid {
@@ -132,6 +135,7 @@ impl LaunchSpec {
             report: exec_w.as_raw_fd(),
         };
 
+        let blocked = AllSignalsBlocked::new()?;
         // SAFETY: after fork the child only calls async-signal-safe functions on memory
         // prepared above, then execs or _exits; it never returns into Rust code.
         let pid = unsafe { libc::fork() };
@@ -151,7 +155,7 @@ impl LaunchSpec {
                 )
             }
         }
-        drop((out_w, err_w, exec_w, devnull));
+        drop((blocked, out_w, err_w, exec_w, devnull));
         let pid = Pid::from_raw(pid);
         match read_exec_report(exec_r) {
             Some(errno) => Err(io::Error::from_raw_os_error(errno)),
@@ -161,6 +165,35 @@ impl LaunchSpec {
                 stderr: err_r,
             }),
         }
+    }
+}
+
+/// Every signal blocked on this thread while it lives, for the span of a fork: a signal that
+/// reached the child before its dispositions are reset would run corepool's handler there, and
+/// that handler writes to corepool's own signal pipe (a phantom signal for the pool). The child
+/// inherits the full mask and clears it in `signals::reset_for_exec`; the parent gets its mask
+/// back on drop, and what arrived meanwhile is delivered then.
+struct AllSignalsBlocked(libc::sigset_t);
+
+impl AllSignalsBlocked {
+    fn new() -> io::Result<AllSignalsBlocked> {
+        // SAFETY: sigset operations on stack values, then pthread_sigmask on this thread.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            match libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) {
+                0 => Ok(AllSignalsBlocked(old)),
+                errno => Err(io::Error::from_raw_os_error(errno)),
+            }
+        }
+    }
+}
+
+impl Drop for AllSignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in `new`; cannot fail with a valid `how`.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
     }
 }
 

@@ -38,6 +38,10 @@ fn run() -> i32 {
         Err(ClapOrConfig::Config(err)) => return fail(exit::USAGE, err),
     };
 
+    // From here a SIGTERM waits, pending, for the handlers instead of being lost.
+    if let Err(err) = signals::hold() {
+        return fail(exit::STARTUP, format_args!("cannot block signals: {err}"));
+    }
     let program = match launch::resolve_program(&config.command[0], std::env::var_os("PATH")) {
         Ok(program) => program,
         Err(err) => return fail(err.code, err.message),

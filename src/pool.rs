@@ -131,6 +131,9 @@ pub struct Pool {
     pumps: Vec<PumpHandle>,
     drains: Vec<Drain>,
     ending: Option<Ending>,
+    /// Some worker process has been started: from then on a start that fails is a crash of
+    /// that slot (restarted with backoff); before, it is the command that cannot run at all.
+    launched_once: bool,
     /// The last worker exit, for the pool-death status.
     last_status: Option<ExitStatus>,
     /// Some group needed SIGKILL.
@@ -173,6 +176,7 @@ impl Pool {
             reloads: 0,
             memory_restarts: 0,
             stop_at: None,
+            launched_once: false,
             memory_strikes: HashMap::new(),
             memory_checked: now,
             workers,
@@ -218,7 +222,7 @@ impl Pool {
             return;
         }
         for i in 0..self.workers.len() {
-            if self.workers[i].due().is_some_and(|at| at <= now) {
+            if self.ending.is_none() && self.workers[i].due().is_some_and(|at| at <= now) {
                 self.start(i, now);
             }
         }
@@ -242,20 +246,36 @@ impl Pool {
         let slot = self.workers[i].slot;
         match self.spawn(slot) {
             Ok(pid) => {
+                self.launched_once = true;
                 let ready = !self.balancer.needs_ready();
                 self.workers[i].started(pid, now, ready);
                 tracing::info!("worker {slot} started, pid {pid}");
             }
             Err(err) => {
-                // The command was checked at start-up; it vanished or became unusable since.
-                let code = match err.kind() {
-                    std::io::ErrorKind::PermissionDenied => exit::NOT_EXECUTABLE,
-                    _ => exit::NOT_FOUND,
+                let program = self.launch.program.display();
+                let code = match (err.kind(), err.raw_os_error()) {
+                    (std::io::ErrorKind::NotFound, _) => exit::NOT_FOUND,
+                    (std::io::ErrorKind::PermissionDenied, _) => exit::NOT_EXECUTABLE,
+                    (_, Some(libc::ENOEXEC | libc::EISDIR | libc::ETXTBSY)) => exit::NOT_EXECUTABLE,
+                    // fork or pipe failures (EAGAIN, EMFILE): corepool's own trouble.
+                    _ => exit::STARTUP,
                 };
-                tracing::error!(
-                    "worker {slot}: cannot start {}: {err}",
-                    self.launch.program.display()
-                );
+                if !self.launched_once {
+                    // The file exists and is executable (checked before), so ENOENT from
+                    // execve means what it names to run it is missing.
+                    let hint = match err.raw_os_error() {
+                        Some(libc::ENOENT) => " (its #! interpreter or ELF loader does not exist)",
+                        Some(libc::ENOEXEC) => {
+                            " (neither a binary for this machine nor a #! script)"
+                        }
+                        _ => "",
+                    };
+                    tracing::error!("cannot run {program}: {err}{hint}");
+                    self.begin_stop(Ending::PoolDied(code));
+                    return;
+                }
+                // It started before: it vanished or became unusable since.
+                tracing::error!("worker {slot}: cannot start {program}: {err}");
                 self.workers[i].started(Pid::from_raw(0), now, false);
                 self.after_exit(i, ExitStatus::Code(code), now);
             }
@@ -283,6 +303,7 @@ impl Pool {
                 "the replacement of worker {} (pid {}) exited before it was ready: {}",
                 self.workers[i].slot, exit.pid, exit.status
             ));
+            self.drain_leftovers(self.workers[i].slot, exit.pid);
             return;
         }
         let Some(i) = self.workers.iter().position(|w| w.pid() == Some(exit.pid)) else {
@@ -297,8 +318,9 @@ impl Pool {
                 exit.pid,
                 exit.status
             );
-            self.workers[i].promote();
+            self.workers[i].take_over();
             self.last_status = Some(exit.status);
+            self.drain_leftovers(slot, exit.pid);
             return;
         }
         let was_stopping = matches!(self.workers[i].state, State::Stopping { .. });
@@ -306,18 +328,19 @@ impl Pool {
             tracing::info!("worker {slot} (pid {}) exited: {}", exit.pid, exit.status);
         } else {
             tracing::warn!("worker {slot} (pid {}) exited: {}", exit.pid, exit.status);
-            // Whatever the leader left behind in its group must not linger (it may hold the
-            // port or a lock): give it the stop signal and the kill timeout, like a stop.
-            let group = Target::Group(exit.pid);
-            if group.alive() {
-                tracing::info!(
-                    "worker {slot}: stopping what is left of process group {}",
-                    exit.pid
-                );
-                self.drain(group);
-            }
+            self.drain_leftovers(slot, exit.pid);
         }
         self.after_exit(i, exit.status, Instant::now());
+    }
+
+    /// Whatever a dead leader left behind in its group must not linger (it may hold the port
+    /// or a lock): it gets the stop signal and the kill timeout, like a stop.
+    fn drain_leftovers(&mut self, slot: usize, leader: Pid) {
+        let group = Target::Group(leader);
+        if group.alive() {
+            tracing::info!("worker {slot}: stopping what is left of process group {leader}");
+            self.drain(group);
+        }
     }
 
     fn after_exit(&mut self, i: usize, status: ExitStatus, now: Instant) {
@@ -395,7 +418,10 @@ impl Pool {
                 }
             },
             Action::Forward(sig) => {
-                for pid in self.workers.iter().filter_map(Worker::pid) {
+                let current = self.workers.iter().filter_map(Worker::pid);
+                let next = self.workers.iter().filter_map(|w| w.next.map(|n| n.pid));
+                let retiring = self.retiring.iter().map(|&(_, pid)| pid);
+                for pid in current.chain(next).chain(retiring) {
                     Target::Group(pid).signal(sig);
                 }
                 tracing::debug!("{sig} forwarded to {} workers", self.live_workers());
@@ -503,10 +529,17 @@ impl Pool {
         let timeout = self.config.ready_timeout;
         for i in 0..self.workers.len() {
             if let Some(pid) = self.workers[i].unready_for(timeout, now) {
+                let how = match self.balancer.mode {
+                    crate::balance::Mode::Proxy => {
+                        "its private port ($PORT on 127.0.0.1) never accepted a connection"
+                    }
+                    _ => {
+                        "a Node server reports itself through corepool's preload; another \
+                         program sends READY=1 to $NOTIFY_SOCKET, or use --balance proxy"
+                    }
+                };
                 tracing::warn!(
-                    "worker {} (pid {pid}) not ready after {}: restarting it \
-                     (a Node server reports itself through corepool's preload; another program \
-                     sends READY=1 to $NOTIFY_SOCKET, or use --balance proxy)",
+                    "worker {} (pid {pid}) not ready after {}: restarting it ({how})",
                     self.workers[i].slot,
                     human(timeout)
                 );
@@ -756,7 +789,9 @@ impl Pool {
                 );
                 drain.target.signal(Signal::SIGKILL);
                 drain.killed = true;
-                self.any_killed = true;
+                // Only a kill the stop needed makes the stop unclean (exit 1); leftovers of a
+                // crash or a reload killed earlier are not part of it.
+                self.any_killed |= self.ending.is_some();
             }
         }
     }

@@ -50,12 +50,35 @@ pub struct SignalStream {
     signals: Signals,
 }
 
+/// Blocks every handled signal on the calling thread until [`SignalStream::install`]: what
+/// arrives in between (a SIGTERM while `node --version` runs at start-up, say) stays pending
+/// instead of being dropped, as the kernel drops a default-action signal sent to PID 1.
+pub fn hold() -> std::io::Result<()> {
+    mask(libc::SIG_BLOCK, HANDLED)
+}
+
+fn mask(how: libc::c_int, signals: &[i32]) -> std::io::Result<()> {
+    // SAFETY: sigset operations on a stack value, then pthread_sigmask on this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for &signo in signals {
+            libc::sigaddset(&mut set, signo);
+        }
+        match libc::pthread_sigmask(how, &set, std::ptr::null_mut()) {
+            0 => Ok(()),
+            errno => Err(std::io::Error::from_raw_os_error(errno)),
+        }
+    }
+}
+
 impl SignalStream {
-    /// Installs the handlers. Must run before any worker is spawned.
+    /// Installs the handlers, then delivers whatever [`hold`] kept pending. Must run before
+    /// any worker is spawned.
     pub fn install() -> std::io::Result<SignalStream> {
-        Ok(SignalStream {
-            signals: Signals::new(HANDLED)?,
-        })
+        let signals = Signals::new(HANDLED)?;
+        mask(libc::SIG_UNBLOCK, HANDLED)?;
+        Ok(SignalStream { signals })
     }
 
     /// The next signal with a meaning; pending forever once the stream is closed.
@@ -82,18 +105,20 @@ impl SignalStream {
 pub fn reset_for_exec() -> std::io::Result<()> {
     // SAFETY: plain libc calls on stack values; valid after fork in a multithreaded parent.
     unsafe {
+        // Dispositions first: `launch` forks with every signal blocked, so none can run
+        // corepool's handler in the child (and write to corepool's signal pipe) before this.
+        for signo in 1..=64 {
+            if signo == libc::SIGKILL || signo == libc::SIGSTOP {
+                continue;
+            }
+            set_default(signo);
+        }
         let mut empty: libc::sigset_t = std::mem::zeroed();
         if libc::sigemptyset(&mut empty) != 0 {
             return Err(std::io::Error::last_os_error());
         }
         if libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
             return Err(std::io::Error::last_os_error());
-        }
-        for signo in 1..=64 {
-            if signo == libc::SIGKILL || signo == libc::SIGSTOP {
-                continue;
-            }
-            set_default(signo);
         }
     }
     Ok(())

@@ -211,6 +211,19 @@ impl Worker {
         old
     }
 
+    /// Verb `take_over`: the old process died during its reload, so the replacement takes the
+    /// slot before it is ready; it becomes ready (or is restarted after the ready timeout) like
+    /// any new worker.
+    pub fn take_over(&mut self) {
+        if let Some(next) = self.next.take() {
+            self.state = State::Running {
+                pid: next.pid,
+                since: next.since,
+                ready: false,
+            };
+        }
+    }
+
     /// Verb `exited`: the kernel reported the leader's exit. `pool_stopping` overrides the
     /// restart policy.
     pub fn exited(

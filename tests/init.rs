@@ -289,3 +289,62 @@ fn sigterm_during_start_up_always_stops_cleanly() {
         }
     }
 }
+
+/// As PID 1 a SIGTERM that arrives before the handlers exist would be dropped by the kernel.
+/// corepool holds the signals blocked from the start, so one sent while it still asks
+/// `node --version` (here a fake node that takes 1.5 s to answer) is acted on once it is ready.
+#[test]
+fn as_pid1_a_sigterm_before_the_handlers_is_not_lost() {
+    require("unshare");
+    let dir = scratch("slow-node");
+    let node = dir.join("node");
+    std::fs::write(
+        &node,
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then sleep 1.5; echo v20.0.0; exit 0; fi\nexec sleep 60\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&node, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let port = free_port().to_string();
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child=SIGTERM",
+        bin(),
+    ])
+    .args([
+        "-i",
+        "1",
+        "--balance",
+        "socket",
+        "-p",
+        &port,
+        "--",
+        "node",
+        "server.js",
+    ]);
+    let path = format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut run = Run::from_command(cmd, &[("PATH", &path)]);
+    let started = Instant::now();
+    let corepool = loop {
+        if let Some(child) = children_of(run.pid()).first() {
+            break child.0;
+        }
+        assert!(started.elapsed() < SECS(5), "corepool never started");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on corepool's pid as seen here.
+    assert_eq!(unsafe { libc::kill(corepool, libc::SIGTERM) }, 0);
+    assert_eq!(run.exit_code(SECS(10)), 0, "{}", run.stderr());
+    assert!(
+        started.elapsed() < SECS(5),
+        "the stop took {:?}: the early SIGTERM was lost",
+        started.elapsed()
+    );
+}

@@ -382,6 +382,122 @@ fn bad_input_is_one_line_naming_the_culprit() {
     );
 }
 
+/// Values that parse but cannot work, and empty ones, are refused with the option's name
+/// rather than run into a broken pool or a silent default.
+#[test]
+fn values_that_cannot_work_are_refused() {
+    let t = |args: &[&str], names: &str| {
+        let mut all = args.to_vec();
+        all.extend(["--", "true"]);
+        assert_usage_error(&all, &[], names);
+    };
+    t(&["--log-level", ""], "--log-level: is empty");
+    t(&["--metrics", " "], "--metrics: is empty");
+    t(&["--ready-timeout", "0s"], "--ready-timeout");
+    t(&["-i", "2", "--min-ready", "3"], "--min-ready");
+    t(&["--restart-delay", "20s"], "--restart-delay");
+    t(
+        &["--restart-delay", "2s", "--max-restart-delay", "1s"],
+        "--max-restart-delay",
+    );
+    t(&["--max-memory", "512"], "--max-memory");
+    t(&["--kill-timeout", "0.5ms"], "finer than a millisecond");
+    t(&["--kill-timeout", "-1s"], "--kill-timeout");
+    t(&["--stop-signal", "STOP"], "--stop-signal");
+    t(&["--metrics", ":3000", "--balance", "socket"], "--metrics");
+    t(
+        &[
+            "--balance",
+            "none",
+            "--port-increment",
+            "-i",
+            "4",
+            "-p",
+            "65534",
+        ],
+        "--port: 4 workers from port 65534",
+    );
+    assert_usage_error(&["--", ""], &[], "program name is empty");
+    assert_usage_error(
+        &["--", "true"],
+        &[("COREPOOL_MAX_MEMORY", "")],
+        "COREPOOL_MAX_MEMORY: is empty",
+    );
+    assert_usage_error(
+        &["--config", "/dev/zero", "--", "true"],
+        &[],
+        "not a regular file",
+    );
+    let dir = scratch("badvalues");
+    let file = dir.join("pool.toml");
+    std::fs::write(&file, "kill-timeout = \"5s\"\nkill_timeout = \"6s\"\n").unwrap();
+    let path = file.to_str().unwrap();
+    assert_usage_error(
+        &["--config", path, "--", "true"],
+        &[],
+        &format!("{path}:2: 'kill_timeout' repeats the key of line 1"),
+    );
+    std::fs::write(&file, "command = \"sh -c 'echo hi'\"\n").unwrap();
+    assert_usage_error(
+        &["--config", path],
+        &[],
+        &format!("{path}:1: command: expected a list of strings"),
+    );
+}
+
+/// A file that exists and is executable can still fail to exec: its #! interpreter is missing,
+/// or it is no program at all. That is found at the first start, with the shell's code, and
+/// not retried for minutes as if the worker had crashed.
+#[test]
+fn a_command_that_cannot_exec_fails_at_the_first_start() {
+    let dir = scratch("noexec");
+    let script = dir.join("script.sh");
+    std::fs::write(&script, "#!/no/such/interpreter\necho hi\n").unwrap();
+    let junk = dir.join("junk");
+    std::fs::write(&junk, [0u8, 1, 2, 3, 0xff]).unwrap();
+    for file in [&script, &junk] {
+        std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+    let (code, _, err) = run_to_end(&["-i", "2", "--", script.to_str().unwrap()], &[], SECS(5));
+    assert_eq!(code, 127, "{err}");
+    assert!(err.contains("interpreter"), "{err}");
+    assert!(!err.contains("started, pid"), "{err}");
+    let (code, _, err) = run_to_end(&["-i", "2", "--", junk.to_str().unwrap()], &[], SECS(5));
+    assert_eq!(code, 126, "{err}");
+    assert!(err.contains("Exec format error"), "{err}");
+}
+
+/// A SIGKILL that ended a crashed worker's leftovers long before the stop does not make a
+/// clean stop exit 1: only kills the stop itself needed count.
+#[test]
+fn an_earlier_kill_does_not_make_a_clean_stop_unclean() {
+    let dir = scratch("earlykill");
+    let marker = dir.join("second");
+    // The first worker leaves a child that ignores SIGTERM and dies; the second just runs.
+    let script = format!(
+        "if [ -e {m} ]; then exec sleep 60; fi; touch {m}; (trap '' TERM; sleep 60) & exit 3",
+        m = marker.display()
+    );
+    let mut run = Run::start(
+        &[
+            "-i",
+            "1",
+            "--kill-timeout",
+            "500ms",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        &[],
+    );
+    run.wait_stderr("still alive after the kill timeout: SIGKILL", 1, SECS(5));
+    run.wait_stderr("started, pid", 2, SECS(5));
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(5)), 0, "{}", run.stderr());
+}
+
 #[test]
 fn print_config_shows_every_source() {
     let dir = scratch("printcfg");

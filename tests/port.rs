@@ -253,6 +253,45 @@ fn a_reload_asked_for_during_a_reload_follows_it() {
     assert_eq!(run.exit_code(SECS(10)), 0);
 }
 
+/// The old worker dies while its replacement is still starting: the replacement takes the slot
+/// as a worker that is not ready yet, so the ready timeout still applies to it.
+#[test]
+fn a_replacement_that_takes_over_early_is_still_held_to_the_ready_timeout() {
+    let dir = scratch("takeover");
+    let marker = dir.join("broken");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        format!(
+            "if (require('fs').existsSync({:?})) {{ setInterval(() => {{}}, 1000); }} else {{ require({HELLO:?}); }}",
+            marker.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let run = socket_pool(
+        1,
+        port,
+        &["--ready-timeout", "1500ms", "--kill-timeout", "1s"],
+        &["node", server.to_str().unwrap()],
+        &[],
+    );
+    run.wait_stderr(" ready (pid", 1, SECS(15));
+    let old = started_pids(&run.stderr())[0];
+    std::fs::write(&marker, "").unwrap();
+    run.signal(libc::SIGHUP);
+    run.wait_stderr("replacement started", 1, SECS(5));
+    // SAFETY: kill(2) on the worker corepool reported.
+    unsafe { libc::kill(old, libc::SIGKILL) };
+    run.wait_stderr("its replacement takes over", 1, SECS(5));
+    let replacement = started_pids(&run.stderr().replace("replacement started,", "started,"))[1];
+    run.wait_stderr(
+        &format!("(pid {replacement}) not ready after 1500ms"),
+        1,
+        SECS(5),
+    );
+}
+
 #[test]
 fn the_port_in_use_fails_at_once_with_code_3() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -351,6 +351,21 @@ fn heap_share_under_a_real_memory_limit() {
     );
     let (out, _) = run_in("--heap-share off", &[]);
     assert_eq!(out.matches("opts=undefined").count(), 2, "{out}");
+    // Socket mode adds its preload to the same variable: one NODE_OPTIONS with both.
+    let port = format!("--balance socket --ready-timeout 5s -p {}", free_port());
+    let (out, _) = run_in(&port, &[]);
+    for line in out.lines() {
+        assert!(
+            line.starts_with("opts=--max-old-space-size=358 --import=data:")
+                || line.starts_with("opts=--import=data:")
+                    && line.contains(" --max-old-space-size=358 "),
+            "{}…",
+            &line[..line.len().min(120)]
+        );
+        let limit: f64 = line.rsplit('=').next().unwrap().parse().unwrap();
+        assert!(limit < 460.0 * 1048576.0, "heap share ignored: {line}");
+    }
+    assert_eq!(out.lines().count(), 2, "{out}");
 }
 
 #[test]
