@@ -420,6 +420,9 @@ pub struct Config {
     pub cpu: CpuReport,
     /// For `--print-config`: each key, its value as TOML, and a comment on where it came from.
     pub provenance: Vec<(String, String, String)>,
+    /// `COREPOOL_*` variables corepool does not know (a misspelling, most likely), each with
+    /// the known name it resembles: logged as warnings once logging runs.
+    pub unknown_env: Vec<String>,
 }
 
 /// What `main` should do.
@@ -635,6 +638,12 @@ pub fn command() -> Command {
         .version(env!("CARGO_PKG_VERSION"))
         .about("Runs N copies of a server as a container's PID 1, sharing one port")
         .override_usage("corepool [OPTIONS] [--] COMMAND [ARGS...]")
+        .after_help(
+            "Subcommands, to the pool running in this container:\n  \
+             corepool status [--json]   each worker: pid, state, uptime, restarts, RSS, CPU%\n  \
+             corepool reload            a rolling reload (as SIGHUP)\n  \
+             corepool health [ADDR]     exit 0 when the metrics endpoint answers /healthz",
+        )
         .arg(
             Arg::new("config")
                 .long("config")
@@ -1080,7 +1089,64 @@ fn resolve_from(
         max_memory,
         cpu,
         provenance: r.provenance,
+        unknown_env: unknown_variables(std::env::vars_os().map(|(name, _)| name)),
     })
+}
+
+/// Variables with the `COREPOOL_` prefix that are neither options nor the ones corepool reads
+/// or sets for its workers, each described with the nearest known name.
+fn unknown_variables(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<String> {
+    const OTHERS: &[&str] = &[
+        "COREPOOL_CONFIG",
+        "COREPOOL_CONTROL",
+        "COREPOOL_RUNTIME_DIR",
+        // Set by corepool for its workers (seen again by a corepool started inside one).
+        "COREPOOL_WORKER",
+        "COREPOOL_WORKERS",
+        "COREPOOL_LISTEN_FD",
+        "COREPOOL_PUBLIC_PORT",
+        "COREPOOL_READY_FD",
+    ];
+    let known: Vec<&str> = OPTIONS
+        .iter()
+        .map(|o| o.env)
+        .chain(OTHERS.iter().copied())
+        .collect();
+    names
+        .filter_map(|name| name.into_string().ok())
+        .filter(|name| name.starts_with("COREPOOL_") && !known.contains(&name.as_str()))
+        .map(|name| {
+            let nearest = known
+                .iter()
+                .map(|k| (edit_distance(&name, k), k))
+                .min()
+                .filter(|(d, _)| *d <= 3);
+            match nearest {
+                Some((_, k)) => {
+                    format!("{name} is not a corepool variable (did you mean {k}?); ignored")
+                }
+                None => format!("{name} is not a corepool variable; ignored"),
+            }
+        })
+        .collect()
+}
+
+/// Levenshtein distance, for "did you mean".
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let next = (diagonal + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
 }
 
 impl Config {
@@ -1094,6 +1160,9 @@ impl Config {
                 continue;
             }
             out.push_str(&format!("{key} = {value}  # {source}\n"));
+        }
+        for warning in &self.unknown_env {
+            out.push_str(&format!("# warning: {warning}\n"));
         }
         out
     }
@@ -1146,6 +1215,26 @@ mod tests {
                 spec.long
             );
         }
+    }
+
+    #[test]
+    fn unknown_variables_are_named_with_the_nearest_known_one() {
+        let names = [
+            "COREPOOL_INSTANCE",
+            "COREPOOL_PORT",
+            "COREPOOL_WORKER",
+            "COREPOOL_ZZZZZZZZ",
+            "PATH",
+        ];
+        let found = unknown_variables(names.iter().map(std::ffi::OsString::from));
+        assert_eq!(
+            found,
+            [
+                "COREPOOL_INSTANCE is not a corepool variable (did you mean COREPOOL_INSTANCES?); ignored",
+                "COREPOOL_ZZZZZZZZ is not a corepool variable; ignored",
+            ]
+        );
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]

@@ -101,6 +101,9 @@ fn run() -> i32 {
             }
         };
         output.install_tracing(config.log_level);
+        for warning in &config.unknown_env {
+            tracing::warn!("{warning}");
+        }
         let role = reaper::adopt_orphans();
         tracing::info!(
             "corepool {} starting {} workers ({}); {role}",
@@ -218,11 +221,26 @@ fn heap_share(config: &config::Config) -> Option<(String, String)> {
 }
 
 /// `corepool status [--json]`.
+/// `corepool SUBCOMMAND --help`: the usage line on stdout, exit 0.
+fn usage(text: &str) -> i32 {
+    let _ = writeln!(std::io::stdout(), "usage: {text}");
+    0
+}
+
+fn wants_help(args: &[String]) -> bool {
+    matches!(args, [flag] if flag == "--help" || flag == "-h")
+}
+
+/// `corepool status [--json]`.
 fn client_status(args: &[String]) -> i32 {
+    const USAGE: &str = "corepool status [--json]   (each worker of the pool running here)";
+    if wants_help(args) {
+        return usage(USAGE);
+    }
     let json = match args {
         [] => false,
         [flag] if flag == "--json" => true,
-        _ => return fail(exit::USAGE, "usage: corepool status [--json]"),
+        _ => return fail(exit::USAGE, format_args!("usage: {USAGE}")),
     };
     match control::request("status") {
         Ok(answer) => {
@@ -243,8 +261,12 @@ fn client_status(args: &[String]) -> i32 {
 
 /// `corepool reload`.
 fn client_reload(args: &[String]) -> i32 {
+    const USAGE: &str = "corepool reload   (a rolling reload of the pool running here)";
+    if wants_help(args) {
+        return usage(USAGE);
+    }
     if !args.is_empty() {
-        return fail(exit::USAGE, "usage: corepool reload");
+        return fail(exit::USAGE, format_args!("usage: {USAGE}"));
     }
     match control::request("reload") {
         Ok(answer) => {
@@ -257,14 +279,26 @@ fn client_reload(args: &[String]) -> i32 {
 
 /// `corepool health [ADDR]`: exit 0 when /healthz answers 200, else 1.
 fn client_health(args: &[String]) -> i32 {
+    const USAGE: &str =
+        "corepool health [ADDR]   (exit 0 when ADDR, default $COREPOOL_METRICS, answers /healthz)";
+    if wants_help(args) {
+        return usage(USAGE);
+    }
     let given = match args {
-        [] => std::env::var("COREPOOL_METRICS").ok(),
-        [addr] => Some(addr.clone()),
-        _ => return fail(exit::USAGE, "usage: corepool health [ADDR]"),
+        [] => std::env::var("COREPOOL_METRICS")
+            .ok()
+            .map(|v| (v, "COREPOOL_METRICS")),
+        [addr] => Some((addr.clone(), "ADDR")),
+        _ => return fail(exit::USAGE, format_args!("usage: {USAGE}")),
     };
-    let addr = match given.as_deref().map(config::parse_metrics_addr) {
-        Some(Ok(Some(addr))) => addr,
-        Some(Err(why)) => return fail(exit::USAGE, format_args!("health: {why}")),
+    let addr = match given
+        .as_ref()
+        .map(|(text, from)| (config::parse_metrics_addr(text), from))
+    {
+        Some((Ok(Some(addr)), _)) => addr,
+        Some((Err(why), from)) => {
+            return fail(exit::USAGE, format_args!("health: {from}: {why}"));
+        }
         _ => {
             return fail(
                 exit::USAGE,

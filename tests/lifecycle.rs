@@ -445,6 +445,28 @@ fn values_that_cannot_work_are_refused() {
     );
 }
 
+/// A misspelled variable is not silently ignored: corepool says which known one it resembles.
+#[test]
+fn a_misspelled_variable_is_reported() {
+    let (code, out, _) = run_to_end(
+        &["--print-config"],
+        &[("COREPOOL_KILL_TIMOUT", "5s")],
+        SECS(5),
+    );
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("# warning: COREPOOL_KILL_TIMOUT is not a corepool variable (did you mean COREPOOL_KILL_TIMEOUT?)"),
+        "{out}"
+    );
+    let mut run = Run::start(
+        &["-i", "1", "--", "sleep", "60"],
+        &[("COREPOOL_INSTANCE", "4")],
+    );
+    run.wait_stderr("did you mean COREPOOL_INSTANCES?", 1, SECS(5));
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(5)), 0);
+}
+
 /// A file that exists and is executable can still fail to exec: its #! interpreter is missing,
 /// or it is no program at all. That is found at the first start, with the shell's code, and
 /// not retried for minutes as if the worker had crashed.
