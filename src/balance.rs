@@ -23,7 +23,9 @@
 //! worker's epoll wakes for each connection and whichever is scheduled first accepts all that
 //! are queued, so one worker took 73% (tests/port.rs, run beside the other test files). With
 //! SO_REUSEPORT the kernel hashes each connection to one socket of the group: the spread no
-//! longer depends on scheduling luck.
+//! longer depends on scheduling luck. Where corepool may load eBPF, `steer` replaces the hash
+//! with a round robin, so that a few long-lived connections (an ingress's keep-alive pool) are
+//! dealt evenly too, instead of binomially.
 //!
 //! The price is paid while a worker is away: connections hashed to its socket wait in that
 //! socket's backlog until the slot's next process (same socket) accepts them, typically the
@@ -41,6 +43,7 @@
 
 use crate::launch::{self, WorkerIo};
 use crate::proxy::{self, Backends};
+use crate::steer;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -271,6 +274,10 @@ pub struct Balancer {
     pub port_increment: bool,
     /// Socket mode: one SO_REUSEPORT listening socket per slot, handed to that slot's worker.
     slot_sockets: Vec<Option<OwnedFd>>,
+    /// Socket mode: round-robin steering over the slot sockets, when the kernel allows it.
+    _steering: Option<steer::Steering>,
+    /// Socket mode: how connections are spread over the slots, for the start-up log.
+    pub spread: String,
     /// Proxy mode: the public socket we accept on.
     listener: Option<OwnedFd>,
     preload: Option<Preload>,
@@ -306,11 +313,24 @@ impl Balancer {
             Mode::Proxy => Some(bind_public(host, port, false)?),
             _ => None,
         };
-        let slot_sockets = match mode {
+        let slot_sockets: Vec<Option<OwnedFd>> = match mode {
             Mode::Socket => (0..slots)
                 .map(|_| bind_public(host, port, true).map(Some))
                 .collect::<io::Result<_>>()?,
             _ => Vec::new(),
+        };
+        let (steering, spread) = match slot_sockets.len() {
+            0 | 1 => (None, String::new()),
+            _ => {
+                let group: Vec<&OwnedFd> = slot_sockets.iter().flatten().collect();
+                match steer::round_robin(&group) {
+                    Ok(steering) => (Some(steering), "connections in turn (eBPF)".to_string()),
+                    Err(err) => (
+                        None,
+                        format!("connections by the kernel's hash (no eBPF round robin: {err})"),
+                    ),
+                }
+            }
         };
         let notify = match mode {
             Mode::None => None,
@@ -321,6 +341,8 @@ impl Balancer {
             port,
             port_increment,
             slot_sockets,
+            _steering: steering,
+            spread,
             listener,
             preload,
             heap_option: None,

@@ -8,6 +8,7 @@
 //! - `reaper`: the one `waitpid(-1)` loop;
 //! - `worker`: a slot's lifecycle state machine, and how a worker process is started;
 //! - `balance`: one public port for the pool (shared socket, preload, readiness);
+//! - `steer`: socket mode's round robin over the slot sockets (an eBPF reuseport program);
 //! - `launch`: fork and exec of a worker, and command resolution;
 //! - `proxy`: `--balance proxy`: private ports, readiness probes, least connections;
 //! - `relay`: the bytes of one proxied connection, moved by splice(2);
@@ -30,4 +31,5 @@ pub mod proxy;
 pub mod reaper;
 pub mod relay;
 pub mod signals;
+pub mod steer;
 pub mod worker;

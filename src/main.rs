@@ -143,6 +143,9 @@ fn run() -> i32 {
                 return exit::STARTUP;
             }
         };
+        if !balancer.spread.is_empty() {
+            tracing::info!("balance socket: {}", balancer.spread);
+        }
         balancer.set_heap_option(heap_option.map(|(option, how)| {
             tracing::info!("{how}");
             option
