@@ -34,13 +34,9 @@ fn children_of(parent: i32) -> Vec<(i32, char)> {
         .collect()
 }
 
-#[test]
-fn as_pid1_in_a_pid_namespace_every_orphan_is_reaped() {
+/// `unshare ... corepool`: corepool as PID 1 of a new pid namespace, its arguments to follow.
+fn as_pid1() -> Command {
     require("unshare");
-    // The worker double-forks 100 sleeps (they re-parent to PID 1, corepool), prints their
-    // pids, and waits. After they exit, no zombie may remain under corepool.
-    let worker =
-        "for i in $(seq 100); do (sleep 0.3 & echo orphan $!) ; done; echo spawned; exec sleep 60";
     let mut cmd = Command::new("unshare");
     cmd.args([
         "--pid",
@@ -48,13 +44,18 @@ fn as_pid1_in_a_pid_namespace_every_orphan_is_reaped() {
         "--mount-proc",
         "--kill-child=SIGTERM",
         bin(),
-        "-i",
-        "1",
-        "--",
-        "sh",
-        "-c",
-        worker,
     ]);
+    cmd
+}
+
+#[test]
+fn as_pid1_in_a_pid_namespace_every_orphan_is_reaped() {
+    // The worker double-forks 100 sleeps (they re-parent to PID 1, corepool), prints their
+    // pids, and waits. After they exit, no zombie may remain under corepool.
+    let worker =
+        "for i in $(seq 100); do (sleep 0.3 & echo orphan $!) ; done; echo spawned; exec sleep 60";
+    let mut cmd = as_pid1();
+    cmd.args(["-i", "1", "--", "sh", "-c", worker]);
     let mut run = Run::from_command(cmd, &[]);
     run.wait_stdout("spawned", 1, SECS(10));
     assert!(
@@ -295,25 +296,15 @@ fn sigterm_during_start_up_always_stops_cleanly() {
 /// `node --version` (here a fake node that takes 1.5 s to answer) is acted on once it is ready.
 #[test]
 fn as_pid1_a_sigterm_before_the_handlers_is_not_lost() {
-    require("unshare");
     let dir = scratch("slow-node");
     let node = dir.join("node");
-    std::fs::write(
+    write_executable(
         &node,
         "#!/bin/sh\nif [ \"$1\" = --version ]; then sleep 1.5; echo v20.0.0; exit 0; fi\nexec sleep 60\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&node, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    );
     let port = free_port().to_string();
-    let mut cmd = Command::new("unshare");
+    let mut cmd = as_pid1();
     cmd.args([
-        "--pid",
-        "--fork",
-        "--mount-proc",
-        "--kill-child=SIGTERM",
-        bin(),
-    ])
-    .args([
         "-i",
         "1",
         "--balance",

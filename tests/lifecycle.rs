@@ -474,13 +474,10 @@ fn a_misspelled_variable_is_reported() {
 fn a_command_that_cannot_exec_fails_at_the_first_start() {
     let dir = scratch("noexec");
     let script = dir.join("script.sh");
-    std::fs::write(&script, "#!/no/such/interpreter\necho hi\n").unwrap();
+    write_executable(&script, "#!/no/such/interpreter\necho hi\n");
     let junk = dir.join("junk");
-    std::fs::write(&junk, [0u8, 1, 2, 3, 0xff]).unwrap();
-    for file in [&script, &junk] {
-        std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-    }
+    write_executable(&junk, [0u8, 1, 2, 3, 0xff]);
+
     let (code, _, err) = run_to_end(&["-i", "2", "--", script.to_str().unwrap()], &[], SECS(5));
     assert_eq!(code, 127, "{err}");
     assert!(err.contains("interpreter"), "{err}");

@@ -323,3 +323,9 @@ pub fn zombies_of(parent: i32) -> Vec<i32> {
     }
     found
 }
+
+/// Writes `text` to `path` as an executable file (mode 755): a fake program or a script.
+pub fn write_executable(path: &std::path::Path, text: impl AsRef<[u8]>) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+}
