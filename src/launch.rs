@@ -66,7 +66,8 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// The environment of one worker: corepool's own, minus `unset` and the names in `set`, plus
-/// `set` (where a name is set twice, the later value). `LISTEN_PID` gets a placeholder the child fills in.
+/// `set` (where a name is set twice, the later value). `LISTEN_PID` gets a placeholder the
+/// child fills in.
 fn environment(io: &WorkerIo) -> io::Result<(Vec<CString>, Option<usize>)> {
     let overridden = |name: &OsString| {
         let name = name.as_bytes();

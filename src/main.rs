@@ -223,7 +223,6 @@ fn heap_share(config: &config::Config) -> Option<(String, String)> {
     ))
 }
 
-/// `corepool status [--json]`.
 /// `corepool SUBCOMMAND --help`: the usage line on stdout, exit 0.
 fn usage(text: &str) -> i32 {
     let _ = writeln!(std::io::stdout(), "usage: {text}");
