@@ -364,6 +364,49 @@ fn a_replacement_that_takes_over_early_is_still_held_to_the_ready_timeout() {
     );
 }
 
+/// A reload's replacement that dies before it is ready takes what it left in its process
+/// group with it, as a crashed worker does.
+#[test]
+fn a_failed_replacements_leftovers_are_stopped() {
+    let dir = scratch("replacement-leftovers");
+    let marker = dir.join("broken");
+    let script = format!(
+        "if [ -e {m} ]; then sleep 60 & echo left $!; exit 3; fi; exec node {HELLO}",
+        m = marker.display()
+    );
+    let port = free_port();
+    let run = socket_pool(
+        1,
+        port,
+        &["--kill-timeout", "1s"],
+        &["sh", "-c", &script],
+        &[],
+    );
+    run.wait_stderr(" ready (pid", 1, SECS(15));
+    std::fs::write(&marker, "").unwrap();
+    run.signal(libc::SIGHUP);
+    run.wait_stderr("exited before it was ready", 1, SECS(10));
+    run.wait_stdout("left ", 1, SECS(5));
+    let left: i32 = run
+        .stdout()
+        .split("left ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("the leftover's pid");
+    let deadline = std::time::Instant::now() + SECS(5);
+    while exists(left) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replacement's leftover {left} is still running:\n{}",
+            run.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The old worker kept serving.
+    get_json(port).expect("the old worker serves");
+}
+
 #[test]
 fn the_port_in_use_fails_at_once_with_code_3() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
