@@ -202,8 +202,8 @@ fn load(insns: &[Insn]) -> io::Result<OwnedFd> {
     };
     match bpf(BPF_PROG_LOAD, &attr(0, &mut log)) {
         Ok(fd) => Ok(owned(fd)),
-        // EPERM: not allowed. Anything else: load again with the verifier's log, for its
-        // last line (the reason).
+        // EPERM: not allowed. Anything else (the verifier refused it): load again with the
+        // verifier's log, for the reason it gives.
         Err(err) if err.raw_os_error() == Some(libc::EPERM) => Err(err),
         Err(err) => {
             let _ = bpf(BPF_PROG_LOAD, &attr(1, &mut log));
