@@ -229,20 +229,24 @@ fn a_worker_that_never_listens_is_restarted_after_the_ready_timeout() {
     );
 }
 
-#[test]
-fn a_reload_whose_replacement_never_gets_ready_keeps_the_old_workers() {
-    let dir = scratch("badreload");
-    let marker = dir.join("broken");
-    let server = dir.join("server.js");
+/// examples/hello, except that a process started once the returned marker file exists never
+/// listens (new code that is broken): (the server script, the marker).
+fn breakable_server(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = scratch(name);
+    let (server, marker) = (dir.join("server.js"), dir.join("broken"));
     std::fs::write(
         &server,
         format!(
-            "if (require('fs').existsSync({:?})) {{ setInterval(() => {{}}, 1000); }} else {{ require({:?}); }}",
-            marker.to_str().unwrap(),
-            HELLO
+            "if (require('fs').existsSync({marker:?})) {{ setInterval(() => {{}}, 1000); }} else {{ require({HELLO:?}); }}"
         ),
     )
     .unwrap();
+    (server, marker)
+}
+
+#[test]
+fn a_reload_whose_replacement_never_gets_ready_keeps_the_old_workers() {
+    let (server, marker) = breakable_server("badreload");
     let port = free_port();
     let run = socket_pool(
         2,
@@ -329,17 +333,7 @@ fn a_reload_asked_for_during_a_reload_follows_it() {
 /// as a worker that is not ready yet, so the ready timeout still applies to it.
 #[test]
 fn a_replacement_that_takes_over_early_is_still_held_to_the_ready_timeout() {
-    let dir = scratch("takeover");
-    let marker = dir.join("broken");
-    let server = dir.join("server.js");
-    std::fs::write(
-        &server,
-        format!(
-            "if (require('fs').existsSync({:?})) {{ setInterval(() => {{}}, 1000); }} else {{ require({HELLO:?}); }}",
-            marker.to_str().unwrap()
-        ),
-    )
-    .unwrap();
+    let (server, marker) = breakable_server("takeover");
     let port = free_port();
     let run = socket_pool(
         1,
