@@ -68,11 +68,12 @@ fn second_sigterm_skips_the_wait() {
             "--",
             "sh",
             "-c",
-            "trap '' TERM; while :; do sleep 0.05; done",
+            "trap '' TERM; echo trapped; while :; do sleep 0.05; done",
         ],
         &[],
     );
-    run.wait_stderr("started, pid", 1, SECS(5));
+    // The worker says when its trap is set: a SIGTERM before that would simply kill it.
+    run.wait_stdout("trapped", 1, SECS(5));
     run.signal(libc::SIGTERM);
     run.wait_stderr("stopping 1 workers", 1, SECS(5));
     let started = Instant::now();
@@ -86,7 +87,8 @@ fn second_sigterm_skips_the_wait() {
 
 #[test]
 fn stop_signal_is_configurable() {
-    let script = "trap 'echo got-int; exit 0' INT; trap '' TERM; while :; do sleep 0.05; done";
+    let script =
+        "trap 'echo got-int; exit 0' INT; trap '' TERM; echo trapped; while :; do sleep 0.05; done";
     let mut run = Run::start(
         &[
             "-i",
@@ -100,8 +102,7 @@ fn stop_signal_is_configurable() {
         ],
         &[],
     );
-    run.wait_stderr("started, pid", 1, SECS(5));
-    std::thread::sleep(Duration::from_millis(200));
+    run.wait_stdout("trapped", 1, SECS(5));
     run.signal(libc::SIGTERM);
     assert_eq!(run.exit_code(SECS(5)), 0, "{}", run.stderr());
     assert!(run.stdout().contains("got-int"));
@@ -493,9 +494,13 @@ fn a_command_that_cannot_exec_fails_at_the_first_start() {
 fn an_earlier_kill_does_not_make_a_clean_stop_unclean() {
     let dir = scratch("earlykill");
     let marker = dir.join("second");
-    // The first worker leaves a child that ignores SIGTERM and dies; the second just runs.
+    // The first worker leaves a child that ignores SIGTERM and dies; the second just runs. The
+    // first worker exits only once the child has set its trap (it says so with a file), or
+    // corepool's SIGTERM could reach the child first and kill it.
     let script = format!(
-        "if [ -e {m} ]; then exec sleep 60; fi; touch {m}; (trap '' TERM; sleep 60) & exit 3",
+        "if [ -e {m} ]; then exec sleep 60; fi; touch {m}; \
+         (trap '' TERM; touch {m}.trapped; exec sleep 60) & \
+         while [ ! -e {m}.trapped ]; do sleep 0.01; done; exit 3",
         m = marker.display()
     );
     let mut run = Run::start(
