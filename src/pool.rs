@@ -138,6 +138,10 @@ pub struct Pool {
     last_status: Option<ExitStatus>,
     /// Some group needed SIGKILL.
     any_killed: bool,
+    /// Once a stop has begun: when its kill timeout runs out. Everything drained during the
+    /// stop shares it, so a chain of setsid'd processes that each appear only when the one
+    /// above is killed costs one kill timeout, not one per level.
+    stop_deadline: Option<Instant>,
 }
 
 impl Pool {
@@ -185,6 +189,7 @@ impl Pool {
             ending: None,
             last_status: None,
             any_killed: false,
+            stop_deadline: None,
         }
     }
 
@@ -411,6 +416,7 @@ impl Pool {
                 Some(_) => {
                     tracing::warn!("{sig} again: killing every remaining process group now");
                     let now = Instant::now();
+                    self.stop_deadline = Some(now);
                     for drain in &mut self.drains {
                         drain.deadline = drain.deadline.min(now);
                         drain.signal_at = drain.signal_at.map(|at| at.min(now));
@@ -442,6 +448,7 @@ impl Pool {
     /// starts draining them.
     fn begin_stop(&mut self, ending: Ending) {
         self.ending = Some(ending);
+        self.stop_deadline = Some(Instant::now() + self.config.kill_timeout);
         self.balancer.close();
         self.reload_pending = false;
         if self.reload.take().is_some() {
@@ -766,10 +773,14 @@ impl Pool {
         } else {
             Some(now + delay)
         };
+        let mut deadline = now + delay + self.config.kill_timeout;
+        if let Some(stop) = self.stop_deadline {
+            deadline = deadline.min(stop);
+        }
         self.drains.push(Drain {
             target,
             signal_at,
-            deadline: now + delay + self.config.kill_timeout,
+            deadline,
             killed: false,
         });
     }

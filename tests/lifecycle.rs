@@ -491,6 +491,35 @@ fn a_command_that_cannot_exec_fails_at_the_first_start() {
 /// A SIGKILL that ended a crashed worker's leftovers long before the stop does not make a
 /// clean stop exit 1: only kills the stop itself needed count.
 #[test]
+fn a_setsid_chain_that_ignores_sigterm_gets_one_kill_timeout_in_all() {
+    // Three levels, each in a session of its own and ignoring SIGTERM: each level becomes
+    // corepool's child only when the one above it is killed. The stop has one deadline for all.
+    let level3 = "trap '' TERM; echo level3; exec sleep 60";
+    let level2 = format!("trap '' TERM; setsid sh -c \"{level3}\" & exec sleep 60");
+    let level1 = format!(
+        "trap '' TERM; setsid sh -c '{}' & exec sleep 60",
+        level2.replace('\'', "'\\''")
+    );
+    let mut run = Run::start(
+        &["-i", "1", "--kill-timeout", "2s", "--", "sh", "-c", &level1],
+        &[],
+    );
+    run.wait_stdout("level3", 1, SECS(10));
+    let started = Instant::now();
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(20)), 1, "{}", run.stderr());
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(1900),
+        "SIGKILL came before the kill timeout: {took:?}"
+    );
+    assert!(
+        took < SECS(5),
+        "the stop took {took:?}: a kill timeout for each level of the chain"
+    );
+}
+
+#[test]
 fn an_earlier_kill_does_not_make_a_clean_stop_unclean() {
     let dir = scratch("earlykill");
     let marker = dir.join("second");
