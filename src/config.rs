@@ -129,6 +129,19 @@ pub const OPTIONS: &[OptSpec] = &[
         help: "Consecutive short-lived exits after which a worker slot is given up (0: never)",
     },
     OptSpec {
+        key: "fail_fast",
+        long: "fail-fast",
+        short: None,
+        env: "COREPOOL_FAIL_FAST",
+        fallback_env: None,
+        switch: false,
+        value_name: "DURATION",
+        default: "10s",
+        help: "While no worker has ever served, a failing slot is given up once this long has \
+               passed since start, so an app that cannot start ends the pool fast (0: only \
+               --max-restarts gives up)",
+    },
+    OptSpec {
         key: "log_format",
         long: "log-format",
         short: None,
@@ -404,6 +417,7 @@ pub struct Config {
     pub max_restart_delay: Duration,
     pub min_uptime: Duration,
     pub max_restarts: u32,
+    pub fail_fast: Duration,
     pub log_format: LogFormat,
     pub log_level: LevelFilter,
     pub port: u16,
@@ -1006,6 +1020,7 @@ fn resolve_from(
     }
     let (min_uptime, _) = r.get("min_uptime", parse_duration, dur)?;
     let (max_restarts, _) = r.get("max_restarts", parse_count, u32::to_string)?;
+    let (fail_fast, _) = r.get("fail_fast", parse_duration, dur)?;
     let (log_format, _) = r.get("log_format", LogFormat::parse, |f: &LogFormat| {
         quoted(f.name())
     })?;
@@ -1074,6 +1089,7 @@ fn resolve_from(
         max_restart_delay,
         min_uptime,
         max_restarts,
+        fail_fast,
         log_format,
         log_level,
         port,

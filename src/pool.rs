@@ -142,6 +142,10 @@ pub struct Pool {
     /// stop shares it, so a chain of setsid'd processes that each appear only when the one
     /// above is killed costs one kill timeout, not one per level.
     stop_deadline: Option<Instant>,
+    /// When the pool started, for `--fail-fast`.
+    started_at: Instant,
+    /// Some worker has served: been ready for `--min-uptime`. Until then `--fail-fast` holds.
+    served: bool,
 }
 
 impl Pool {
@@ -161,6 +165,7 @@ impl Pool {
             max_delay: config.max_restart_delay,
             min_uptime: config.min_uptime,
             max_restarts: config.max_restarts,
+            fail_fast: config.fail_fast,
         };
         let workers = (0..config.instances)
             .map(|slot| Worker::new(slot, now))
@@ -190,6 +195,8 @@ impl Pool {
             last_status: None,
             any_killed: false,
             stop_deadline: None,
+            started_at: now,
+            served: false,
         }
     }
 
@@ -351,8 +358,12 @@ impl Pool {
     fn after_exit(&mut self, i: usize, status: ExitStatus, now: Instant) {
         self.last_status = Some(status);
         let stopping = self.ending.is_some();
+        self.served |= self.workers[i].serving_for(now) >= Some(self.rules.min_uptime);
+        let fail_fast = !self.served
+            && !self.rules.fail_fast.is_zero()
+            && now.saturating_duration_since(self.started_at) >= self.rules.fail_fast;
         let worker = &mut self.workers[i];
-        match worker.exited(status, now, &self.rules, stopping) {
+        match worker.exited(status, now, &self.rules, stopping, fail_fast) {
             AfterExit::RestartAt(at) => tracing::info!(
                 "worker {} restarts in {} (restart {}, {} short-lived exits in a row)",
                 worker.slot,
@@ -361,12 +372,25 @@ impl Pool {
                 worker.failures
             ),
             AfterExit::GaveUp => {
-                tracing::error!(
-                    "worker {} given up after {} consecutive exits within {}",
-                    worker.slot,
-                    worker.failures,
-                    human(self.rules.min_uptime)
-                );
+                let by_count =
+                    self.rules.max_restarts > 0 && worker.failures >= self.rules.max_restarts;
+                if by_count {
+                    tracing::error!(
+                        "worker {} given up after {} failed runs in a row (each exited within \
+                         {} of its start, or before it was ready)",
+                        worker.slot,
+                        worker.failures,
+                        human(self.rules.min_uptime)
+                    );
+                } else {
+                    tracing::error!(
+                        "worker {} given up ({status}): no worker has served in the {} since \
+                         start (--fail-fast), and it failed {} times in a row",
+                        worker.slot,
+                        human(self.rules.fail_fast),
+                        worker.failures,
+                    );
+                }
                 let slot = worker.slot;
                 self.balancer.abandon(slot);
             }
@@ -533,6 +557,13 @@ impl Pool {
         if self.ending.is_some() {
             return;
         }
+        if !self.served {
+            let min_uptime = self.rules.min_uptime;
+            self.served = self
+                .workers
+                .iter()
+                .any(|w| w.serving_for(now) >= Some(min_uptime));
+        }
         let timeout = self.config.ready_timeout;
         for i in 0..self.workers.len() {
             if let Some(pid) = self.workers[i].unready_for(timeout, now) {
@@ -541,8 +572,10 @@ impl Pool {
                         "its private port ($PORT on 127.0.0.1) never accepted a connection"
                     }
                     _ => {
-                        "a Node server reports itself through corepool's preload; another \
-                         program sends READY=1 to $NOTIFY_SOCKET, or use --balance proxy"
+                        "a Node server reports itself through corepool's preload when it \
+                         listens; another program sends READY=1 to $NOTIFY_SOCKET, or use \
+                         --balance proxy. A worker that serves no port (a queue consumer) \
+                         wants --balance none; one that listens on another port wants --port"
                     }
                 };
                 tracing::warn!(

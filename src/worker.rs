@@ -59,6 +59,9 @@ pub struct RestartRules {
     pub min_uptime: Duration,
     /// Consecutive short-lived exits before giving up; 0 never gives up.
     pub max_restarts: u32,
+    /// While the pool has never served, a failing slot is given up once this long has passed
+    /// since the pool started (zero: only `max_restarts` gives up).
+    pub fail_fast: Duration,
 }
 
 impl RestartRules {
@@ -162,6 +165,16 @@ impl Worker {
         matches!(self.state, State::Running { ready: true, .. })
     }
 
+    /// How long the slot's process has been up, if it is running and ready.
+    pub fn serving_for(&self, now: Instant) -> Option<Duration> {
+        match self.state {
+            State::Running {
+                since, ready: true, ..
+            } => Some(now.saturating_duration_since(since)),
+            _ => None,
+        }
+    }
+
     /// A running process that has not become ready within `timeout`.
     pub fn unready_for(&self, timeout: Duration, now: Instant) -> Option<Pid> {
         match self.state {
@@ -225,16 +238,20 @@ impl Worker {
     }
 
     /// Verb `exited`: the kernel reported the leader's exit. `pool_stopping` overrides the
-    /// restart policy.
+    /// restart policy; `fail_fast` says the pool has never served and its start-up window is
+    /// over, so a failure gives the slot up at once.
     pub fn exited(
         &mut self,
         status: ExitStatus,
         now: Instant,
         rules: &RestartRules,
         pool_stopping: bool,
+        fail_fast: bool,
     ) -> AfterExit {
         let (since, forced) = match self.state {
-            State::Running { since, .. } => (since, false),
+            // An exit before the worker ever became ready is a failure, whatever its age: a
+            // late timer must not make a crash at start look like a long life.
+            State::Running { since, ready, .. } => (since, !ready),
             State::Stopping { restart: true, .. } if !pool_stopping => (now, true),
             State::Stopping { .. } => {
                 self.state = State::Done {
@@ -247,7 +264,7 @@ impl Worker {
         // A worker stopped for never becoming ready counts as a failure, whatever its age.
         let short_lived = forced || now.saturating_duration_since(since) < rules.min_uptime;
         self.failures = if short_lived { self.failures + 1 } else { 0 };
-        let wanted = forced
+        let wanted = matches!(self.state, State::Stopping { restart: true, .. })
             || match rules.policy {
                 RestartPolicy::Always => true,
                 RestartPolicy::OnFailure => !status.success(),
@@ -259,7 +276,9 @@ impl Worker {
             };
             return AfterExit::Finished;
         }
-        if rules.max_restarts > 0 && self.failures >= rules.max_restarts {
+        if (short_lived && fail_fast)
+            || (rules.max_restarts > 0 && self.failures >= rules.max_restarts)
+        {
             self.state = State::GivenUp { status };
             return AfterExit::GaveUp;
         }
@@ -281,6 +300,7 @@ mod tests {
             max_delay: Duration::from_secs(1),
             min_uptime: Duration::from_secs(1),
             max_restarts: 3,
+            fail_fast: Duration::ZERO,
         }
     }
 
@@ -305,16 +325,16 @@ mod tests {
         let mut w = running(t0);
         let crash = ExitStatus::Code(1);
         assert_eq!(
-            w.exited(crash, t0, &r, false),
+            w.exited(crash, t0, &r, false, false),
             AfterExit::RestartAt(t0 + Duration::from_millis(100))
         );
         w.started(Pid::from_raw(11), t0, true);
         assert_eq!(
-            w.exited(crash, t0, &r, false),
+            w.exited(crash, t0, &r, false, false),
             AfterExit::RestartAt(t0 + Duration::from_millis(200))
         );
         w.started(Pid::from_raw(12), t0, true);
-        assert_eq!(w.exited(crash, t0, &r, false), AfterExit::GaveUp);
+        assert_eq!(w.exited(crash, t0, &r, false, false), AfterExit::GaveUp);
         assert_eq!(w.state, State::GivenUp { status: crash });
         assert_eq!(w.restarts, 2);
     }
@@ -324,14 +344,14 @@ mod tests {
         let r = rules(RestartPolicy::Always);
         let t0 = Instant::now();
         let mut w = running(t0);
-        w.exited(ExitStatus::Code(1), t0, &r, false);
+        w.exited(ExitStatus::Code(1), t0, &r, false, false);
         w.started(Pid::from_raw(11), t0, true);
-        w.exited(ExitStatus::Code(1), t0, &r, false);
+        w.exited(ExitStatus::Code(1), t0, &r, false, false);
         assert_eq!(w.failures, 2);
         w.started(Pid::from_raw(12), t0, true);
         let later = t0 + Duration::from_secs(5);
         assert_eq!(
-            w.exited(ExitStatus::Code(1), later, &r, false),
+            w.exited(ExitStatus::Code(1), later, &r, false, false),
             AfterExit::RestartAt(later + Duration::from_millis(100))
         );
         assert_eq!(w.failures, 0);
@@ -347,6 +367,7 @@ mod tests {
                 ExitStatus::Code(0),
                 later,
                 &rules(RestartPolicy::OnFailure),
+                false,
                 false
             ),
             AfterExit::Finished
@@ -357,6 +378,7 @@ mod tests {
                 ExitStatus::Code(2),
                 later,
                 &rules(RestartPolicy::OnFailure),
+                false,
                 false
             ),
             AfterExit::RestartAt(_)
@@ -367,6 +389,7 @@ mod tests {
                 ExitStatus::Code(2),
                 later,
                 &rules(RestartPolicy::Never),
+                false,
                 false
             ),
             AfterExit::Finished
@@ -377,7 +400,8 @@ mod tests {
                 ExitStatus::Code(2),
                 later,
                 &rules(RestartPolicy::Always),
-                true
+                true,
+                false
             ),
             AfterExit::Finished
         );
@@ -389,6 +413,7 @@ mod tests {
                 ExitStatus::Code(0),
                 later,
                 &rules(RestartPolicy::Always),
+                false,
                 false
             ),
             AfterExit::Finished
@@ -396,5 +421,45 @@ mod tests {
         let mut w = Worker::new(1, t0);
         w.stopping();
         assert_eq!(w.state, State::Done { status: None });
+    }
+
+    #[test]
+    fn an_exit_before_ready_is_a_failure_whatever_its_age() {
+        let r = rules(RestartPolicy::Always);
+        let t0 = Instant::now();
+        let later = t0 + Duration::from_secs(5);
+        let mut w = Worker::new(0, t0);
+        w.started(Pid::from_raw(10), t0, false);
+        assert!(matches!(
+            w.exited(ExitStatus::Code(3), later, &r, false, false),
+            AfterExit::RestartAt(_)
+        ));
+        assert_eq!(w.failures, 1);
+        w.started(Pid::from_raw(11), later, false);
+        w.exited(
+            ExitStatus::Code(3),
+            later + Duration::from_secs(5),
+            &r,
+            false,
+            false,
+        );
+        assert_eq!(w.failures, 2);
+    }
+
+    #[test]
+    fn fail_fast_gives_up_a_failure_but_not_a_long_life() {
+        let r = rules(RestartPolicy::Always);
+        let t0 = Instant::now();
+        let mut w = running(t0);
+        assert_eq!(
+            w.exited(ExitStatus::Code(1), t0, &r, false, true),
+            AfterExit::GaveUp
+        );
+        let mut w = running(t0);
+        let later = t0 + Duration::from_secs(5);
+        assert!(matches!(
+            w.exited(ExitStatus::Code(1), later, &r, false, true),
+            AfterExit::RestartAt(_)
+        ));
     }
 }

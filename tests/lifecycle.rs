@@ -147,6 +147,82 @@ fn crash_loop_backs_off_then_the_pool_dies_with_the_worker_status() {
 }
 
 #[test]
+fn an_app_that_cannot_start_ends_the_pool_within_the_fail_fast_window() {
+    // A syntax error: every start fails at once. With the default --fail-fast (10s) the pool
+    // ends with the app's code in about ten seconds, not after 16 doubling backoffs (~130 s).
+    let port = free_port();
+    let started = Instant::now();
+    let args = socket_args(2, port, &["--", "node", "-e", "this is not javascript("]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _out, err) = run_to_end(&args, &[], SECS(40));
+    let took = started.elapsed();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("(--fail-fast)"), "{err}");
+    assert!(
+        took >= SECS(9),
+        "gave up before the window: {took:?}\n{err}"
+    );
+    assert!(took < SECS(30), "took {took:?}\n{err}");
+}
+
+#[test]
+fn a_worker_that_dies_before_it_is_ready_is_a_failure_whatever_its_age() {
+    // Never listens, exits 3 after 1.5 s (older than --min-uptime): each exit is a failure.
+    let port = free_port();
+    let started = Instant::now();
+    let args = socket_args(
+        1,
+        port,
+        &[
+            "--fail-fast",
+            "2s",
+            "--",
+            "node",
+            "-e",
+            "setTimeout(() => process.exit(3), 1500)",
+        ],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _out, err) = run_to_end(&args, &[], SECS(40));
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("1 short-lived exits in a row"), "{err}");
+    assert!(err.contains("(--fail-fast)"), "{err}");
+    assert!(started.elapsed() < SECS(20), "{err}");
+}
+
+#[test]
+fn a_pool_that_has_served_keeps_the_patient_backoff() {
+    // The first run serves (lives 1.5 s); then every run fails at once. --fail-fast 1s is long
+    // over by then, but it no longer applies: --max-restarts decides.
+    let dir = scratch("served");
+    let script = format!(
+        "if [ -e {m} ]; then exit 1; fi; touch {m}; sleep 1.5; exit 1",
+        m = dir.join("served").display()
+    );
+    let (code, _out, err) = run_to_end(
+        &[
+            "-i",
+            "1",
+            "--fail-fast",
+            "1s",
+            "--max-restarts",
+            "3",
+            "--max-restart-delay",
+            "100ms",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        &[],
+        SECS(20),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("given up after 3 failed runs"), "{err}");
+    assert!(!err.contains("--fail-fast"), "{err}");
+}
+
+#[test]
 fn pool_death_by_signal_reports_128_plus_n() {
     let (code, _, err) = run_to_end(
         &[
