@@ -151,11 +151,15 @@ impl LaunchSpec {
             report: exec_w.as_raw_fd(),
         };
         // The identity to take, as plain numbers (no allocation after fork).
-        let credentials = self.user.as_ref().filter(|u| u.switch).map(|u| Credentials {
-            uid: u.uid,
-            gid: u.gid,
-            groups: &u.groups,
-        });
+        let credentials = self
+            .user
+            .as_ref()
+            .filter(|u| u.switch)
+            .map(|u| Credentials {
+                uid: u.uid,
+                gid: u.gid,
+                groups: &u.groups,
+            });
 
         let blocked = AllSignalsBlocked::new()?;
         // SAFETY: after fork the child only calls async-signal-safe functions on memory
@@ -183,11 +187,12 @@ impl LaunchSpec {
         match read_exec_report(exec_r) {
             Some((Step::Exec, errno)) => Err(io::Error::from_raw_os_error(errno)),
             Some((step, errno)) => {
-                let kind = io::Error::from_raw_os_error(errno).kind();
+                // Whatever the errno (EPERM, or EINVAL for an id a user namespace does not
+                // map), the worker cannot run as asked: the pool's "not executable" case.
                 let why = nix::errno::Errno::from_raw(errno).desc();
                 let user = self.user.as_ref().map(RunAs::describe).unwrap_or_default();
                 Err(io::Error::new(
-                    kind,
+                    io::ErrorKind::PermissionDenied,
                     format!("cannot become user {user}: {}: {why}", step.name()),
                 ))
             }
@@ -506,6 +511,40 @@ mod tests {
         assert!(text.contains(&"PATH=/x".to_string()));
         assert!(!text.iter().any(|e| e.starts_with("HOME=")));
         assert!(text[at.unwrap()].starts_with("LISTEN_PID="));
+    }
+
+    #[test]
+    fn environment_of_another_user() {
+        let user = RunAs {
+            spec: "12345".into(),
+            uid: 12345,
+            gid: 12345,
+            groups: vec![12345],
+            name: None,
+            home: "/".into(),
+            switch: true,
+        };
+        let io = WorkerIo {
+            env: vec![("COREPOOL_WORKER".into(), "0".into())],
+            ..WorkerIo::default()
+        };
+        let (env, _) = environment(&io, Some(&user)).unwrap();
+        let text: Vec<String> = env
+            .iter()
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            text.iter()
+                .filter(|e| e.starts_with("HOME="))
+                .collect::<Vec<_>>(),
+            ["HOME=/"]
+        );
+        assert!(
+            !text
+                .iter()
+                .any(|e| e.starts_with("USER=") || e.starts_with("LOGNAME="))
+        );
+        assert!(text.contains(&"COREPOOL_WORKER=0".to_string()));
     }
 
     #[test]

@@ -47,8 +47,13 @@ impl RunAs {
 
     /// For messages: `nobody (uid 65534, gid 65534)`.
     pub fn describe(&self) -> String {
-        format!("{} (uid {}, gid {})", self.spec, self.uid, self.gid)
+        format!("{} (uid {}, gid {})", shown(&self.spec), self.uid, self.gid)
     }
+}
+
+/// A name as written, with control characters escaped: errors stay on one line.
+fn shown(text: &str) -> String {
+    text.escape_debug().to_string()
 }
 
 fn number(text: &str) -> Option<u32> {
@@ -71,7 +76,7 @@ pub fn parse_user(text: &str) -> Result<Option<RunAs>, String> {
         None => (t, None),
     };
     if user.is_empty() || group.is_some_and(str::is_empty) {
-        return Err(format!("'{t}' is not USER or USER:GROUP"));
+        return Err(format!("'{}' is not USER or USER:GROUP", shown(t)));
     }
     let passwd_error = |err: nix::Error| format!("cannot read /etc/passwd: {}", err.desc());
     let (entry, uid) = match number(user) {
@@ -80,12 +85,12 @@ pub fn parse_user(text: &str) -> Result<Option<RunAs>, String> {
             uid,
         ),
         None if user.bytes().all(|b| b.is_ascii_digit()) => {
-            return Err(format!("'{user}' is not a valid uid"));
+            return Err(format!("'{}' is not a valid uid", shown(user)));
         }
         None => {
             let entry = User::from_name(user)
                 .map_err(passwd_error)?
-                .ok_or_else(|| format!("no user '{user}' in /etc/passwd"))?;
+                .ok_or_else(|| format!("no user '{}' in /etc/passwd", shown(user)))?;
             let uid = entry.uid.as_raw();
             (Some(entry), uid)
         }
@@ -94,11 +99,11 @@ pub fn parse_user(text: &str) -> Result<Option<RunAs>, String> {
         Some(group) => match number(group) {
             Some(gid) => gid,
             None if group.bytes().all(|b| b.is_ascii_digit()) => {
-                return Err(format!("'{group}' is not a valid gid"));
+                return Err(format!("'{}' is not a valid gid", shown(group)));
             }
             None => Group::from_name(group)
                 .map_err(|err| format!("cannot read /etc/group: {}", err.desc()))?
-                .ok_or_else(|| format!("no group '{group}' in /etc/group"))?
+                .ok_or_else(|| format!("no group '{}' in /etc/group", shown(group)))?
                 .gid
                 .as_raw(),
         },
@@ -107,12 +112,12 @@ pub fn parse_user(text: &str) -> Result<Option<RunAs>, String> {
     let groups = match (&entry, group) {
         (Some(entry), None) => {
             let name = CString::new(entry.name.as_bytes())
-                .map_err(|_| format!("user '{}' has a NUL in its name", entry.name))?;
+                .map_err(|_| format!("user '{}' has a NUL in its name", shown(&entry.name)))?;
             nix::unistd::getgrouplist(&name, Gid::from_raw(gid))
                 .map_err(|err| {
                     format!(
                         "cannot list the groups of '{}' in /etc/group: {}",
-                        entry.name,
+                        shown(&entry.name),
                         err.desc()
                     )
                 })?
@@ -132,7 +137,8 @@ pub fn parse_user(text: &str) -> Result<Option<RunAs>, String> {
     if euid != 0 && switch {
         return Err(format!(
             "corepool runs as uid {euid} gid {egid}, not root, so it cannot start workers as \
-             {t} (uid {uid}, gid {gid}): run corepool as root, or drop --user"
+             {} (uid {uid}, gid {gid}): run corepool as root, or drop --user",
+            shown(t)
         ));
     }
     Ok(Some(RunAs {
@@ -166,6 +172,8 @@ mod tests {
         assert_eq!(err, "no user 'no-such-user-xyz' in /etc/passwd");
         let err = parse_user("root:no-such-group-xyz").unwrap_err();
         assert_eq!(err, "no group 'no-such-group-xyz' in /etc/group");
+        let err = parse_user("a\nb").unwrap_err();
+        assert_eq!(err, "no user 'a\\nb' in /etc/passwd");
     }
 
     #[test]
@@ -176,7 +184,10 @@ mod tests {
             return;
         }
         let lone = parse_user("4242").unwrap().unwrap();
-        assert_eq!((lone.uid, lone.gid, lone.groups.clone()), (4242, 4242, vec![4242]));
+        assert_eq!(
+            (lone.uid, lone.gid, lone.groups.clone()),
+            (4242, 4242, vec![4242])
+        );
         assert_eq!(lone.name, None);
         assert_eq!(lone.home, "/");
         let grouped = parse_user("4242:77").unwrap().unwrap();

@@ -105,7 +105,9 @@ fn a_numeric_uid_without_entry_runs_with_gid_uid_and_home_root() {
         .expect("a group named for nobody's gid");
     assert_eq!(
         who(&format!("12345:{nogroup}")),
-        format!("who uid=12345 gid={nogroup_gid} groups={nogroup_gid} home=/ user=unset logname=unset")
+        format!(
+            "who uid=12345 gid={nogroup_gid} groups={nogroup_gid} home=/ user=unset logname=unset"
+        )
     );
 }
 
@@ -116,8 +118,8 @@ fn supplementary_groups_come_from_etc_group() {
     require_root();
     require("unshare");
     let dir = scratch("user-etc");
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap()
-        + "app:x:2001:2001:app:/home/app:/bin/sh\n";
+    let passwd =
+        std::fs::read_to_string("/etc/passwd").unwrap() + "app:x:2001:2001:app:/home/app:/bin/sh\n";
     let group = std::fs::read_to_string("/etc/group").unwrap()
         + "app:x:2001:\nshared:x:3001:other,app\nextra:x:3002:app\nnotmine:x:3003:other\n";
     std::fs::write(dir.join("passwd"), passwd).unwrap();
@@ -284,7 +286,16 @@ fn a_refused_credential_change_is_one_clear_line() {
     let mut cmd = Command::new("setpriv");
     cmd.args(["--bounding-set", "-setuid,-setgid", "--"])
         .arg(bin())
-        .args(["-i", "1", "--user", "nobody", "--", "sh", "-c", "echo worker-ran"]);
+        .args([
+            "-i",
+            "1",
+            "--user",
+            "nobody",
+            "--",
+            "sh",
+            "-c",
+            "echo worker-ran",
+        ]);
     let mut run = Run::from_command(cmd, &[]);
     let code = run.exit_code(SECS(20));
     let stderr = run.stderr();
@@ -310,10 +321,17 @@ fn a_corepool_that_is_not_root_cannot_run_workers_as_another_user() {
     let nobody = id_of("-u", "nobody");
     let as_nobody = |user: &str| {
         let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid", &nobody, "--regid", &nobody, "--clear-groups", "--"])
-            .arg(bin())
-            .args(["-i", "1", "--restart", "never", "--user", user, "--"])
-            .args(["sh", "-c", WHOAMI]);
+        cmd.args([
+            "--reuid",
+            &nobody,
+            "--regid",
+            &nobody,
+            "--clear-groups",
+            "--",
+        ])
+        .arg(bin())
+        .args(["-i", "1", "--restart", "never", "--user", user, "--"])
+        .args(["sh", "-c", WHOAMI]);
         let mut run = Run::from_command(cmd, &[]);
         let code = run.exit_code(SECS(20));
         (code, run.stdout(), run.stderr())
