@@ -11,6 +11,7 @@ use crate::balance::Mode;
 use crate::cgroup::{self, CpuReport};
 use crate::logs::LogFormat;
 use crate::signals::parse_signal;
+use crate::user::{RunAs, parse_user};
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use nix::sys::signal::Signal;
@@ -287,6 +288,18 @@ pub const OPTIONS: &[OptSpec] = &[
         help: "Replace, gracefully and one at a time, a worker whose process group stays above \
                this RSS (e.g. 512MiB)",
     },
+    OptSpec {
+        key: "user",
+        long: "user",
+        short: None,
+        env: "COREPOOL_USER",
+        fallback_env: None,
+        switch: false,
+        value_name: "USER[:GROUP]",
+        default: "off",
+        help: "Run the workers as this user (and group): names from /etc/passwd and /etc/group, \
+               or numbers. corepool itself stays root",
+    },
 ];
 
 /// The config file given by flag or variable, else this one when present.
@@ -431,6 +444,8 @@ pub struct Config {
     pub shutdown_delay: Duration,
     pub heap_share: bool,
     pub max_memory: Option<u64>,
+    /// `--user`: who the workers run as (None: corepool's own user).
+    pub user: Option<RunAs>,
     pub cpu: CpuReport,
     /// For `--print-config`: each key, its value as TOML, and a comment on where it came from.
     pub provenance: Vec<(String, String, String)>,
@@ -1078,6 +1093,9 @@ fn resolve_from(
     let (max_memory, _) = r.get("max_memory", parse_optional_size, |m: &Option<u64>| {
         m.map(|b| b.to_string()).unwrap_or_else(|| quoted("off"))
     })?;
+    let (user, _) = r.get("user", parse_user, |u: &Option<RunAs>| {
+        quoted(u.as_ref().map_or("off", |u| u.spec.as_str()))
+    })?;
 
     Ok(Config {
         command,
@@ -1103,6 +1121,7 @@ fn resolve_from(
         shutdown_delay,
         heap_share,
         max_memory,
+        user,
         cpu,
         provenance: r.provenance,
         unknown_env: unknown_variables(std::env::vars_os().map(|(name, _)| name)),

@@ -7,18 +7,22 @@
 //! corepool prepares everything in the parent (every allocation happens before `fork`), and the
 //! child makes only async-signal-safe system calls before `execve`:
 //!
-//! 1. its own process group (`setpgid(0, 0)`), so `kill(-pgid)` reaches it and all it starts,
-//!    and SIGKILL as its parent-death signal, so it cannot outlive a killed corepool;
+//! 1. its own process group (`setpgid(0, 0)`), so `kill(-pgid)` reaches it and all it starts;
+//!    with `--user`, its supplementary groups, gid and uid (`setgroups`, `setgid`, `setuid`,
+//!    in that order); then SIGKILL as its parent-death signal (after the credentials, whose
+//!    change would clear it), so it cannot outlive a killed corepool;
 //! 2. an empty signal mask and default dispositions (see `signals::reset_for_exec`);
 //! 3. stdin from /dev/null, stdout and stderr into pipes that corepool reads line by line;
 //! 4. every inherited descriptor from 3 up marked close-on-exec, then the descriptors handed
 //!    down on purpose (the listening socket as fd 3, the readiness pipe as fd 4) placed;
 //! 5. `LISTEN_PID` written as its own pid, then `execve`.
 //!
-//! If `execve` fails the child writes errno to a close-on-exec pipe and exits 127; the parent
-//! reads it and reports the error. The parent never waits for the child: the reaper does.
+//! If a step fails the child writes which one and errno to a close-on-exec pipe and exits 127;
+//! the parent reads them and reports the error. The parent never waits for the child: the
+//! reaper does.
 
 use crate::signals;
+use crate::user::RunAs;
 use nix::unistd::Pid;
 use std::ffi::{CString, OsString};
 use std::io;
@@ -34,6 +38,8 @@ pub struct LaunchSpec {
     pub program: PathBuf,
     /// argv, argv[0] as the user wrote it.
     pub argv: Vec<String>,
+    /// `--user`: the identity the worker takes before exec.
+    pub user: Option<RunAs>,
 }
 
 /// What one particular worker gets on top of the spec: variables and descriptors.
@@ -66,13 +72,22 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// The environment of one worker: corepool's own, minus `unset` and the names in `set`, plus
-/// `set` (where a name is set twice, the later value). `LISTEN_PID` gets a placeholder the
-/// child fills in.
-fn environment(io: &WorkerIo) -> io::Result<(Vec<CString>, Option<usize>)> {
+/// `set` (where a name is set twice, the later value). `--user` sets HOME, USER and LOGNAME
+/// (the worker's own variables still win). `LISTEN_PID` gets a placeholder the child fills in.
+fn environment(io: &WorkerIo, user: Option<&RunAs>) -> io::Result<(Vec<CString>, Option<usize>)> {
+    let mut set: Vec<(String, String)> = Vec::new();
+    let mut unset: Vec<&str> = io.unset.clone();
+    for (name, value) in user.map(RunAs::env).unwrap_or_default() {
+        match value {
+            Some(value) => set.push((name.into(), value)),
+            None => unset.push(name),
+        }
+    }
+    set.extend(io.env.iter().cloned());
     let overridden = |name: &OsString| {
         let name = name.as_bytes();
-        io.env.iter().any(|(k, _)| k.as_bytes() == name)
-            || io.unset.iter().any(|k| k.as_bytes() == name)
+        set.iter().any(|(k, _)| k.as_bytes() == name)
+            || unset.iter().any(|k| k.as_bytes() == name)
             || (io.listen_pid && name == b"LISTEN_PID")
     };
     let mut env = Vec::new();
@@ -84,8 +99,8 @@ fn environment(io: &WorkerIo) -> io::Result<(Vec<CString>, Option<usize>)> {
         }
     }
     // One entry per name, the last setting winning: with two, getenv(3) would see the first.
-    for (k, (name, value)) in io.env.iter().enumerate() {
-        if !io.env[k + 1..].iter().any(|(later, _)| later == name) {
+    for (k, (name, value)) in set.iter().enumerate() {
+        if !set[k + 1..].iter().any(|(later, _)| later == name) {
             env.push(cstring(format!("{name}={value}").as_bytes())?);
         }
     }
@@ -109,7 +124,7 @@ impl LaunchSpec {
             .collect::<io::Result<_>>()?;
         let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
         argv_ptrs.push(std::ptr::null());
-        let (env, listen_pid_at) = environment(io)?;
+        let (env, listen_pid_at) = environment(io, self.user.as_ref())?;
         let mut envp: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
         envp.push(std::ptr::null());
         let listen_pid_buf: *mut u8 = match listen_pid_at {
@@ -135,6 +150,16 @@ impl LaunchSpec {
             stderr: err_w.as_raw_fd(),
             report: exec_w.as_raw_fd(),
         };
+        // The identity to take, as plain numbers (no allocation after fork).
+        let credentials = self
+            .user
+            .as_ref()
+            .filter(|u| u.switch)
+            .map(|u| Credentials {
+                uid: u.uid,
+                gid: u.gid,
+                groups: &u.groups,
+            });
 
         let blocked = AllSignalsBlocked::new()?;
         // SAFETY: after fork the child only calls async-signal-safe functions on memory
@@ -148,6 +173,7 @@ impl LaunchSpec {
             unsafe {
                 child_exec(
                     &child_fds,
+                    credentials.as_ref(),
                     &io.fds,
                     listen_pid_buf,
                     program.as_ptr(),
@@ -159,7 +185,17 @@ impl LaunchSpec {
         drop((blocked, out_w, err_w, exec_w, devnull));
         let pid = Pid::from_raw(pid);
         match read_exec_report(exec_r) {
-            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            Some((Step::Exec, errno)) => Err(io::Error::from_raw_os_error(errno)),
+            Some((step, errno)) => {
+                // Whatever the errno (EPERM, or EINVAL for an id a user namespace does not
+                // map), the worker cannot run as asked: the pool's "not executable" case.
+                let why = nix::errno::Errno::from_raw(errno).desc();
+                let user = self.user.as_ref().map(RunAs::describe).unwrap_or_default();
+                Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!("cannot become user {user}: {}: {why}", step.name()),
+                ))
+            }
             None => Ok(Launched {
                 pid,
                 stdout: out_r,
@@ -198,11 +234,49 @@ impl Drop for AllSignalsBlocked {
     }
 }
 
-/// The errno a failed exec reported, or None once exec closed the pipe.
-fn read_exec_report(pipe: OwnedFd) -> Option<i32> {
-    let mut buf = [0u8; 4];
+/// The step of the child that failed: written with errno to the report pipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+enum Step {
+    /// execve, or the set-up around it (process group, descriptors, signals).
+    Exec = 0,
+    SetGroups = 1,
+    SetGid = 2,
+    SetUid = 3,
+}
+
+impl Step {
+    fn from_raw(raw: i32) -> Step {
+        match raw {
+            1 => Step::SetGroups,
+            2 => Step::SetGid,
+            3 => Step::SetUid,
+            _ => Step::Exec,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Step::Exec => "execve",
+            Step::SetGroups => "setgroups",
+            Step::SetGid => "setgid",
+            Step::SetUid => "setuid",
+        }
+    }
+}
+
+/// The identity the child takes, borrowed from the `RunAs` prepared before the fork.
+struct Credentials<'a> {
+    uid: u32,
+    gid: u32,
+    groups: &'a [libc::gid_t],
+}
+
+/// The step and errno a failed child reported, or None once exec closed the pipe.
+fn read_exec_report(pipe: OwnedFd) -> Option<(Step, i32)> {
+    let mut buf = [0u8; 8];
     let mut got = 0;
-    while got < 4 {
+    while got < 8 {
         match nix::unistd::read(&pipe, &mut buf[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
@@ -210,7 +284,13 @@ fn read_exec_report(pipe: OwnedFd) -> Option<i32> {
             Err(_) => break,
         }
     }
-    (got == 4).then(|| i32::from_ne_bytes(buf))
+    (got == 8).then(|| {
+        let [s0, s1, s2, s3, e0, e1, e2, e3] = buf;
+        (
+            Step::from_raw(i32::from_ne_bytes([s0, s1, s2, s3])),
+            i32::from_ne_bytes([e0, e1, e2, e3]),
+        )
+    })
 }
 
 /// Descriptors the child places on 0, 1, 2, and where it reports a failed exec.
@@ -226,6 +306,7 @@ struct ChildFds {
 /// The child's side, between fork and exec. Only raw, async-signal-safe system calls.
 unsafe fn child_exec(
     fds: &ChildFds,
+    credentials: Option<&Credentials>,
     handed: &[(RawFd, RawFd)],
     listen_pid_buf: *mut u8,
     program: *const libc::c_char,
@@ -235,17 +316,33 @@ unsafe fn child_exec(
     unsafe {
         // Keep the report pipe clear of the numbers we are about to fill.
         let report = libc::fcntl(fds.report, libc::F_DUPFD_CLOEXEC, 64);
-        let fail = |report: RawFd| -> ! {
+        let fail_at = |report: RawFd, step: Step| -> ! {
             let errno = *libc::__errno_location();
-            let bytes = errno.to_ne_bytes();
-            libc::write(report, bytes.as_ptr().cast(), 4);
+            let mut bytes = [0u8; 8];
+            bytes[..4].copy_from_slice(&(step as i32).to_ne_bytes());
+            bytes[4..].copy_from_slice(&errno.to_ne_bytes());
+            libc::write(report, bytes.as_ptr().cast(), 8);
             libc::_exit(127)
         };
+        let fail = |report: RawFd| -> ! { fail_at(report, Step::Exec) };
         if report < 0 {
             libc::_exit(127);
         }
         if libc::setpgid(0, 0) != 0 {
             fail(report);
+        }
+        // Groups first, uid last: once the uid is not 0 nothing else may change. Raw system
+        // calls: they change this thread's credentials, and the child has no other thread.
+        if let Some(c) = credentials {
+            if libc::syscall(libc::SYS_setgroups, c.groups.len(), c.groups.as_ptr()) != 0 {
+                fail_at(report, Step::SetGroups);
+            }
+            if libc::syscall(libc::SYS_setgid, c.gid) != 0 {
+                fail_at(report, Step::SetGid);
+            }
+            if libc::syscall(libc::SYS_setuid, c.uid) != 0 {
+                fail_at(report, Step::SetUid);
+            }
         }
         // If corepool itself is SIGKILLed (it is not PID 1, or the OOM killer chose it), its
         // workers must not live on holding the port. The signal is tied to the forking thread:
@@ -405,7 +502,7 @@ mod tests {
             fds: vec![],
             listen_pid: true,
         };
-        let (env, at) = environment(&io).unwrap();
+        let (env, at) = environment(&io, None).unwrap();
         let text: Vec<String> = env
             .iter()
             .map(|e| e.to_string_lossy().into_owned())
@@ -414,6 +511,40 @@ mod tests {
         assert!(text.contains(&"PATH=/x".to_string()));
         assert!(!text.iter().any(|e| e.starts_with("HOME=")));
         assert!(text[at.unwrap()].starts_with("LISTEN_PID="));
+    }
+
+    #[test]
+    fn environment_of_another_user() {
+        let user = RunAs {
+            spec: "12345".into(),
+            uid: 12345,
+            gid: 12345,
+            groups: vec![12345],
+            name: None,
+            home: "/".into(),
+            switch: true,
+        };
+        let io = WorkerIo {
+            env: vec![("COREPOOL_WORKER".into(), "0".into())],
+            ..WorkerIo::default()
+        };
+        let (env, _) = environment(&io, Some(&user)).unwrap();
+        let text: Vec<String> = env
+            .iter()
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            text.iter()
+                .filter(|e| e.starts_with("HOME="))
+                .collect::<Vec<_>>(),
+            ["HOME=/"]
+        );
+        assert!(
+            !text
+                .iter()
+                .any(|e| e.starts_with("USER=") || e.starts_with("LOGNAME="))
+        );
+        assert!(text.contains(&"COREPOOL_WORKER=0".to_string()));
     }
 
     #[test]

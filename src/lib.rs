@@ -16,7 +16,8 @@
 //! - `control`: `corepool status` and `corepool reload` over an abstract unix socket;
 //! - `pool`: the supervisor loop (start, restart, forward, stop, exit code);
 //! - `logs`: worker output and corepool's own messages, a whole line at a time;
-//! - `exit`: exit codes.
+//! - `exit`: exit codes;
+//! - `user`: `--user`, the identity the workers run under.
 
 pub mod balance;
 pub mod cgroup;
@@ -32,4 +33,5 @@ pub mod reaper;
 pub mod relay;
 pub mod signals;
 pub mod steer;
+pub mod user;
 pub mod worker;

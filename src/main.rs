@@ -111,6 +111,14 @@ fn run() -> i32 {
             config.instances,
             config.cpu
         );
+        if let Some(user) = &config.user {
+            tracing::info!(
+                "workers run as {} (groups {:?}, HOME={})",
+                user.describe(),
+                user.groups,
+                user.home
+            );
+        }
         match (&preload, config.balance) {
             (Some(p), _) => tracing::info!(
                 "balance socket on {}:{}; Node preload via {}",
@@ -177,6 +185,7 @@ fn run() -> i32 {
         let launch = launch::LaunchSpec {
             program,
             argv: config.command.clone(),
+            user: config.user.clone(),
         };
         pool::Pool::new(
             config, launch, balancer, ready_rx, output, shared, command_rx,

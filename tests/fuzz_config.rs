@@ -57,6 +57,7 @@ proptest! {
         one_line(config::parse_log_level(&text).map(|_| ()))?;
         one_line(config::parse_bool(&text))?;
         one_line(config::parse_optional_size(&text))?;
+        one_line(corepool::user::parse_user(&text))?;
     }
 
     #[test]
