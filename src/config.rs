@@ -274,6 +274,30 @@ pub const OPTIONS: &[OptSpec] = &[
         help: "Replace, gracefully and one at a time, a worker whose process group stays above \
                this RSS (e.g. 512MiB)",
     },
+    OptSpec {
+        key: "max_connections",
+        long: "max-connections",
+        short: None,
+        env: "COREPOOL_MAX_CONNECTIONS",
+        fallback_env: None,
+        switch: false,
+        value_name: "N|auto",
+        default: "auto",
+        help: "With --balance proxy: connections relayed at once; more wait in the listen \
+               backlog. auto: as many as the descriptor limit holds",
+    },
+    OptSpec {
+        key: "idle_timeout",
+        long: "idle-timeout",
+        short: None,
+        env: "COREPOOL_IDLE_TIMEOUT",
+        fallback_env: None,
+        switch: false,
+        value_name: "DURATION|off",
+        default: "60s",
+        help: "With --balance proxy: close a connection on which no byte moved either way \
+               this long",
+    },
 ];
 
 /// The config file given by flag or variable, else this one when present.
@@ -417,6 +441,10 @@ pub struct Config {
     pub shutdown_delay: Duration,
     pub heap_share: bool,
     pub max_memory: Option<u64>,
+    /// Proxy mode: relays at once; None = auto (from the descriptor limit, see `limits`).
+    pub max_connections: Option<usize>,
+    /// Proxy mode: a relay idle this long is closed; None = never.
+    pub idle_timeout: Option<Duration>,
     pub cpu: CpuReport,
     /// For `--print-config`: each key, its value as TOML, and a comment on where it came from.
     pub provenance: Vec<(String, String, String)>,
@@ -615,6 +643,32 @@ fn parse_stop_signal(text: &str) -> Result<Signal, String> {
             Err(format!("{} cannot stop a process", signal.as_str()))
         }
         _ => Ok(signal),
+    }
+}
+
+/// `auto`, or a number of connections (1 to 10 million).
+fn parse_max_connections(text: &str) -> Result<Option<usize>, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("auto") {
+        return Ok(None);
+    }
+    match t.parse::<usize>() {
+        Ok(n) if (1..=10_000_000).contains(&n) => Ok(Some(n)),
+        _ => Err(format!(
+            "'{t}' is not a connection count (auto, or 1 to 10000000)"
+        )),
+    }
+}
+
+/// `off` or `0` (never), or a duration.
+fn parse_idle_timeout(text: &str) -> Result<Option<Duration>, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    match parse_duration(t)? {
+        Duration::ZERO => Ok(None),
+        d => Ok(Some(d)),
     }
 }
 
@@ -1063,6 +1117,26 @@ fn resolve_from(
     let (max_memory, _) = r.get("max_memory", parse_optional_size, |m: &Option<u64>| {
         m.map(|b| b.to_string()).unwrap_or_else(|| quoted("off"))
     })?;
+    let (max_connections, max_source) =
+        r.get("max_connections", parse_max_connections, |m: &Option<usize>| {
+            m.map(|n| n.to_string()).unwrap_or_else(|| quoted("auto"))
+        })?;
+    let (idle_timeout, idle_source) =
+        r.get("idle_timeout", parse_idle_timeout, |d: &Option<Duration>| {
+            quoted(&d.map(format_duration).unwrap_or_else(|| "off".into()))
+        })?;
+    if balance != Mode::Proxy {
+        for (source, key) in [(max_source, "max_connections"), (idle_source, "idle_timeout")] {
+            if source != Source::Default {
+                return Err(ConfigError(format!(
+                    "invalid value for {}: {key} applies to --balance proxy only (corepool relays \
+                     no connection in {} mode)",
+                    source.culprit(key),
+                    balance.name()
+                )));
+            }
+        }
+    }
 
     Ok(Config {
         command,
@@ -1087,6 +1161,8 @@ fn resolve_from(
         shutdown_delay,
         heap_share,
         max_memory,
+        max_connections,
+        idle_timeout,
         cpu,
         provenance: r.provenance,
         unknown_env: unknown_variables(std::env::vars_os().map(|(name, _)| name)),
@@ -1358,5 +1434,25 @@ mod tests {
         let file = ConfigFile::parse("c.toml", "\n\ninstances = [1]\n").unwrap();
         let err = file.scalar("instances").err().unwrap();
         assert_eq!(err.0, "c.toml:3: instances: expected a string or a number");
+    }
+
+    #[test]
+    fn proxy_limits() {
+        assert_eq!(parse_max_connections("auto"), Ok(None));
+        assert_eq!(parse_max_connections("500"), Ok(Some(500)));
+        for bad in ["0", "-1", "many", "10000001"] {
+            assert!(parse_max_connections(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_idle_timeout("off"), Ok(None));
+        assert_eq!(parse_idle_timeout("0"), Ok(None));
+        assert_eq!(parse_idle_timeout("90s"), Ok(Some(Duration::from_secs(90))));
+        assert!(parse_idle_timeout("soon").is_err());
+        let c = resolve_args(&["--balance", "proxy", "x"]).unwrap();
+        assert_eq!(c.max_connections, None);
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(60)));
+        let c = resolve_args(&["--balance", "proxy", "--max-connections", "9", "x"]).unwrap();
+        assert_eq!(c.max_connections, Some(9));
+        let err = resolve_args(&["--balance", "socket", "--idle-timeout", "5s", "x"]).unwrap_err();
+        assert!(err.0.contains("--idle-timeout") && err.0.contains("proxy"), "{err}");
     }
 }
