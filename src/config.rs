@@ -1117,17 +1117,25 @@ fn resolve_from(
     let (max_memory, _) = r.get("max_memory", parse_optional_size, |m: &Option<u64>| {
         m.map(|b| b.to_string()).unwrap_or_else(|| quoted("off"))
     })?;
-    let (max_connections, max_source) =
-        r.get("max_connections", parse_max_connections, |m: &Option<usize>| {
-            m.map(|n| n.to_string()).unwrap_or_else(|| quoted("auto"))
-        })?;
-    let (idle_timeout, idle_source) =
-        r.get("idle_timeout", parse_idle_timeout, |d: &Option<Duration>| {
-            quoted(&d.map(format_duration).unwrap_or_else(|| "off".into()))
-        })?;
+    let (max_connections, max_source) = r.get(
+        "max_connections",
+        parse_max_connections,
+        |m: &Option<usize>| m.map(|n| n.to_string()).unwrap_or_else(|| quoted("auto")),
+    )?;
+    let (idle_timeout, idle_source) = r.get(
+        "idle_timeout",
+        parse_idle_timeout,
+        |d: &Option<Duration>| quoted(&d.map(format_duration).unwrap_or_else(|| "off".into())),
+    )?;
+    // Outside proxy mode they mean nothing; a default value (as `--print-config` writes it back)
+    // passes, another is a mistake to report.
     if balance != Mode::Proxy {
-        for (source, key) in [(max_source, "max_connections"), (idle_source, "idle_timeout")] {
-            if source != Source::Default {
+        let default_idle = Some(Duration::from_secs(60));
+        for (set, source, key) in [
+            (max_connections.is_some(), max_source, "max_connections"),
+            (idle_timeout != default_idle, idle_source, "idle_timeout"),
+        ] {
+            if set {
                 return Err(ConfigError(format!(
                     "invalid value for {}: {key} applies to --balance proxy only (corepool relays \
                      no connection in {} mode)",
@@ -1453,6 +1461,11 @@ mod tests {
         let c = resolve_args(&["--balance", "proxy", "--max-connections", "9", "x"]).unwrap();
         assert_eq!(c.max_connections, Some(9));
         let err = resolve_args(&["--balance", "socket", "--idle-timeout", "5s", "x"]).unwrap_err();
-        assert!(err.0.contains("--idle-timeout") && err.0.contains("proxy"), "{err}");
+        assert!(
+            err.0.contains("--idle-timeout") && err.0.contains("proxy"),
+            "{err}"
+        );
+        // The defaults, written back by --print-config, pass in any mode.
+        assert!(resolve_args(&["--max-connections", "auto", "--idle-timeout", "1m", "x"]).is_ok());
     }
 }

@@ -91,7 +91,9 @@ fn wait_metric(run: &Run, metrics_port: u16, name: &str, want: u64, timeout: Dur
 }
 
 fn open_fds(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// "Max open files" of /proc/PID/limits: (soft, hard).
@@ -312,7 +314,10 @@ fn a_worker_closing_its_side_frees_corepools_descriptors() {
 #[test]
 fn workers_keep_the_soft_descriptor_limit_corepool_raises_its_own() {
     let hard = nofile_of(std::process::id() as i32).1.min(4096);
-    assert!(hard > 256, "this test needs a hard limit above 256, have {hard}");
+    assert!(
+        hard > 256,
+        "this test needs a hard limit above 256, have {hard}"
+    );
     let args: Vec<String> = [
         "-i",
         "1",
