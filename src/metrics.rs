@@ -233,7 +233,7 @@ pub fn render(shared: &Shared) -> String {
         open_gauge.set(open as i64);
         registry.register(
             "proxy_connections_open",
-            "Connections being relayed",
+            "Connections open: being relayed, or waiting for a ready worker",
             open_gauge,
         );
         let total_counter = Counter::<u64>::default();
