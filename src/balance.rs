@@ -290,6 +290,8 @@ pub struct Balancer {
     backends: Backends,
     accept_task: Option<tokio::task::JoinHandle<()>>,
     ready_tx: mpsc::UnboundedSender<Ready>,
+    /// Proxy mode: `--max-connections` and `--idle-timeout`.
+    proxy_limits: proxy::Limits,
 }
 
 /// What a launch needs kept until the worker runs: the readiness pipe, the private port.
@@ -351,7 +353,13 @@ impl Balancer {
             backends: Backends::default(),
             accept_task: None,
             ready_tx,
+            proxy_limits: proxy::Limits::default(),
         })
+    }
+
+    /// Proxy mode: the relay's bounds (before `start`).
+    pub fn set_proxy_limits(&mut self, limits: proxy::Limits) {
+        self.proxy_limits = limits;
     }
 
     /// Adds `--max-old-space-size` to every worker's NODE_OPTIONS.
@@ -488,7 +496,11 @@ impl Balancer {
             && let Some(listener) = self.listener.take()
         {
             let listener = std::net::TcpListener::from(listener);
-            self.accept_task = Some(tokio::spawn(proxy::serve(listener, self.backends.clone())));
+            self.accept_task = Some(tokio::spawn(proxy::serve(
+                listener,
+                self.backends.clone(),
+                self.proxy_limits,
+            )));
         }
     }
 
@@ -501,6 +513,17 @@ impl Balancer {
             ),
             _ => (None, None),
         }
+    }
+
+    /// Proxy mode: the connection limit and the times the accept loop stopped at it, for
+    /// metrics; None in the other modes.
+    pub fn connection_limit(&self) -> Option<(usize, u64)> {
+        (self.mode == Mode::Proxy).then(|| {
+            (
+                self.proxy_limits.max_connections,
+                self.backends.limit_reached(),
+            )
+        })
     }
 
     /// A slot given up for good: close its socket, so the kernel stops queueing connections

@@ -300,6 +300,30 @@ pub const OPTIONS: &[OptSpec] = &[
         help: "Run the workers as this user (and group): names from /etc/passwd and /etc/group, \
                or numbers. corepool itself stays root",
     },
+    OptSpec {
+        key: "max_connections",
+        long: "max-connections",
+        short: None,
+        env: "COREPOOL_MAX_CONNECTIONS",
+        fallback_env: None,
+        switch: false,
+        value_name: "N|auto",
+        default: "auto",
+        help: "With --balance proxy: connections relayed at once; more wait in the listen \
+               backlog. auto: as many as the descriptor limit holds",
+    },
+    OptSpec {
+        key: "idle_timeout",
+        long: "idle-timeout",
+        short: None,
+        env: "COREPOOL_IDLE_TIMEOUT",
+        fallback_env: None,
+        switch: false,
+        value_name: "DURATION|off",
+        default: "60s",
+        help: "With --balance proxy: close a connection on which no byte moved either way \
+               this long",
+    },
 ];
 
 /// The config file given by flag or variable, else this one when present.
@@ -446,6 +470,10 @@ pub struct Config {
     pub max_memory: Option<u64>,
     /// `--user`: who the workers run as (None: corepool's own user).
     pub user: Option<RunAs>,
+    /// Proxy mode: relays at once; None = auto (from the descriptor limit, see `limits`).
+    pub max_connections: Option<usize>,
+    /// Proxy mode: a relay idle this long is closed; None = never.
+    pub idle_timeout: Option<Duration>,
     pub cpu: CpuReport,
     /// For `--print-config`: each key, its value as TOML, and a comment on where it came from.
     pub provenance: Vec<(String, String, String)>,
@@ -644,6 +672,32 @@ fn parse_stop_signal(text: &str) -> Result<Signal, String> {
             Err(format!("{} cannot stop a process", signal.as_str()))
         }
         _ => Ok(signal),
+    }
+}
+
+/// `auto`, or a number of connections (1 to 10 million).
+fn parse_max_connections(text: &str) -> Result<Option<usize>, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("auto") {
+        return Ok(None);
+    }
+    match t.parse::<usize>() {
+        Ok(n) if (1..=10_000_000).contains(&n) => Ok(Some(n)),
+        _ => Err(format!(
+            "'{t}' is not a connection count (auto, or 1 to 10000000)"
+        )),
+    }
+}
+
+/// `off` or `0` (never), or a duration.
+fn parse_idle_timeout(text: &str) -> Result<Option<Duration>, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    match parse_duration(t)? {
+        Duration::ZERO => Ok(None),
+        d => Ok(Some(d)),
     }
 }
 
@@ -1096,6 +1150,34 @@ fn resolve_from(
     let (user, _) = r.get("user", parse_user, |u: &Option<RunAs>| {
         quoted(u.as_ref().map_or("off", |u| u.spec.as_str()))
     })?;
+    let (max_connections, max_source) = r.get(
+        "max_connections",
+        parse_max_connections,
+        |m: &Option<usize>| m.map(|n| n.to_string()).unwrap_or_else(|| quoted("auto")),
+    )?;
+    let (idle_timeout, idle_source) = r.get(
+        "idle_timeout",
+        parse_idle_timeout,
+        |d: &Option<Duration>| quoted(&d.map(format_duration).unwrap_or_else(|| "off".into())),
+    )?;
+    // Outside proxy mode they mean nothing; a default value (as `--print-config` writes it back)
+    // passes, another is a mistake to report.
+    if balance != Mode::Proxy {
+        let default_idle = Some(Duration::from_secs(60));
+        for (set, source, key) in [
+            (max_connections.is_some(), max_source, "max_connections"),
+            (idle_timeout != default_idle, idle_source, "idle_timeout"),
+        ] {
+            if set {
+                return Err(ConfigError(format!(
+                    "invalid value for {}: {key} applies to --balance proxy only (corepool relays \
+                     no connection in {} mode)",
+                    source.culprit(key),
+                    balance.name()
+                )));
+            }
+        }
+    }
 
     Ok(Config {
         command,
@@ -1122,6 +1204,8 @@ fn resolve_from(
         heap_share,
         max_memory,
         user,
+        max_connections,
+        idle_timeout,
         cpu,
         provenance: r.provenance,
         unknown_env: unknown_variables(std::env::vars_os().map(|(name, _)| name)),
@@ -1393,5 +1477,30 @@ mod tests {
         let file = ConfigFile::parse("c.toml", "\n\ninstances = [1]\n").unwrap();
         let err = file.scalar("instances").err().unwrap();
         assert_eq!(err.0, "c.toml:3: instances: expected a string or a number");
+    }
+
+    #[test]
+    fn proxy_limits() {
+        assert_eq!(parse_max_connections("auto"), Ok(None));
+        assert_eq!(parse_max_connections("500"), Ok(Some(500)));
+        for bad in ["0", "-1", "many", "10000001"] {
+            assert!(parse_max_connections(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_idle_timeout("off"), Ok(None));
+        assert_eq!(parse_idle_timeout("0"), Ok(None));
+        assert_eq!(parse_idle_timeout("90s"), Ok(Some(Duration::from_secs(90))));
+        assert!(parse_idle_timeout("soon").is_err());
+        let c = resolve_args(&["--balance", "proxy", "x"]).unwrap();
+        assert_eq!(c.max_connections, None);
+        assert_eq!(c.idle_timeout, Some(Duration::from_secs(60)));
+        let c = resolve_args(&["--balance", "proxy", "--max-connections", "9", "x"]).unwrap();
+        assert_eq!(c.max_connections, Some(9));
+        let err = resolve_args(&["--balance", "socket", "--idle-timeout", "5s", "x"]).unwrap_err();
+        assert!(
+            err.0.contains("--idle-timeout") && err.0.contains("proxy"),
+            "{err}"
+        );
+        // The defaults, written back by --print-config, pass in any mode.
+        assert!(resolve_args(&["--max-connections", "auto", "--idle-timeout", "1m", "x"]).is_ok());
     }
 }

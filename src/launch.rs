@@ -15,14 +15,15 @@
 //! 3. stdin from /dev/null, stdout and stderr into pipes that corepool reads line by line;
 //! 4. every inherited descriptor from 3 up marked close-on-exec, then the descriptors handed
 //!    down on purpose (the listening socket as fd 3, the readiness pipe as fd 4) placed;
-//! 5. `LISTEN_PID` written as its own pid, then `execve`.
+//! 5. `LISTEN_PID` written as its own pid, the soft descriptor limit corepool was started with
+//!    put back (see `limits`), then `execve`.
 //!
 //! If a step fails the child writes which one and errno to a close-on-exec pipe and exits 127;
 //! the parent reads them and reports the error. The parent never waits for the child: the
 //! reaper does.
 
-use crate::signals;
 use crate::user::RunAs;
+use crate::{limits, signals};
 use nix::unistd::Pid;
 use std::ffi::{CString, OsString};
 use std::io;
@@ -371,6 +372,8 @@ unsafe fn child_exec(
         if !listen_pid_buf.is_null() {
             write_decimal(listen_pid_buf, libc::getpid() as u32);
         }
+        // The descriptor limit corepool was given, not the one it raised for itself.
+        limits::restore_for_exec();
         libc::execve(program, argv, envp);
         fail(report)
     }

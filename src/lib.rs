@@ -10,6 +10,7 @@
 //! - `balance`: one public port for the pool (shared socket, preload, readiness);
 //! - `steer`: socket mode's round robin over the slot sockets (an eBPF reuseport program);
 //! - `launch`: fork and exec of a worker, and command resolution;
+//! - `limits`: the descriptor limit raised for corepool, restored for its workers;
 //! - `proxy`: `--balance proxy`: private ports, readiness probes, least connections;
 //! - `relay`: the bytes of one proxied connection, moved by splice(2);
 //! - `metrics`: /metrics, /healthz, /readyz and process-group usage;
@@ -25,6 +26,7 @@ pub mod config;
 pub mod control;
 pub mod exit;
 pub mod launch;
+pub mod limits;
 pub mod logs;
 pub mod metrics;
 pub mod pool;

@@ -7,7 +7,9 @@
 
 use corepool::balance::{self, Balancer, Mode, Preload};
 use corepool::config::{self, ClapOrConfig, Invocation};
-use corepool::{cgroup, control, exit, launch, logs, metrics, pool, reaper, signals};
+use corepool::{
+    cgroup, control, exit, launch, limits, logs, metrics, pool, proxy, reaper, signals,
+};
 use std::io::Write;
 
 fn main() {
@@ -37,6 +39,10 @@ fn run() -> i32 {
         Err(ClapOrConfig::Clap(err)) => return clap_failure(err),
         Err(ClapOrConfig::Config(err)) => return fail(exit::USAGE, err),
     };
+
+    // Room for corepool's own descriptors (a proxied connection costs six); the workers get
+    // the soft limit back before exec. Logged once logging runs.
+    let nofile = limits::raise_nofile();
 
     // From here a SIGTERM waits, pending, for the handlers instead of being lost.
     if let Err(err) = signals::hold() {
@@ -104,6 +110,17 @@ fn run() -> i32 {
         for warning in &config.unknown_env {
             tracing::warn!("{warning}");
         }
+        match &nofile {
+            Ok(n) if n.now > n.before => tracing::info!(
+                "descriptor limit raised from {} to {} (the hard limit) for corepool; workers \
+                 keep {}",
+                n.before,
+                n.now,
+                n.before
+            ),
+            Ok(n) => tracing::debug!("descriptor limit {} (hard {})", n.now, n.hard),
+            Err(err) => tracing::warn!("cannot raise the descriptor limit: {err}"),
+        }
         let role = reaper::adopt_orphans();
         tracing::info!(
             "corepool {} starting {} workers ({}); {role}",
@@ -119,6 +136,7 @@ fn run() -> i32 {
                 user.home
             );
         }
+        let proxy_limits = proxy_limits(&config);
         match (&preload, config.balance) {
             (Some(p), _) => tracing::info!(
                 "balance socket on {}:{}; Node preload via {}",
@@ -127,9 +145,10 @@ fn run() -> i32 {
                 p.how
             ),
             (None, Mode::Proxy) => tracing::info!(
-                "balance proxy on {}:{}, workers on private loopback ports",
+                "balance proxy on {}:{}, workers on private loopback ports; {}",
                 config.host,
-                config.port
+                config.port,
+                proxy_limits.1
             ),
             (None, mode) => tracing::info!("balance {}", mode.name()),
         }
@@ -151,6 +170,7 @@ fn run() -> i32 {
                 return exit::STARTUP;
             }
         };
+        balancer.set_proxy_limits(proxy_limits.0);
         if !balancer.spread.is_empty() {
             tracing::info!("balance socket: {}", balancer.spread);
         }
@@ -210,6 +230,55 @@ fn clap_failure(err: clap::Error) -> i32 {
             fail(exit::USAGE, format_args!("{first} (see corepool --help)"))
         }
     }
+}
+
+/// The proxy's bounds, and how they were chosen for the start-up log. `--max-connections
+/// auto` is what the (raised) descriptor limit holds beside corepool's reserve; a number the
+/// limit cannot hold is kept, with a warning.
+fn proxy_limits(config: &config::Config) -> (proxy::Limits, String) {
+    let nofile = match limits::nofile() {
+        Ok(n) => n,
+        Err(err) => {
+            tracing::warn!("cannot read the descriptor limit: {err}; assuming 1024");
+            1024
+        }
+    };
+    let (max_connections, how) = match config.max_connections {
+        None => {
+            let n = limits::auto_max_connections(nofile, config.instances);
+            (
+                n,
+                format!(
+                    "at most {n} connections at once (--max-connections auto: {nofile} \
+                     descriptors, {} kept for corepool, 6 per connection)",
+                    limits::reserve(config.instances)
+                ),
+            )
+        }
+        Some(n) => {
+            let needed = limits::needed(n, config.instances);
+            if needed > nofile {
+                tracing::warn!(
+                    "--max-connections {n} needs about {needed} descriptors but the limit is \
+                     {nofile}: past {} connections, accepts and worker starts may fail with \
+                     'Too many open files'",
+                    limits::auto_max_connections(nofile, config.instances)
+                );
+            }
+            (n, format!("at most {n} connections at once"))
+        }
+    };
+    let idle = match config.idle_timeout {
+        Some(d) => format!("idle ones closed after {}", config::format_duration(d)),
+        None => "no idle timeout".to_string(),
+    };
+    (
+        proxy::Limits {
+            max_connections,
+            idle_timeout: config.idle_timeout,
+        },
+        format!("{how}, {idle}"),
+    )
 }
 
 /// The `--max-old-space-size` option for each Node worker, and a log line saying why.

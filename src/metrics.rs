@@ -48,6 +48,8 @@ pub struct Snapshot {
     pub memory_restarts: u64,
     pub open_connections: Option<usize>,
     pub connections_total: Option<u64>,
+    /// Proxy mode: `--max-connections`, and the times the accept loop stopped at it.
+    pub connection_limit: Option<(usize, u64)>,
 }
 
 /// The snapshot shared between the loop and the reporters, and what does not change.
@@ -68,6 +70,7 @@ impl Shared {
                 memory_restarts: 0,
                 open_connections: None,
                 connections_total: None,
+                connection_limit: None,
             }),
             balance,
             min_ready,
@@ -230,7 +233,7 @@ pub fn render(shared: &Shared) -> String {
         open_gauge.set(open as i64);
         registry.register(
             "proxy_connections_open",
-            "Connections being relayed",
+            "Connections open: being relayed, or waiting for a ready worker",
             open_gauge,
         );
         let total_counter = Counter::<u64>::default();
@@ -239,6 +242,23 @@ pub fn render(shared: &Shared) -> String {
             "proxy_connections",
             "Connections accepted by the proxy",
             total_counter,
+        );
+    }
+    if let Some((max, reached)) = snap.connection_limit {
+        let max_gauge = Gauge::<i64>::default();
+        max_gauge.set(i64::try_from(max).unwrap_or(i64::MAX));
+        registry.register(
+            "proxy_max_connections",
+            "Connections the proxy relays at once (--max-connections)",
+            max_gauge,
+        );
+        let reached_counter = Counter::<u64>::default();
+        reached_counter.inc_by(reached);
+        registry.register(
+            "proxy_max_connections_reached",
+            "Times the proxy stopped accepting at --max-connections (clients then wait in the \
+             listen backlog)",
+            reached_counter,
         );
     }
 

@@ -783,6 +783,7 @@ impl Pool {
             memory_restarts: self.memory_restarts,
             open_connections: open,
             connections_total: total,
+            connection_limit: self.balancer.connection_limit(),
         });
     }
 

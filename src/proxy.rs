@@ -8,19 +8,61 @@
 //!
 //! The bytes of each connection are moved by `relay` (splice(2), half-closes kept, nothing
 //! interpreted, so WebSocket upgrades and large bodies pass as they are).
+//!
+//! At most `--max-connections` are relayed at once. At the limit the accept loop stops
+//! accepting, as HAProxy does at `maxconn`: new clients wait in the kernel's listen backlog
+//! (1024) and are taken in turn as relays end, rather than being accepted only to be closed.
+//! The limit keeps corepool's descriptors for itself (a relay costs six, see `limits`): with
+//! none left it could not answer `/healthz`, start a worker or accept a probe. A relay on which
+//! no byte moved for `--idle-timeout` is closed.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::balance::Ready;
 use crate::relay;
 
 /// How often a starting worker's private port is probed.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
+
+/// Reaching `--max-connections` is logged at most this often.
+const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The bounds of the relay: `--max-connections` and `--idle-timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: crate::limits::auto_max_connections(1024, 1),
+            idle_timeout: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// One more of something while it lives (a connection open, a connection on a backend).
+struct Held(Arc<AtomicUsize>);
+
+impl Held {
+    fn new(count: &Arc<AtomicUsize>) -> Held {
+        count.fetch_add(1, Ordering::Relaxed);
+        Held(count.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// One worker process as the proxy sees it.
 #[derive(Debug)]
@@ -32,15 +74,22 @@ struct Backend {
 }
 
 /// The workers' private ports, shared by the pool (which adds, readies and removes them) and
-/// the accept loop (which picks one per connection).
+/// the accept loop (which picks one per connection), and the proxy's counters.
 #[derive(Clone, Default)]
-pub struct Backends(Arc<Mutex<Vec<Backend>>>, Arc<std::sync::atomic::AtomicU64>);
-// .0: the backends; .1: connections accepted (also the round-robin turn among equals).
+pub struct Backends {
+    list: Arc<Mutex<Vec<Backend>>>,
+    /// Connections accepted (also the round-robin turn among equals).
+    accepted: Arc<AtomicU64>,
+    /// Connections accepted and not yet closed, whichever backend they went to (or none yet).
+    open: Arc<AtomicUsize>,
+    /// Times the accept loop stopped at `--max-connections`.
+    limit_reached: Arc<AtomicU64>,
+}
 
 impl Backends {
     fn with<R>(&self, f: impl FnOnce(&mut Vec<Backend>) -> R) -> R {
         // A poisoned lock means a panic elsewhere; the data (a list) is still consistent.
-        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.list.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard)
     }
 
@@ -73,7 +122,7 @@ impl Backends {
     /// Ready backends, fewest open connections first; among equals, in turn (so that one
     /// client making requests one after another is spread too).
     fn candidates(&self) -> Vec<(u16, Arc<AtomicUsize>)> {
-        let turn = self.1.load(Ordering::Relaxed) as usize;
+        let turn = self.accepted.load(Ordering::Relaxed) as usize;
         self.with(|list| {
             let mut ready: Vec<_> = list
                 .iter()
@@ -90,12 +139,19 @@ impl Backends {
 
     /// Connections accepted since start, for metrics.
     pub fn accepted(&self) -> u64 {
-        self.1.load(Ordering::Relaxed)
+        self.accepted.load(Ordering::Relaxed)
     }
 
-    /// Connections being relayed now, for metrics and logs.
+    /// Connections open now (being relayed, or waiting for a ready worker), for metrics. Counted
+    /// apart from the backends, so that relays to a worker already gone still count until
+    /// they are released.
     pub fn open_connections(&self) -> usize {
-        self.with(|list| list.iter().map(|b| b.active.load(Ordering::Relaxed)).sum())
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Times the accept loop stopped at `--max-connections`, for metrics.
+    pub fn limit_reached(&self) -> u64 {
+        self.limit_reached.load(Ordering::Relaxed)
     }
 }
 
@@ -129,8 +185,9 @@ pub fn probe(backends: Backends, pid: i32, port: u16, tx: mpsc::UnboundedSender<
     });
 }
 
-/// Accepts on the public listener until the pool stops, relaying every connection.
-pub async fn serve(listener: std::net::TcpListener, backends: Backends) {
+/// Accepts on the public listener until the pool stops, relaying every connection, at most
+/// `limits.max_connections` at once.
+pub async fn serve(listener: std::net::TcpListener, backends: Backends, limits: Limits) {
     let listener = match listener
         .set_nonblocking(true)
         .and_then(|()| TcpListener::from_std(listener))
@@ -141,23 +198,63 @@ pub async fn serve(listener: std::net::TcpListener, backends: Backends) {
             return;
         }
     };
+    let slots = Arc::new(Semaphore::new(
+        limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
+    let mut logged: Option<Instant> = None;
     loop {
+        // A free slot first, then accept: at the limit, clients wait in the listen backlog.
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let times = backends.limit_reached.fetch_add(1, Ordering::Relaxed) + 1;
+                if logged.is_none_or(|at| at.elapsed() >= LIMIT_LOG_EVERY) {
+                    logged = Some(Instant::now());
+                    tracing::warn!(
+                        "proxy: {} connections open, the limit (--max-connections): new ones \
+                         wait in the listen backlog until one ends (limit reached {times} times)",
+                        limits.max_connections
+                    );
+                }
+                match slots.clone().acquire_owned().await {
+                    Ok(permit) => permit,
+                    // The semaphore is never closed; if it were, nothing more could be relayed.
+                    Err(_) => return,
+                }
+            }
+        };
         match listener.accept().await {
             Ok((client, peer)) => {
-                backends.1.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(relay(client, peer, backends.clone()));
+                backends.accepted.fetch_add(1, Ordering::Relaxed);
+                let open = Held::new(&backends.open);
+                tokio::spawn(relay(
+                    client,
+                    peer,
+                    backends.clone(),
+                    limits.idle_timeout,
+                    (permit, open),
+                ));
             }
             Err(err) => {
                 // EMFILE and friends: say so, breathe, go on.
                 tracing::warn!("proxy: accept failed: {err}");
+                drop(permit);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }
 }
 
-/// Connects to the least busy ready worker (trying the others on refusal) and relays.
-async fn relay(client: TcpStream, peer: SocketAddr, backends: Backends) {
+/// Connects to the least busy ready worker (trying the others on refusal) and relays. `_slot`
+/// (the connection's place under the limit, and its count among the open ones) is released
+/// when this ends, whichever way.
+async fn relay(
+    client: TcpStream,
+    peer: SocketAddr,
+    backends: Backends,
+    idle_timeout: Option<Duration>,
+    _slot: (OwnedSemaphorePermit, Held),
+) {
     let _ = client.set_nodelay(true);
     // While no worker is ready (all restarting), wait a little rather than refuse.
     for _attempt in 0..100 {
@@ -166,11 +263,14 @@ async fn relay(client: TcpStream, peer: SocketAddr, backends: Backends) {
                 continue;
             };
             let _ = upstream.set_nodelay(true);
-            active.fetch_add(1, Ordering::Relaxed);
-            let result = relay::relay(&client, &upstream).await;
-            active.fetch_sub(1, Ordering::Relaxed);
-            if let Err(err) = result {
-                tracing::debug!("proxy: connection from {peer} ended: {err}");
+            let _active = Held::new(&active);
+            match relay::relay(&client, &upstream, idle_timeout).await {
+                Ok(relay::Ended::Idle) => tracing::debug!(
+                    "proxy: connection from {peer} closed: idle for {:?} (--idle-timeout)",
+                    idle_timeout.unwrap_or_default()
+                ),
+                Ok(ended) => tracing::trace!("proxy: connection from {peer}: {ended:?}"),
+                Err(err) => tracing::debug!("proxy: connection from {peer} ended: {err}"),
             }
             return;
         }
