@@ -45,10 +45,13 @@ use crate::launch::{self, WorkerIo};
 use crate::proxy::{self, Backends};
 use crate::steer;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6};
+use crate::metrics::Shared;
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
@@ -96,8 +99,19 @@ fn above_ten(fd: OwnedFd) -> io::Result<OwnedFd> {
 }
 
 /// Binds and listens on the public address (with SO_REUSEPORT, one of a group of sockets on the
-/// same address). Errors name the address and say why.
+/// same address).
 pub fn bind_public(host: IpAddr, port: u16, reuseport: bool) -> io::Result<OwnedFd> {
+    let fd = bind_only(host, port, reuseport)?;
+    socket::listen(
+        &fd,
+        socket::Backlog::new(1024).unwrap_or(socket::Backlog::MAXCONN),
+    )?;
+    above_ten(fd)
+}
+
+/// A TCP socket bound (not listening) to the public address, with SO_REUSEADDR (so that
+/// connections of an earlier run in TIME_WAIT do not matter) and, if asked, SO_REUSEPORT.
+fn bind_only(host: IpAddr, port: u16, reuseport: bool) -> io::Result<OwnedFd> {
     let family = match host {
         IpAddr::V4(_) => AddressFamily::Inet,
         IpAddr::V6(_) => AddressFamily::Inet6,
@@ -116,11 +130,188 @@ pub fn bind_public(host: IpAddr, port: u16, reuseport: bool) -> io::Result<Owned
             socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(v6))?
         }
     }
-    socket::listen(
-        &fd,
-        socket::Backlog::new(1024).unwrap_or(socket::Backlog::MAXCONN),
-    )?;
-    above_ten(fd)
+    Ok(fd)
+}
+
+/// Socket mode's group of SO_REUSEPORT listeners, one per slot, on a port nobody else listens
+/// on. SO_REUSEPORT would let a listener of the same user (a second corepool, a stray server)
+/// already on the port simply join the group and take connections; so first a probe binds
+/// the address *without* SO_REUSEPORT, which any listener there refuses (EADDRINUSE). The
+/// probe is closed before the group binds (a socket without SO_REUSEPORT would keep the group
+/// out); a listener that slips in between is found by the count of foreign listeners made
+/// right after, and later arrivals by the port watch.
+fn bind_group(host: IpAddr, port: u16, slots: usize) -> Result<Vec<Option<OwnedFd>>, String> {
+    let addr = SocketAddr::new(host, port);
+    let why = |err: io::Error| {
+        let what = match err.raw_os_error() {
+            Some(libc::EADDRINUSE) => format!("port {port} is in use by another process ({err})"),
+            _ => err.to_string(),
+        };
+        format!("cannot listen on {addr} (--host/--port): {what}")
+    };
+    drop(bind_only(host, port, false).map_err(why)?);
+    let group: Vec<Option<OwnedFd>> = (0..slots)
+        .map(|_| bind_public(host, port, true).map(Some))
+        .collect::<io::Result<_>>()
+        .map_err(why)?;
+    let ours = socket_inodes(group.iter().flatten());
+    match foreign_listeners(host, port, &ours) {
+        Ok(foreign) if !foreign.is_empty() => Err(format!(
+            "cannot listen on {addr} (--host/--port): port {port} is in use by another \
+             process ({} listening socket(s) joined it with SO_REUSEPORT)",
+            foreign.len()
+        )),
+        Ok(_) => Ok(group),
+        Err(err) => {
+            tracing::warn!("cannot read /proc/net/tcp to check port {port} is ours: {err}");
+            Ok(group)
+        }
+    }
+}
+
+/// The inode numbers of sockets (as /proc/net/tcp lists them).
+fn socket_inodes<'a>(fds: impl Iterator<Item = &'a OwnedFd>) -> HashSet<u64> {
+    fds.filter_map(|fd| nix::sys::stat::fstat(fd).ok())
+        .map(|st| st.st_ino)
+        .collect()
+}
+
+/// Listening TCP sockets on `port` that accept connections meant for `host` (same address, or
+/// either one a wildcard) and are not among `ours`: their inode numbers, from /proc/net/tcp and
+/// /proc/net/tcp6 (of this network namespace).
+pub fn foreign_listeners(host: IpAddr, port: u16, ours: &HashSet<u64>) -> io::Result<Vec<u64>> {
+    let mut found = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let file = match std::fs::File::open(table) {
+            Ok(file) => file,
+            // No IPv6 in this kernel or namespace.
+            Err(err) if err.kind() == io::ErrorKind::NotFound && table.ends_with('6') => continue,
+            Err(err) => return Err(io::Error::new(err.kind(), format!("{table}: {err}"))),
+        };
+        for line in io::BufRead::lines(io::BufReader::new(file)).skip(1) {
+            let line = line?;
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            // The kernel lists the listening sockets first, then the connections (SYN_RECV
+            // among them on old kernels): stop at the first connection of another state, so
+            // that a busy server's thousands of connections are not read every time.
+            match *state {
+                "0A" => {}
+                "03" => continue,
+                _ => break,
+            }
+            let Some((addr, their_port)) = parse_proc_address(local) else {
+                continue;
+            };
+            let overlaps = addr.is_unspecified() || host.is_unspecified() || same_ip(addr, host);
+            let inode: u64 = inode.parse().unwrap_or(0);
+            if their_port == port && overlaps && !ours.contains(&inode) {
+                found.push(inode);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Equal addresses, an IPv4 address and its IPv4-mapped IPv6 form included.
+fn same_ip(a: IpAddr, b: IpAddr) -> bool {
+    let canon = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    };
+    canon(a) == canon(b)
+}
+
+/// `0100007F:0BB8` (IPv4) or 32 hex digits and a port (IPv6), as /proc/net/tcp{,6} print
+/// them: each 32-bit word in the machine's byte order.
+fn parse_proc_address(text: &str) -> Option<(IpAddr, u16)> {
+    let (addr, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for word in addr.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+/// Who holds the socket with this inode: "pid P (comm)" of the first process found, for the
+/// warning. Reads every process's descriptors: done once, when a foreign listener appears.
+fn socket_holder(inode: u64) -> Option<String> {
+    let target = format!("socket:[{inode}]");
+    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let pid = proc_entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()) {
+                let comm = std::fs::read_to_string(proc_entry.path().join("comm"))
+                    .unwrap_or_default();
+                return Some(format!("pid {pid} ({})", comm.trim()));
+            }
+        }
+    }
+    None
+}
+
+/// How often the port watch counts the listeners on the public port.
+const PORT_WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Socket mode, for the pool's lifetime: every `PORT_WATCH_PERIOD`, counts listening sockets on
+/// the public port that are not the pool's. One that joined the group (SO_REUSEPORT, same user)
+/// takes a share of the connections, or all of them if it brings its own eBPF program: a
+/// warning once, and /readyz fails with the reason until it is gone.
+async fn watch_port(host: IpAddr, port: u16, ours: HashSet<u64>, shared: Arc<Shared>) {
+    let mut intruders: Vec<u64> = Vec::new();
+    let mut read_error = false;
+    let mut tick = tokio::time::interval(PORT_WATCH_PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let found = match foreign_listeners(host, port, &ours) {
+            Ok(found) => found,
+            Err(err) => {
+                if !read_error {
+                    tracing::warn!("port watch: cannot read the listening sockets: {err}");
+                    read_error = true;
+                }
+                continue;
+            }
+        };
+        match (intruders.is_empty(), found.is_empty()) {
+            (true, false) => {
+                let who: Vec<String> = found
+                    .iter()
+                    .map(|&inode| socket_holder(inode).unwrap_or(format!("socket inode {inode}")))
+                    .collect();
+                let why = format!(
+                    "port {port} is shared with {} listening socket(s) not corepool's ({}): \
+                     they take connections meant for the workers",
+                    found.len(),
+                    who.join(", ")
+                );
+                tracing::warn!("{why}; /readyz fails until they are gone");
+                shared.set_port_taken(Some(why));
+            }
+            (false, true) => {
+                tracing::info!("port {port}: the foreign listening sockets are gone");
+                shared.set_port_taken(None);
+            }
+            _ => {}
+        }
+        intruders = found;
+    }
 }
 
 /// How the Node preload reaches a worker: the NODE_OPTIONS words to append.
@@ -270,6 +461,7 @@ pub struct Ready {
 /// The port-sharing set-up of the pool, made once at start-up.
 pub struct Balancer {
     pub mode: Mode,
+    host: IpAddr,
     pub port: u16,
     pub port_increment: bool,
     /// Socket mode: one SO_REUSEPORT listening socket per slot, handed to that slot's worker.
@@ -289,6 +481,8 @@ pub struct Balancer {
     /// Proxy mode: the workers' private ports, and the accept loop.
     backends: Backends,
     accept_task: Option<tokio::task::JoinHandle<()>>,
+    /// Socket mode: the watch for foreign listeners on the public port.
+    port_watch: Option<tokio::task::JoinHandle<()>>,
     ready_tx: mpsc::UnboundedSender<Ready>,
 }
 
@@ -308,15 +502,17 @@ impl Balancer {
         port_increment: bool,
         preload: Option<Preload>,
         ready_tx: mpsc::UnboundedSender<Ready>,
-    ) -> io::Result<Balancer> {
+    ) -> Result<Balancer, String> {
+        let addr = SocketAddr::new(host, port);
         let listener = match mode {
-            Mode::Proxy => Some(bind_public(host, port, false)?),
+            Mode::Proxy => Some(
+                bind_public(host, port, false)
+                    .map_err(|e| format!("cannot listen on {addr} (--host/--port): {e}"))?,
+            ),
             _ => None,
         };
         let slot_sockets: Vec<Option<OwnedFd>> = match mode {
-            Mode::Socket => (0..slots)
-                .map(|_| bind_public(host, port, true).map(Some))
-                .collect::<io::Result<_>>()?,
+            Mode::Socket => bind_group(host, port, slots)?,
             _ => Vec::new(),
         };
         let (steering, spread) = match slot_sockets.len() {
@@ -334,10 +530,13 @@ impl Balancer {
         };
         let notify = match mode {
             Mode::None => None,
-            _ => Some(NotifySocket::bind()?),
+            _ => Some(NotifySocket::bind().map_err(|e| {
+                format!("cannot create the sd_notify socket (for NOTIFY_SOCKET): {e}")
+            })?),
         };
         Ok(Balancer {
             mode,
+            host,
             port,
             port_increment,
             slot_sockets,
@@ -350,6 +549,7 @@ impl Balancer {
             notify,
             backends: Backends::default(),
             accept_task: None,
+            port_watch: None,
             ready_tx,
         })
     }
@@ -492,6 +692,17 @@ impl Balancer {
         }
     }
 
+    /// Socket mode: watches the public port for listeners that are not the pool's, and reports
+    /// them through /readyz (once, in the runtime).
+    pub fn watch_port(&mut self, shared: Arc<Shared>) {
+        if self.mode == Mode::Socket && self.port_watch.is_none() {
+            let ours = socket_inodes(self.slot_sockets.iter().flatten());
+            self.port_watch = Some(tokio::spawn(watch_port(
+                self.host, self.port, ours, shared,
+            )));
+        }
+    }
+
     /// Proxy connections (open now, accepted in all), for metrics; None in the other modes.
     pub fn connections(&self) -> (Option<usize>, Option<u64>) {
         match self.mode {
@@ -530,11 +741,14 @@ impl Balancer {
         if let Some(task) = self.accept_task.take() {
             task.abort();
         }
+        if let Some(task) = self.port_watch.take() {
+            task.abort();
+        }
     }
 }
 
-/// The sd_notify socket: an abstract unix datagram socket (nothing on disk) whose name is given
-/// to workers as NOTIFY_SOCKET. Senders are identified by the kernel (SCM_CREDENTIALS).
+/// The sd_notify socket: an abstract unix datagram socket (nothing on disk) whose name, chosen
+/// by the kernel, is given to workers as NOTIFY_SOCKET. Senders are identified by the kernel (SCM_CREDENTIALS).
 struct NotifySocket {
     fd: OwnedFd,
     name: String,
@@ -548,9 +762,17 @@ impl NotifySocket {
             SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
             None,
         )?;
-        let name = format!("corepool-{}-notify", std::process::id());
-        let addr = socket::UnixAddr::new_abstract(name.as_bytes())?;
-        socket::bind(fd.as_raw_fd(), &addr)?;
+        // Autobind: an empty address makes the kernel choose an abstract name unused in this
+        // network namespace. A fixed name (`corepool-<pid>-notify`) was the same for every
+        // PID 1, so two pools in one pod (one network namespace) collided, and any process
+        // could take the name first.
+        socket::bind(fd.as_raw_fd(), &socket::UnixAddr::new_unnamed())?;
+        let bound: socket::UnixAddr = socket::getsockname(fd.as_raw_fd())?;
+        let name = bound
+            .as_abstract()
+            .filter(|n| !n.is_empty() && n.iter().all(|b| b.is_ascii_graphic()))
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .ok_or_else(|| io::Error::other("the kernel gave it no printable abstract name"))?;
         socket::setsockopt(&fd, socket::sockopt::PassCred, &true)?;
         Ok(NotifySocket { fd, name })
     }
