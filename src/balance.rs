@@ -321,15 +321,30 @@ pub struct Preload {
     /// For the start-up log: how it was delivered and why.
     pub how: String,
     /// The file written for `--require`, removed when the pool is done with it.
-    file: Option<PathBuf>,
+    _file: Option<PreloadFile>,
 }
 
-impl Drop for Preload {
+/// The preload written to disk for a Node without `--import`: `preload.cjs` (mode 0644) in a
+/// directory this process created (`corepool-<random>`, mode 0711: others may read the file by
+/// its name, so workers running as another user can too, but nobody else can list, add, or
+/// replace anything in it). Both are created exclusively, never through a symlink, so a name
+/// planted in a shared /tmp or /dev/shm is never followed, overwritten or adopted; and only
+/// what this process created is removed (on drop), never another pool's file.
+#[derive(Debug)]
+pub struct PreloadFile {
+    pub dir: PathBuf,
+    pub file: PathBuf,
+}
+
+impl Drop for PreloadFile {
     fn drop(&mut self) {
-        if let Some(file) = &self.file
-            && let Err(err) = std::fs::remove_file(file)
-        {
-            tracing::warn!("cannot remove the Node preload {}: {err}", file.display());
+        for (what, result) in [
+            (&self.file, std::fs::remove_file(&self.file)),
+            (&self.dir, std::fs::remove_dir(&self.dir)),
+        ] {
+            if let Err(err) = result {
+                tracing::warn!("cannot remove the Node preload {}: {err}", what.display());
+            }
         }
     }
 }
@@ -358,19 +373,19 @@ impl Preload {
                     base64(module.as_bytes())
                 ),
                 how: format!("--import of a data: URL ({version})"),
-                file: None,
+                _file: None,
             });
         }
         let file = write_preload_file()?;
         Ok(Preload {
-            node_option: format!("--require \"{}\"", file.display()),
-            how: format!("--require {} ({version} has no --import)", file.display()),
-            file: Some(file),
+            node_option: format!("--require \"{}\"", file.file.display()),
+            how: format!("--require {} ({version} has no --import)", file.file.display()),
+            _file: Some(file),
         })
     }
 }
 
-fn write_preload_file() -> io::Result<PathBuf> {
+fn write_preload_file() -> io::Result<PreloadFile> {
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Some(dir) = std::env::var_os("COREPOOL_RUNTIME_DIR") {
         dirs.push(dir.into());
@@ -378,10 +393,9 @@ fn write_preload_file() -> io::Result<PathBuf> {
     dirs.extend(["/dev/shm".into(), "/tmp".into()]);
     let mut last = io::Error::other("no candidate directory");
     for dir in dirs {
-        let path = dir.join(format!("corepool-preload-{}.cjs", std::process::id()));
-        match std::fs::write(&path, PRELOAD) {
-            Ok(()) => return Ok(path),
-            Err(err) => last = err,
+        match write_preload_in(&dir, PRELOAD.as_bytes()) {
+            Ok(file) => return Ok(file),
+            Err(err) => last = io::Error::new(err.kind(), format!("{}: {err}", dir.display())),
         }
     }
     Err(io::Error::new(
@@ -390,6 +404,76 @@ fn write_preload_file() -> io::Result<PathBuf> {
             "no writable directory for the Node preload ($COREPOOL_RUNTIME_DIR, /dev/shm, /tmp): {last}"
         ),
     ))
+}
+
+/// Creates `<parent>/corepool-<random>/preload.cjs` holding `text` (see [`PreloadFile`]).
+pub fn write_preload_in(parent: &std::path::Path, text: &[u8]) -> io::Result<PreloadFile> {
+    use nix::fcntl::{OFlag, open, openat};
+    use nix::sys::stat::{Mode as Perm, fchmod, mkdirat};
+    use std::io::Write;
+    let parent_fd = open(
+        parent,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Perm::empty(),
+    )?;
+    // A random name nobody can guess ahead; on the rare clash, another.
+    let mut name = String::new();
+    for attempt in 0.. {
+        name = format!("corepool-{}", random_hex(8)?);
+        // mkdir never follows a symlink at the name and fails if anything is there.
+        match mkdirat(&parent_fd, name.as_str(), Perm::S_IRWXU) {
+            Ok(()) => break,
+            Err(nix::errno::Errno::EEXIST) if attempt < 16 => continue,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    let dir = parent.join(&name);
+    let created = (|| -> io::Result<std::fs::File> {
+        let dir_fd = openat(
+            &parent_fd,
+            name.as_str(),
+            OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Perm::empty(),
+        )?;
+        // Exact modes whatever the umask: 0711, so workers of another user reach the file.
+        fchmod(&dir_fd, Perm::from_bits_truncate(0o711))?;
+        let fd = openat(
+            &dir_fd,
+            "preload.cjs",
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Perm::S_IRUSR | Perm::S_IWUSR,
+        )?;
+        fchmod(&fd, Perm::from_bits_truncate(0o644))?;
+        Ok(std::fs::File::from(fd))
+    })();
+    let mut out = match created {
+        Ok(out) => out,
+        Err(err) => {
+            // Only the directory is ours yet.
+            if let Err(rm) = std::fs::remove_dir(&dir) {
+                tracing::warn!("cannot remove {}: {rm}", dir.display());
+            }
+            return Err(err);
+        }
+    };
+    let made = PreloadFile {
+        file: dir.join("preload.cjs"),
+        dir,
+    };
+    out.write_all(text)?;
+    Ok(made)
+}
+
+/// `bytes` random bytes from the kernel (getrandom(2), else /dev/urandom), as hex.
+fn random_hex(bytes: usize) -> io::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    // SAFETY: getrandom writes at most buf.len() bytes into buf.
+    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n != buf.len() as isize {
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+    }
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// The version of the `node` that runs the command: the command itself when it is a node
@@ -860,6 +944,45 @@ mod tests {
             "{}",
             old.node_option
         );
+    }
+
+    /// Each pool gets a directory of its own (0711, ours) with the file (0644, ours) inside,
+    /// and removes only those: a neighbour's file and the parent stay.
+    #[test]
+    fn preload_files_are_private_and_removed_alone() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let parent = std::env::temp_dir().join(format!("corepool-unit-{}", random_hex(6).unwrap()));
+        std::fs::create_dir(&parent).unwrap();
+        let neighbour = parent.join("corepool-neighbour");
+        std::fs::create_dir(&neighbour).unwrap();
+        std::fs::write(neighbour.join("preload.cjs"), "theirs").unwrap();
+        let a = write_preload_in(&parent, b"a").unwrap();
+        let b = write_preload_in(&parent, b"b").unwrap();
+        assert_ne!(a.dir, b.dir);
+        assert_eq!(std::fs::read(&a.file).unwrap(), b"a");
+        let (dir, file) = (a.dir.metadata().unwrap(), a.file.metadata().unwrap());
+        assert_eq!(dir.permissions().mode() & 0o7777, 0o711);
+        assert_eq!(file.permissions().mode() & 0o7777, 0o644);
+        // SAFETY: geteuid has no memory effects.
+        let me = unsafe { libc::geteuid() };
+        assert_eq!((dir.uid(), file.uid()), (me, me));
+        let (a_dir, b_dir) = (a.dir.clone(), b.dir.clone());
+        drop(a);
+        assert!(!a_dir.exists() && b_dir.join("preload.cjs").exists());
+        drop(b);
+        assert!(!b_dir.exists());
+        assert_eq!(std::fs::read(neighbour.join("preload.cjs")).unwrap(), b"theirs");
+        std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    #[test]
+    fn proc_net_tcp_addresses() {
+        let v4 = parse_proc_address("0100007F:0BB8").unwrap();
+        assert_eq!(v4, ("127.0.0.1".parse().unwrap(), 3000));
+        let any6 = parse_proc_address("00000000000000000000000000000000:1F90").unwrap();
+        assert_eq!(any6, ("::".parse().unwrap(), 8080));
+        assert!(same_ip("::ffff:127.0.0.1".parse().unwrap(), "127.0.0.1".parse().unwrap()));
+        assert_eq!(parse_proc_address("zz:1"), None);
     }
 
     #[test]
