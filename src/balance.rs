@@ -35,17 +35,27 @@
 //! Because corepool keeps holding every socket, connections that arrive while a worker
 //! restarts wait in the backlog; none is refused.
 //!
+//! ## The port is the pool's alone
+//! SO_REUSEPORT admits into the group any later listener of the same user on the same address:
+//! a second corepool started on the port would start without error and, loading its own eBPF
+//! program onto the group, take every connection. So `bind_group` refuses a port anything
+//! listens on (a probe bound without SO_REUSEPORT, then a count of foreign listeners once the
+//! group is built, for the moment between the two), and `watch_port` looks again every 2 s for
+//! the pool's lifetime, failing /readyz while a stranger shares the port. The watch reads only
+//! the listening head of /proc/net/tcp{,6}, so its cost does not grow with the connections.
+//!
 //! ## Readiness
 //! A worker is ready when it accepts connections. The Node preload writes `READY=1` to a pipe
 //! (fd 4, `COREPOOL_READY_FD`) once its server is listening; any other program may send
-//! `READY=1` to `NOTIFY_SOCKET` as systemd's sd_notify does. In `none` mode a worker counts as
-//! ready when it has started.
+//! `READY=1` to `NOTIFY_SOCKET` as systemd's sd_notify does (an abstract socket named by the
+//! kernel: unique in the network namespace, which a pod's containers share). In `none` mode a
+//! worker counts as ready when it has started.
 
 use crate::launch::{self, WorkerIo};
+use crate::metrics::Shared;
 use crate::proxy::{self, Backends};
 use crate::steer;
 use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6};
-use crate::metrics::Shared;
 use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -205,9 +215,8 @@ pub fn foreign_listeners(host: IpAddr, port: u16, ours: &HashSet<u64>) -> io::Re
             let Some((addr, their_port)) = parse_proc_address(local) else {
                 continue;
             };
-            let overlaps = addr.is_unspecified() || host.is_unspecified() || same_ip(addr, host);
             let inode: u64 = inode.parse().unwrap_or(0);
-            if their_port == port && overlaps && !ours.contains(&inode) {
+            if their_port == port && overlaps(host, addr) && !ours.contains(&inode) {
                 found.push(inode);
             }
         }
@@ -215,13 +224,24 @@ pub fn foreign_listeners(host: IpAddr, port: u16, ours: &HashSet<u64>) -> io::Re
     Ok(found)
 }
 
-/// Equal addresses, an IPv4 address and its IPv4-mapped IPv6 form included.
-fn same_ip(a: IpAddr, b: IpAddr) -> bool {
-    let canon = |ip: IpAddr| match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-        v4 => v4,
+/// Whether a listener on `theirs` may receive connections meant for `ours` (same port): the
+/// same address, or either one a wildcard of a family that serves the other's (`::` serves
+/// IPv4 too, unless it is IPV6_V6ONLY, which /proc does not show: counted as serving it).
+/// IPv4-mapped IPv6 addresses count as IPv4.
+fn overlaps(ours: IpAddr, theirs: IpAddr) -> bool {
+    let v4 = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
     };
-    canon(a) == canon(b)
+    let any6 = |ip: IpAddr| matches!(ip, IpAddr::V6(v6) if v6.is_unspecified());
+    if any6(ours) || any6(theirs) {
+        return true;
+    }
+    match (v4(ours), v4(theirs)) {
+        (Some(a), Some(b)) => a.is_unspecified() || b.is_unspecified() || a == b,
+        (None, None) => ours == theirs,
+        _ => false,
+    }
 }
 
 /// `0100007F:0BB8` (IPv4) or 32 hex digits and a port (IPv6), as /proc/net/tcp{,6} print
@@ -256,8 +276,8 @@ fn socket_holder(inode: u64) -> Option<String> {
         };
         for fd in fds.flatten() {
             if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == target.as_str()) {
-                let comm = std::fs::read_to_string(proc_entry.path().join("comm"))
-                    .unwrap_or_default();
+                let comm =
+                    std::fs::read_to_string(proc_entry.path().join("comm")).unwrap_or_default();
                 return Some(format!("pid {pid} ({})", comm.trim()));
             }
         }
@@ -379,7 +399,10 @@ impl Preload {
         let file = write_preload_file()?;
         Ok(Preload {
             node_option: format!("--require \"{}\"", file.file.display()),
-            how: format!("--require {} ({version} has no --import)", file.file.display()),
+            how: format!(
+                "--require {} ({version} has no --import)",
+                file.file.display()
+            ),
             _file: Some(file),
         })
     }
@@ -781,9 +804,7 @@ impl Balancer {
     pub fn watch_port(&mut self, shared: Arc<Shared>) {
         if self.mode == Mode::Socket && self.port_watch.is_none() {
             let ours = socket_inodes(self.slot_sockets.iter().flatten());
-            self.port_watch = Some(tokio::spawn(watch_port(
-                self.host, self.port, ours, shared,
-            )));
+            self.port_watch = Some(tokio::spawn(watch_port(self.host, self.port, ours, shared)));
         }
     }
 
@@ -971,7 +992,10 @@ mod tests {
         assert!(!a_dir.exists() && b_dir.join("preload.cjs").exists());
         drop(b);
         assert!(!b_dir.exists());
-        assert_eq!(std::fs::read(neighbour.join("preload.cjs")).unwrap(), b"theirs");
+        assert_eq!(
+            std::fs::read(neighbour.join("preload.cjs")).unwrap(),
+            b"theirs"
+        );
         std::fs::remove_dir_all(&parent).unwrap();
     }
 
@@ -981,7 +1005,14 @@ mod tests {
         assert_eq!(v4, ("127.0.0.1".parse().unwrap(), 3000));
         let any6 = parse_proc_address("00000000000000000000000000000000:1F90").unwrap();
         assert_eq!(any6, ("::".parse().unwrap(), 8080));
-        assert!(same_ip("::ffff:127.0.0.1".parse().unwrap(), "127.0.0.1".parse().unwrap()));
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert!(overlaps(ip("127.0.0.1"), ip("::ffff:127.0.0.1")));
+        assert!(overlaps(ip("0.0.0.0"), ip("10.1.2.3")));
+        assert!(overlaps(ip("127.0.0.1"), ip("::")));
+        assert!(overlaps(ip("::"), ip("127.0.0.1")));
+        assert!(!overlaps(ip("0.0.0.0"), ip("::1")));
+        assert!(!overlaps(ip("127.0.0.1"), ip("10.1.2.3")));
+        assert!(!overlaps(ip("::1"), ip("fe80::1")));
         assert_eq!(parse_proc_address("zz:1"), None);
     }
 

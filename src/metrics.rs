@@ -347,7 +347,11 @@ fn readyz(shared: &Shared) -> (&'static str, &'static str, String) {
     } else if snap.stopping {
         ("503 Service Unavailable", "text/plain", "stopping\n".into())
     } else if let Some(why) = shared.port_taken() {
-        ("503 Service Unavailable", "text/plain", format!("not ready: {why}\n"))
+        (
+            "503 Service Unavailable",
+            "text/plain",
+            format!("not ready: {why}\n"),
+        )
     } else {
         (
             "503 Service Unavailable",

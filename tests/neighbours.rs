@@ -39,7 +39,11 @@ fn children(pid: i32) -> Vec<i32> {
 /// SIGTERM to the corepool under `unshare` process `unshare` (unshare ignores SIGTERM itself).
 fn stop_under(unshare: i32) {
     let pids = children(unshare);
-    assert_eq!(pids.len(), 1, "one corepool under unshare {unshare}: {pids:?}");
+    assert_eq!(
+        pids.len(),
+        1,
+        "one corepool under unshare {unshare}: {pids:?}"
+    );
     // SAFETY: kill(2) on the corepool we started.
     assert_eq!(unsafe { libc::kill(pids[0], libc::SIGTERM) }, 0);
 }
@@ -66,7 +70,14 @@ fn two_pools_in_one_network_namespace_both_serve() {
         pool(3001)
     );
     let mut cmd = Command::new("unshare");
-    cmd.args(["--net", "--fork", "--kill-child=SIGTERM", "sh", "-c", &script]);
+    cmd.args([
+        "--net",
+        "--fork",
+        "--kill-child=SIGTERM",
+        "sh",
+        "-c",
+        &script,
+    ]);
     let mut run = Run::from_command(cmd, &[]);
     run.wait_for("both pools ready", SECS(20), |_, e| {
         e.matches(" ready (pid").count() >= 2 || e.contains("exiting with code")
@@ -170,7 +181,13 @@ fn the_public_port_stays_the_pools_alone() {
 /// corepool as PID 1 of a pid namespace, with COREPOOL_RUNTIME_DIR, running `rest`.
 fn pid1_pool(runtime: &std::path::Path, args: &[String]) -> Run {
     let mut cmd = Command::new("unshare");
-    cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGTERM", bin()]);
+    cmd.args([
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child=SIGTERM",
+        bin(),
+    ]);
     cmd.args(args);
     Run::from_command(cmd, &[("COREPOOL_RUNTIME_DIR", runtime.to_str().unwrap())])
 }
@@ -184,7 +201,10 @@ fn an_old_nodes_preload_file_is_private_and_only_its_own_is_removed() {
     require("unshare");
     let node = fixture(
         "tests/fixtures/nodes/fetch.sh",
-        &["18.17.1", concat!(env!("CARGO_MANIFEST_DIR"), "/target/nodes")],
+        &[
+            "18.17.1",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/target/nodes"),
+        ],
     );
     let runtime = scratch("preload-runtime");
     let victim = scratch("preload-victim").join("precious");
@@ -225,7 +245,10 @@ fn an_old_nodes_preload_file_is_private_and_only_its_own_is_removed() {
     // the first's stays.
     let mut second = pid1_pool(&runtime, &args);
     assert_eq!(second.exit_code(SECS(15)), 3, "{}", second.stderr());
-    assert!(file.is_file(), "the second pool removed the first's preload");
+    assert!(
+        file.is_file(),
+        "the second pool removed the first's preload"
+    );
     let entries = std::fs::read_dir(&runtime).unwrap().count();
     assert_eq!(entries, 2, "the first's directory and the planted symlink");
     get_json(port).expect("the first pool keeps serving");
