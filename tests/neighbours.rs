@@ -115,9 +115,7 @@ fn the_public_port_stays_the_pools_alone() {
     let port = free_port();
     let metrics = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics}");
-    let mut args = socket_args(2, port, &["--metrics", &metrics_addr, "--", "node", HELLO]);
-    args.insert(0, "--log-level".into());
-    args.insert(1, "info".into());
+    let args = socket_args(2, port, &["--metrics", &metrics_addr, "--", "node", HELLO]);
     let first = Run::start(&args, &[]);
     first.wait_stderr(" ready (pid", 2, SECS(15));
     assert_eq!(http(metrics, "GET", "/readyz").unwrap().0, 200);
