@@ -7,7 +7,8 @@
 //! - `signals`: which signals are caught and what each means;
 //! - `reaper`: the one `waitpid(-1)` loop;
 //! - `worker`: a slot's lifecycle state machine, and how a worker process is started;
-//! - `balance`: one public port for the pool (shared socket, preload, readiness);
+//! - `balance`: one public port for the pool (shared socket, kept the pool's alone; preload;
+//!   readiness);
 //! - `steer`: socket mode's round robin over the slot sockets (an eBPF reuseport program);
 //! - `launch`: fork and exec of a worker, and command resolution;
 //! - `limits`: the descriptor limit raised for corepool, restored for its workers;

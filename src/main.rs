@@ -164,8 +164,7 @@ fn run() -> i32 {
         ) {
             Ok(balancer) => balancer,
             Err(err) => {
-                let addr = std::net::SocketAddr::new(config.host, config.port);
-                tracing::error!("cannot listen on {addr} (--host/--port): {err}");
+                tracing::error!("{err}");
                 output.finish(std::time::Duration::from_secs(1));
                 return exit::STARTUP;
             }
@@ -179,6 +178,7 @@ fn run() -> i32 {
             option
         }));
         let shared = metrics::Shared::new(config.balance.name(), config.min_ready);
+        balancer.watch_port(shared.clone());
         if let Some(listener) = metrics_listener {
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => {

@@ -57,6 +57,8 @@ pub struct Shared {
     snapshot: Mutex<Snapshot>,
     pub balance: &'static str,
     pub min_ready: usize,
+    /// Why the public port is not the pool's alone (foreign listeners joined it): not ready.
+    port_taken: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -74,6 +76,7 @@ impl Shared {
             }),
             balance,
             min_ready,
+            port_taken: Mutex::new(None),
         })
     }
 
@@ -88,16 +91,31 @@ impl Shared {
             .clone()
     }
 
+    /// The port watch found listeners that are not the pool's (Some: why), or they left (None).
+    pub fn set_port_taken(&self, why: Option<String>) {
+        *self.port_taken.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    }
+
+    pub fn port_taken(&self) -> Option<String> {
+        self.port_taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The supervisor loop turned recently.
     pub fn healthy(&self) -> bool {
         self.snapshot().heartbeat.elapsed() < HEARTBEAT_LIMIT
     }
 
-    /// Enough workers are ready and no stop is under way.
+    /// Enough workers are ready, no stop is under way and the port is the pool's alone.
     pub fn ready(&self) -> bool {
         let snap = self.snapshot();
         let ready = snap.slots.iter().filter(|s| s.ready).count();
-        !snap.stopping && ready >= self.min_ready.max(1) && self.healthy()
+        !snap.stopping
+            && ready >= self.min_ready.max(1)
+            && self.healthy()
+            && self.port_taken().is_none()
     }
 }
 
@@ -348,6 +366,12 @@ fn readyz(shared: &Shared) -> (&'static str, &'static str, String) {
         )
     } else if snap.stopping {
         ("503 Service Unavailable", "text/plain", "stopping\n".into())
+    } else if let Some(why) = shared.port_taken() {
+        (
+            "503 Service Unavailable",
+            "text/plain",
+            format!("not ready: {why}\n"),
+        )
     } else {
         (
             "503 Service Unavailable",
