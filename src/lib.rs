@@ -16,7 +16,8 @@
 //! - `control`: `corepool status` and `corepool reload` over an abstract unix socket;
 //! - `pool`: the supervisor loop (start, restart, forward, stop, exit code);
 //! - `logs`: worker output and corepool's own messages, a whole line at a time;
-//! - `exit`: exit codes.
+//! - `exit`: exit codes;
+//! - `reserve`: spare descriptors, so that a worker start never fails for want of one.
 
 pub mod balance;
 pub mod cgroup;
@@ -30,6 +31,7 @@ pub mod pool;
 pub mod proxy;
 pub mod reaper;
 pub mod relay;
+pub mod reserve;
 pub mod signals;
 pub mod steer;
 pub mod worker;

@@ -146,6 +146,14 @@ impl Worker {
         };
     }
 
+    /// Verb `retry`: a start failed for corepool's own lack of resources (not the program's
+    /// fault): try again at `at`, counting neither a restart nor a failure.
+    pub fn retry_at(&mut self, at: Instant) {
+        if matches!(self.state, State::Waiting { .. }) {
+            self.state = State::Waiting { at };
+        }
+    }
+
     /// Verb `ready`: the process accepts connections. Returns how long it took, the first time.
     pub fn ready(&mut self, now: Instant) -> Option<Duration> {
         match &mut self.state {
