@@ -328,6 +328,23 @@ mod tests {
     }
 
     #[test]
+    fn a_retry_counts_nothing() {
+        let r = rules(RestartPolicy::Always);
+        let t0 = Instant::now();
+        let mut w = running(t0);
+        w.exited(ExitStatus::Code(1), t0, &r, false);
+        let (failures, restarts) = (w.failures, w.restarts);
+        let later = t0 + Duration::from_secs(1);
+        w.retry_at(later);
+        assert_eq!(w.state, State::Waiting { at: later });
+        assert_eq!((w.failures, w.restarts), (failures, restarts));
+        // Only a waiting slot is put off.
+        w.started(Pid::from_raw(11), later, true);
+        w.retry_at(later + Duration::from_secs(1));
+        assert!(matches!(w.state, State::Running { .. }));
+    }
+
+    #[test]
     fn long_life_resets_failures() {
         let r = rules(RestartPolicy::Always);
         let t0 = Instant::now();
