@@ -6,7 +6,8 @@
 //! accept. One request per connection, one line: `status` answers JSON, `reload` asks for a
 //! rolling reload (coalesced like SIGHUP) and answers what the pool made of it. The listener
 //! serves at most `MAX_CONNECTIONS` clients at once, each for at most `REQUEST_TIMEOUT` per
-//! step. The client checks the server's credentials the same way before trusting its answer.
+//! step. The client checks the server's credentials (root, its own user or PID 1) before
+//! trusting its answer.
 
 use crate::metrics::{Shared, group_usage};
 use serde_json::{Value, json};
@@ -196,7 +197,7 @@ async fn status_json(shared: &Shared) -> Value {
 }
 
 /// Client side: sends one request to the running corepool and returns its answer. Whoever
-/// serves the name must be root or our own user (SO_PEERCRED), or nothing is sent.
+/// serves the name must be root, our own user or PID 1 (SO_PEERCRED), or nothing is sent.
 pub fn request(what: &str) -> Result<String, String> {
     let name = socket_name();
     let addr = address(&name).map_err(|e| format!("bad control socket name @{name}: {e}"))?;
@@ -204,12 +205,15 @@ pub fn request(what: &str) -> Result<String, String> {
         .map_err(|e| format!("no corepool is running here (control socket @{name}: {e})"))?;
     // SAFETY: geteuid has no memory effects.
     let me = unsafe { libc::geteuid() };
-    match peer_uid(&stream) {
-        Ok(uid) if uid == 0 || uid == me => {}
-        Ok(uid) => {
+    match peer_cred(&stream) {
+        // PID 1 is the container's init, which no impostor can be (a root `docker exec` into
+        // a pool that runs as another user).
+        Ok(cred) if cred.uid == 0 || cred.uid == me || cred.pid == 1 => {}
+        Ok(cred) => {
             return Err(format!(
-                "control socket @{name} is served by uid {uid}, neither root nor our uid {me}: \
-                 not trusted (another program holds the name)"
+                "control socket @{name} is served by uid {} (pid {}), neither root nor our uid \
+                 {me} nor PID 1: not trusted (another program holds the name)",
+                cred.uid, cred.pid
             ));
         }
         Err(err) => return Err(format!("control socket @{name}: SO_PEERCRED: {err}")),
@@ -233,8 +237,8 @@ pub fn request(what: &str) -> Result<String, String> {
     }
 }
 
-/// The uid of the process at the other end of a connected unix socket.
-fn peer_uid(stream: &std::os::unix::net::UnixStream) -> std::io::Result<u32> {
+/// Who is at the other end of a connected unix socket (for a client: who called listen).
+fn peer_cred(stream: &std::os::unix::net::UnixStream) -> std::io::Result<libc::ucred> {
     use std::os::fd::AsRawFd;
     let mut cred = libc::ucred {
         pid: 0,
@@ -255,7 +259,7 @@ fn peer_uid(stream: &std::os::unix::net::UnixStream) -> std::io::Result<u32> {
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(cred.uid)
+    Ok(cred)
 }
 
 /// The status JSON as a table for people.
