@@ -2,24 +2,59 @@
 //!
 //! The running supervisor listens on a Linux abstract unix socket (`@corepool`, or
 //! `@$COREPOOL_CONTROL`): nothing is written to disk, so it works on a read-only root. The
-//! kernel tells us who connects (SO_PEERCRED); anyone but our own user and root is refused. One
-//! request per connection, one line: `status` answers JSON, `reload` starts a rolling reload.
+//! kernel tells us who connects (SO_PEERCRED); anyone but our own user and root is refused at
+//! accept. One request per connection, one line: `status` answers JSON, `reload` asks for a
+//! rolling reload (coalesced like SIGHUP) and answers what the pool made of it. The listener
+//! serves at most `MAX_CONNECTIONS` clients at once, each for at most `REQUEST_TIMEOUT` per
+//! step. The client checks the server's credentials (root, its own user or PID 1) before
+//! trusting its answer.
 
 use crate::metrics::{Shared, group_usage};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::os::linux::net::SocketAddrExt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 /// What a client may ask of the pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Command {
-    Reload,
+    /// A rolling reload; the pool says on the channel what it made of the request.
+    Reload(oneshot::Sender<ReloadAnswer>),
 }
+
+/// What became of a reload request. Requests are coalesced as SIGHUPs are: one that arrives
+/// while a reload runs is merged into a single follow-up reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadAnswer {
+    Started,
+    Follows,
+    Stopping,
+}
+
+impl ReloadAnswer {
+    fn line(self) -> &'static str {
+        match self {
+            ReloadAnswer::Started => "ok: rolling reload started\n",
+            ReloadAnswer::Follows => {
+                "ok: a rolling reload is under way; one more follows it (requests meanwhile are merged into it)\n"
+            }
+            ReloadAnswer::Stopping => "error: the pool is stopping; no reload\n",
+        }
+    }
+}
+
+/// At most this many clients are served at once; further ones wait in the kernel's accept
+/// queue (only our own user and root get this far, and each is done within `REQUEST_TIMEOUT`).
+pub const MAX_CONNECTIONS: usize = 16;
+/// A client must send its request line within this long, and read the answer within as long
+/// again; then it is disconnected.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// A request line is at most this long.
+const MAX_REQUEST: u64 = 256;
 
 /// The abstract socket's name.
 pub fn socket_name() -> String {
@@ -41,56 +76,86 @@ pub fn bind() -> std::io::Result<std::os::unix::net::UnixListener> {
     Ok(listener)
 }
 
-/// Answers clients until the process exits.
+/// Answers clients until the process exits: at most `MAX_CONNECTIONS` at once, each within
+/// `REQUEST_TIMEOUT`. Anyone but our own user and root is answered with a refusal at accept,
+/// without reading, and disconnected at once.
 pub async fn serve(
     listener: std::os::unix::net::UnixListener,
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
 ) {
-    let Ok(listener) = tokio::net::UnixListener::from_std(listener) else {
-        return;
+    let listener = match tokio::net::UnixListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!("control socket unusable: {err}");
+            return;
+        }
     };
     // SAFETY: geteuid has no memory effects.
     let me = unsafe { libc::geteuid() };
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut refused_logged: Option<Instant> = None;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
+        // A free slot first: past the cap, connections wait in the kernel's queue and cost
+        // corepool no descriptor.
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
         };
-        let allowed = stream
-            .peer_cred()
-            .map(|c| c.uid() == me || c.uid() == 0)
-            .unwrap_or(false);
-        tokio::spawn(answer(stream, allowed, shared.clone(), commands.clone()));
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                tracing::warn!("control socket: accept failed: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let uid = stream.peer_cred().map(|c| c.uid());
+        if !matches!(uid, Ok(u) if u == me || u == 0) {
+            // Known at accept: refuse now, hold nothing. The line fits in the socket buffer.
+            let _ = stream.try_write(
+                b"error: permission denied (corepool answers only its own user and root)\n",
+            );
+            if refused_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                refused_logged = Some(Instant::now());
+                match uid {
+                    Ok(uid) => tracing::warn!("control socket: refused a client of uid {uid}"),
+                    Err(err) => tracing::warn!("control socket: refused a client: {err}"),
+                }
+            }
+            continue;
+        }
+        tokio::spawn(answer(stream, permit, shared.clone(), commands.clone()));
     }
 }
 
 async fn answer(
     stream: UnixStream,
-    allowed: bool,
+    _permit: OwnedSemaphorePermit,
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
 ) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let mut reader = BufReader::new(read.take(256));
-    let got = tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line)).await;
+    let mut reader = BufReader::new(read.take(MAX_REQUEST));
+    let got = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
     if !matches!(got, Ok(Ok(_))) {
         return;
     }
-    let reply = if !allowed {
-        "error: permission denied (corepool answers only its own user and root)\n".to_string()
-    } else {
-        match line.trim() {
-            "status" => format!("{}\n", status_json(&shared).await),
-            "reload" => match commands.send(Command::Reload) {
-                Ok(()) => "ok: rolling reload started\n".to_string(),
+    let reply = match line.trim() {
+        "status" => format!("{}\n", status_json(&shared).await),
+        "reload" => {
+            let (tx, rx) = oneshot::channel();
+            match commands.send(Command::Reload(tx)) {
+                Ok(()) => match rx.await {
+                    Ok(answer) => answer.line().to_string(),
+                    Err(_) => "error: the pool is not running\n".to_string(),
+                },
                 Err(_) => "error: the pool is not running\n".to_string(),
-            },
-            other => format!("error: unknown request '{other}'\n"),
+            }
         }
+        other => format!("error: unknown request '{other}'\n"),
     };
-    let _ = write.write_all(reply.as_bytes()).await;
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(reply.as_bytes())).await;
 }
 
 /// Status of every slot, with RSS and CPU% of its process group over a 200 ms sample.
@@ -131,24 +196,70 @@ async fn status_json(shared: &Shared) -> Value {
     })
 }
 
-/// Client side: sends one request to the running corepool and returns its answer.
+/// Client side: sends one request to the running corepool and returns its answer. Whoever
+/// serves the name must be root, our own user or PID 1 (SO_PEERCRED), or nothing is sent.
 pub fn request(what: &str) -> Result<String, String> {
     let name = socket_name();
     let addr = address(&name).map_err(|e| format!("bad control socket name @{name}: {e}"))?;
     let mut stream = std::os::unix::net::UnixStream::connect_addr(&addr)
         .map_err(|e| format!("no corepool is running here (control socket @{name}: {e})"))?;
+    // SAFETY: geteuid has no memory effects.
+    let me = unsafe { libc::geteuid() };
+    match peer_cred(&stream) {
+        // PID 1 is the container's init, which no impostor can be (a root `docker exec` into
+        // a pool that runs as another user).
+        Ok(cred) if cred.uid == 0 || cred.uid == me || cred.pid == 1 => {}
+        Ok(cred) => {
+            return Err(format!(
+                "control socket @{name} is served by uid {} (pid {}), neither root nor our uid \
+                 {me} nor PID 1: not trusted (another program holds the name)",
+                cred.uid, cred.pid
+            ));
+        }
+        Err(err) => return Err(format!("control socket @{name}: SO_PEERCRED: {err}")),
+    }
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    stream
-        .write_all(format!("{what}\n").as_bytes())
-        .map_err(|e| format!("control socket @{name}: {e}"))?;
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+    // A server that refuses us answers at once and closes: read its answer even if the
+    // request could not be written.
+    let sent = stream.write_all(format!("{what}\n").as_bytes());
     let mut answer = String::new();
-    stream
-        .read_to_string(&mut answer)
-        .map_err(|e| format!("control socket @{name}: {e}"))?;
+    let read = stream.read_to_string(&mut answer);
+    if answer.is_empty() {
+        if let Err(err) = sent.and(read.map(|_| ())) {
+            return Err(format!("control socket @{name}: {err}"));
+        }
+        return Err(format!("control socket @{name}: closed without an answer"));
+    }
     match answer.strip_prefix("error: ") {
         Some(err) => Err(err.trim().to_string()),
         None => Ok(answer),
     }
+}
+
+/// Who is at the other end of a connected unix socket (for a client: who called listen).
+fn peer_cred(stream: &std::os::unix::net::UnixStream) -> std::io::Result<libc::ucred> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred)
 }
 
 /// The status JSON as a table for people.

@@ -10,7 +10,8 @@ pub const KILLED: i32 = 1;
 /// Usage or configuration error (flag, variable or file).
 pub const USAGE: i32 = 2;
 /// corepool could not set itself up (signal handlers, log threads, listening socket), or could
-/// not start a worker process (fork or pipe failed: EAGAIN, EMFILE).
+/// not start the first worker process (fork or pipe failed: EAGAIN, EMFILE); later starts that
+/// fail so are retried (see `reserve`).
 pub const STARTUP: i32 = 3;
 /// The worker command is not executable, or is a directory.
 pub const NOT_EXECUTABLE: i32 = 126;

@@ -19,7 +19,8 @@
 //! - `pool`: the supervisor loop (start, restart, forward, stop, exit code);
 //! - `logs`: worker output and corepool's own messages, a whole line at a time;
 //! - `exit`: exit codes;
-//! - `user`: `--user`, the identity the workers run under.
+//! - `user`: `--user`, the identity the workers run under;
+//! - `reserve`: spare descriptors, so that a worker start never fails for want of one.
 
 pub mod balance;
 pub mod cgroup;
@@ -34,6 +35,7 @@ pub mod pool;
 pub mod proxy;
 pub mod reaper;
 pub mod relay;
+pub mod reserve;
 pub mod signals;
 pub mod steer;
 pub mod user;

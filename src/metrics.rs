@@ -5,16 +5,22 @@
 //! records under a mutex). Everything that reports reads the snapshot and never touches the pool:
 //! the HTTP endpoint of `--metrics ADDR` (`/metrics` in the Prometheus text format, `/healthz`,
 //! `/readyz`), the control socket's `status`, and the memory watch. Memory and CPU are those of a
-//! worker's whole process group, summed from /proc at the time of asking.
+//! worker's whole process group, summed from /proc at the time of asking; /metrics reuses a
+//! reading for `USAGE_CACHE`, so that a flood of scrapes cannot keep the supervisor's thread
+//! busy scanning /proc (/healthz and /readyz only read the snapshot).
+//!
+//! The HTTP listener is bounded: `MAX_CONNECTIONS` open at once (past that, the connection that
+//! has waited longest for its request is closed), `REQUEST_TIMEOUT` to send a request head of at
+//! most 8 KiB and again to take the answer.
 
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,6 +29,15 @@ use tokio::net::{TcpListener, TcpStream};
 /// The supervisor loop is considered alive while it published within this long (it wakes at
 /// least once a second).
 const HEARTBEAT_LIMIT: Duration = Duration::from_secs(5);
+/// At most this many connections are open at once on the metrics port.
+pub const MAX_CONNECTIONS: usize = 64;
+/// A client must send its whole request head within this long, and take the answer within as
+/// long again; then it is disconnected.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A request head is at most this long.
+const MAX_HEAD: usize = 8192;
+/// Process-group usage read from /proc is reused for this long by /metrics.
+pub const USAGE_CACHE: Duration = Duration::from_secs(1);
 
 /// One slot as reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,9 +67,14 @@ pub struct Snapshot {
     pub connection_limit: Option<(usize, u64)>,
 }
 
+/// Usage of some process groups, and when it was read.
+type UsageScan = (Instant, Vec<i32>, HashMap<i32, Usage>);
+
 /// The snapshot shared between the loop and the reporters, and what does not change.
 pub struct Shared {
     snapshot: Mutex<Snapshot>,
+    /// The last /proc scan for /metrics: a flood of requests costs one scan per `USAGE_CACHE`.
+    usage: Mutex<Option<UsageScan>>,
     pub balance: &'static str,
     pub min_ready: usize,
     /// Why the public port is not the pool's alone (foreign listeners joined it): not ready.
@@ -74,6 +94,7 @@ impl Shared {
                 connections_total: None,
                 connection_limit: None,
             }),
+            usage: Mutex::new(None),
             balance,
             min_ready,
             port_taken: Mutex::new(None),
@@ -101,6 +122,21 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// `group_usage(groups)`, read again only when the last reading is older than
+    /// `USAGE_CACHE` or was of other groups (a worker was replaced).
+    pub fn cached_usage(&self, groups: &[i32]) -> HashMap<i32, Usage> {
+        let mut cache = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, cached, usage)) = cache.as_ref()
+            && at.elapsed() < USAGE_CACHE
+            && cached == groups
+        {
+            return usage.clone();
+        }
+        let usage = group_usage(groups);
+        *cache = Some((Instant::now(), groups.to_vec(), usage.clone()));
+        usage
     }
 
     /// The supervisor loop turned recently.
@@ -215,7 +251,7 @@ pub fn render(shared: &Shared) -> String {
     let rss = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     let cpu = Family::<Labels, Counter<f64, AtomicU64>>::default();
     let groups: Vec<i32> = snap.slots.iter().filter_map(|s| s.pid).collect();
-    let usage = group_usage(&groups);
+    let usage = shared.cached_usage(&groups);
     for s in &snap.slots {
         let slot = labels(&[("slot", s.slot.to_string())]);
         restarts.get_or_create(&slot).inc_by(s.restarts);
@@ -286,18 +322,58 @@ pub fn render(shared: &Shared) -> String {
     out
 }
 
+/// One open connection of the metrics port.
+struct Conn {
+    task: tokio::task::AbortHandle,
+    /// Its request head has arrived: it is being answered, and is not evicted.
+    answering: Arc<AtomicBool>,
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the process exits.
+///
+/// At most `MAX_CONNECTIONS` are open at once. A new connection past that closes the one that
+/// has waited longest without sending its request (an idle or slow client), so that idle
+/// connections can never lock a probe out; when every open connection is being answered, the
+/// new one is closed at once.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let mut open: VecDeque<Conn> = VecDeque::new();
+    let mut evicted_logged: Option<Instant> = None;
     loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(answer(stream, shared.clone()));
-            }
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
             Err(err) => {
                 tracing::warn!("metrics: accept failed: {err}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        open.retain(|c| !c.task.is_finished());
+        if open.len() >= MAX_CONNECTIONS {
+            let idle = open
+                .iter()
+                .position(|c| !c.answering.load(Ordering::Relaxed));
+            let Some(oldest) = idle else {
+                drop(stream);
+                continue;
+            };
+            if let Some(conn) = open.remove(oldest) {
+                conn.task.abort();
+            }
+            if evicted_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                evicted_logged = Some(Instant::now());
+                tracing::warn!(
+                    "metrics: {MAX_CONNECTIONS} connections open: closing the one idle longest"
+                );
             }
         }
+        let answering = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(answer(stream, shared.clone(), answering.clone()));
+        open.push_back(Conn {
+            task: task.abort_handle(),
+            answering,
+        });
+        // Let the connections just accepted read their request before the next accept.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -309,11 +385,11 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 }
 
 /// One HTTP/1.x request: read the request head (bounded in size and time), answer, close.
-async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
+async fn answer(mut stream: TcpStream, shared: Arc<Shared>, answering: Arc<AtomicBool>) {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
             match stream.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => head.extend_from_slice(&buf[..n]),
@@ -321,9 +397,10 @@ async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
         }
     })
     .await;
-    if read.is_err() {
+    if read.is_err() || head.is_empty() {
         return;
     }
+    answering.store(true, Ordering::Relaxed);
     let text = String::from_utf8_lossy(&head);
     let mut parts = text.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -351,8 +428,11 @@ async fn answer(mut stream: TcpStream, shared: Arc<Shared>) {
     if method != "HEAD" {
         response.push_str(&body);
     }
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 fn readyz(shared: &Shared) -> (&'static str, &'static str, String) {

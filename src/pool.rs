@@ -15,12 +15,13 @@
 
 use crate::balance::{Balancer, Ready};
 use crate::config::{Config, format_duration as human};
-use crate::control::Command;
+use crate::control::{Command, ReloadAnswer};
 use crate::exit;
 use crate::launch::LaunchSpec;
 use crate::logs::{Output, PumpHandle, Stream};
 use crate::metrics::{Shared, SlotView, Snapshot, group_usage};
 use crate::reaper::{self, Exit, ExitStatus};
+use crate::reserve;
 use crate::signals::{Action, SignalStream};
 use crate::worker::{AfterExit, Next, RestartRules, State, Worker};
 use nix::errno::Errno;
@@ -44,6 +45,8 @@ const MEMORY_CHECK: Duration = Duration::from_secs(2);
 const MEMORY_STRIKES: u32 = 3;
 /// How long, after the last worker is gone, to wait for their output pipes to reach EOF.
 const PIPE_GRACE: Duration = Duration::from_secs(2);
+/// A start that failed for corepool's own lack of resources is tried again after this long.
+const RESOURCE_RETRY: Duration = Duration::from_secs(1);
 
 /// Something corepool signalled and waits to see gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +206,7 @@ impl Pool {
     /// Runs the pool until it is finished; returns corepool's exit code.
     pub async fn run(mut self, mut signals: SignalStream) -> i32 {
         self.balancer.start();
+        reserve::refill();
         loop {
             let now = Instant::now();
             self.start_due(now);
@@ -219,7 +223,10 @@ impl Pool {
             tokio::select! {
                 action = signals.next() => self.on_signal(action),
                 Some(ready) = self.ready_rx.recv() => self.on_ready(ready),
-                Some(Command::Reload) = self.commands.recv() => self.begin_reload(),
+                Some(Command::Reload(reply)) = self.commands.recv() => {
+                    let _ = reply.send(self.reload_answer());
+                    self.begin_reload();
+                }
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
             for exit in reaper::reap_all() {
@@ -240,8 +247,24 @@ impl Pool {
         }
     }
 
-    /// Launches a process for `slot` with its share of the port; its output is pumped.
+    /// `spawn_once`, and once more with the descriptor reserve released if the table was full.
     fn spawn(&mut self, slot: usize) -> std::io::Result<Pid> {
+        let result = match self.spawn_once(slot) {
+            Err(err) if reserve::is_fd_shortage(&err) => {
+                let freed = reserve::release();
+                tracing::warn!(
+                    "worker {slot}: no descriptor left ({err}): using the {freed} held in reserve"
+                );
+                self.spawn_once(slot)
+            }
+            other => other,
+        };
+        reserve::refill();
+        result
+    }
+
+    /// Launches a process for `slot` with its share of the port; its output is pumped.
+    fn spawn_once(&mut self, slot: usize) -> std::io::Result<Pid> {
         let handover = self.balancer.handover(slot, self.workers.len())?;
         let launched = self.launch.launch(&handover.io)?;
         let pid = launched.pid.as_raw();
@@ -284,6 +307,16 @@ impl Pool {
                     };
                     tracing::error!("cannot run {program}: {err}{hint}");
                     self.begin_stop(Ending::PoolDied(code));
+                    return;
+                }
+                if reserve::is_resource_shortage(&err) {
+                    // corepool's trouble, not the program's: not a crash of the slot.
+                    tracing::error!(
+                        "worker {slot}: cannot start {program}: {err} (corepool is short of \
+                         resources; not counted as a failure of the worker): retrying in {}",
+                        human(RESOURCE_RETRY)
+                    );
+                    self.workers[i].retry_at(now + RESOURCE_RETRY);
                     return;
                 }
                 // It started before: it vanished or became unusable since.
@@ -599,6 +632,17 @@ impl Pool {
                     human(timeout)
                 ));
             }
+        }
+    }
+
+    /// What `begin_reload` is about to do, for the client that asked.
+    fn reload_answer(&self) -> ReloadAnswer {
+        if self.ending.is_some() {
+            ReloadAnswer::Stopping
+        } else if self.reload.is_some() {
+            ReloadAnswer::Follows
+        } else {
+            ReloadAnswer::Started
         }
     }
 

@@ -149,6 +149,14 @@ impl Worker {
         };
     }
 
+    /// Verb `retry`: a start failed for corepool's own lack of resources (not the program's
+    /// fault): try again at `at`, counting neither a restart nor a failure.
+    pub fn retry_at(&mut self, at: Instant) {
+        if matches!(self.state, State::Waiting { .. }) {
+            self.state = State::Waiting { at };
+        }
+    }
+
     /// Verb `ready`: the process accepts connections. Returns how long it took, the first time.
     pub fn ready(&mut self, now: Instant) -> Option<Duration> {
         match &mut self.state {
@@ -337,6 +345,23 @@ mod tests {
         assert_eq!(w.exited(crash, t0, &r, false, false), AfterExit::GaveUp);
         assert_eq!(w.state, State::GivenUp { status: crash });
         assert_eq!(w.restarts, 2);
+    }
+
+    #[test]
+    fn a_retry_counts_nothing() {
+        let r = rules(RestartPolicy::Always);
+        let t0 = Instant::now();
+        let mut w = running(t0);
+        w.exited(ExitStatus::Code(1), t0, &r, false, false);
+        let (failures, restarts) = (w.failures, w.restarts);
+        let later = t0 + Duration::from_secs(1);
+        w.retry_at(later);
+        assert_eq!(w.state, State::Waiting { at: later });
+        assert_eq!((w.failures, w.restarts), (failures, restarts));
+        // Only a waiting slot is put off.
+        w.started(Pid::from_raw(11), later, true);
+        w.retry_at(later + Duration::from_secs(1));
+        assert!(matches!(w.state, State::Running { .. }));
     }
 
     #[test]
