@@ -1,7 +1,7 @@
 //! Control: `corepool status` and `corepool reload` from inside the container.
 //!
-//! The running supervisor listens on a Linux abstract unix socket (`@corepool`, or
-//! `@$COREPOOL_CONTROL`): nothing is written to disk, so it works on a read-only root. The
+//! The running supervisor listens on a Linux abstract unix socket (`@corepool-<pid namespace
+//! inode>`, or `@$COREPOOL_CONTROL`): nothing is written to disk, so it works on a read-only root. The
 //! kernel tells us who connects (SO_PEERCRED); anyone but our own user and root is refused at
 //! accept. One request per connection, one line: `status` answers JSON, `reload` asks for a
 //! rolling reload (coalesced like SIGHUP) and answers what the pool made of it. The listener
@@ -56,12 +56,26 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// A request line is at most this long.
 const MAX_REQUEST: u64 = 256;
 
-/// The abstract socket's name.
+/// The abstract socket's name: `$COREPOOL_CONTROL`, else `corepool-<pid namespace>`.
+///
+/// Abstract names are shared by the whole network namespace, and a pod's containers share
+/// one: a fixed name would let the second container's pool find the name taken, and its
+/// `corepool status` reach the first pool. Each container has a pid namespace of its own, and
+/// `corepool status` run with `docker exec` or `kubectl exec` is in it, so the server and its
+/// clients agree on the name without being told.
 pub fn socket_name() -> String {
-    std::env::var("COREPOOL_CONTROL")
+    if let Some(name) = std::env::var("COREPOOL_CONTROL")
         .ok()
         .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "corepool".into())
+    {
+        return name;
+    }
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata("/proc/self/ns/pid") {
+        Ok(ns) => format!("corepool-{}", ns.ino()),
+        // No /proc: one pool per network namespace, as before.
+        Err(_) => "corepool".into(),
+    }
 }
 
 fn address(name: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {

@@ -56,11 +56,13 @@ fn two_pools_in_one_network_namespace_both_serve() {
     require("unshare");
     require("ip");
     // A fresh network namespace: these ports are free in it whatever the host runs.
+    // One worker on 3000, two on 3001: `corepool status` tells the pools apart.
     let pool = |port: u16| {
         format!(
-            "unshare --pid --fork --mount-proc --kill-child=SIGTERM {} -i 1 --balance socket \
+            "unshare --pid --fork --mount-proc --kill-child=SIGTERM {} -i {} --balance socket \
              --host 127.0.0.1 -p {port} -- node {HELLO} & ",
-            bin()
+            bin(),
+            port - 2999
         )
     };
     let script = format!(
@@ -80,7 +82,7 @@ fn two_pools_in_one_network_namespace_both_serve() {
     ]);
     let mut run = Run::from_command(cmd, &[]);
     run.wait_for("both pools ready", SECS(20), |_, e| {
-        e.matches(" ready (pid").count() >= 2 || e.contains("exiting with code")
+        e.matches(" ready (pid").count() >= 3 || e.contains("exiting with code")
     });
     let err = run.stderr();
     assert!(!err.contains("exiting with code"), "a pool died:\n{err}");
@@ -97,6 +99,26 @@ fn two_pools_in_one_network_namespace_both_serve() {
     for (port, answer) in [3000, 3001].iter().zip(answers) {
         answer.unwrap_or_else(|e| panic!("the pool on port {port} does not serve: {e}"));
     }
+    // Each pool has its control socket, and `corepool status` run in a container (its pid and
+    // network namespaces, as `docker exec` does) reaches that container's pool.
+    assert!(!err.contains("control socket"), "{err}");
+    let mut workers: Vec<usize> = children(netns)
+        .into_iter()
+        .map(|unshare| {
+            let corepool = children(unshare)[0];
+            let out = Command::new("nsenter")
+                .args(["-t", &corepool.to_string(), "-p", "-n", "--", bin()])
+                .args(["status", "--json"])
+                .output()
+                .expect("nsenter");
+            assert!(out.status.success(), "{out:?}");
+            let status: serde_json::Value =
+                serde_json::from_slice(&out.stdout).expect("status JSON");
+            status["workers"].as_array().expect("workers").len()
+        })
+        .collect();
+    workers.sort();
+    assert_eq!(workers, [1, 2], "each exec reaches its own pool");
     for unshare in children(netns) {
         stop_under(unshare);
     }
