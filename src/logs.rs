@@ -216,11 +216,7 @@ impl PumpHandle {
     }
 }
 
-fn spawn_writer(
-    fd: i32,
-    name: &str,
-    done: std::sync::mpsc::Sender<()>,
-) -> std::io::Result<Sink> {
+fn spawn_writer(fd: i32, name: &str, done: std::sync::mpsc::Sender<()>) -> std::io::Result<Sink> {
     let (queue, mut rx) = mpsc::unbounded_channel::<Queued>();
     std::thread::Builder::new()
         .name(name.to_string())
@@ -836,7 +832,10 @@ mod tests {
         let v = json_line(r#"{"level":30,"pid":1234,"msg":"listening"}"#);
         assert_eq!(v["level"], 30);
         assert_eq!(v["pid"], 77, "corepool's pid wins");
-        assert_eq!(v["app_pid"], 1234, "the worker's own pid is kept as app_pid");
+        assert_eq!(
+            v["app_pid"], 1234,
+            "the worker's own pid is kept as app_pid"
+        );
         assert_eq!(v["msg"], "listening");
         assert_eq!(v["worker"], 2);
         let forged = json_line(
@@ -894,7 +893,11 @@ mod tests {
                     let line = WorkerLine::new(format, 3, 9, Stream::Stdout, &piece, UNIX_EPOCH);
                     let built = line.to_bytes(line.len());
                     assert_eq!(built.len(), line.len());
-                    assert_eq!(built.capacity(), line.len(), "no reallocation while building");
+                    assert_eq!(
+                        built.capacity(),
+                        line.len(),
+                        "no reallocation while building"
+                    );
                     assert!(built.ends_with(b"\n"));
                 }
             }
@@ -906,7 +909,10 @@ mod tests {
         };
         let line = WorkerLine::new(LogFormat::Json, 0, 1, Stream::Stdout, &piece, UNIX_EPOCH);
         assert!(line.len() > 6 * MAX_LINE && line.len() + LINE_OVERHEAD < STREAM_BUDGET);
-        assert_eq!(charge(10 * STREAM_BUDGET, STREAM_BUDGET) as usize, STREAM_BUDGET);
+        assert_eq!(
+            charge(10 * STREAM_BUDGET, STREAM_BUDGET) as usize,
+            STREAM_BUDGET
+        );
     }
 
     #[test]
@@ -919,6 +925,49 @@ mod tests {
         assert_eq!(framer.next_piece(&mut rest), None);
         assert!(rest.is_empty());
         assert_eq!(framer.finish(), Some(piece("bc")));
+    }
+
+    #[test]
+    fn own_messages_never_wait_and_drops_are_counted() {
+        let (queue, mut rx) = mpsc::unbounded_channel::<Queued>();
+        let budget = Arc::new(Semaphore::new(1000));
+        let layer = EventLayer {
+            format: LogFormat::Raw,
+            queue: queue.downgrade(),
+            budget: budget.clone(),
+            dropped: AtomicU64::new(0),
+        };
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            for n in 0..100 {
+                tracing::info!("message {n} {}", "x".repeat(100));
+            }
+        });
+        let mut kept = Vec::new();
+        while let Ok(line) = rx.try_recv() {
+            kept.push(String::from_utf8(line.bytes).unwrap());
+        }
+        // Each line costs ~130 bytes + LINE_OVERHEAD: 5 fit in 1000, the rest were dropped.
+        assert_eq!(kept.len(), 5, "{kept:?}");
+        assert!(kept[4].starts_with("corepool INFO: message 4 "));
+        assert_eq!(
+            budget.available_permits(),
+            1000,
+            "written lines give their bytes back"
+        );
+        let layer = tracing_subscriber::registry().with(EventLayer {
+            format: LogFormat::Raw,
+            queue: queue.downgrade(),
+            budget: budget.clone(),
+            dropped: AtomicU64::new(95),
+        });
+        tracing::subscriber::with_default(layer, || tracing::info!("later"));
+        let note = String::from_utf8(rx.try_recv().unwrap().bytes).unwrap();
+        assert_eq!(
+            note,
+            "corepool WARN: 95 of corepool's own log messages dropped: stderr was not read\n"
+        );
+        assert_eq!(rx.try_recv().unwrap().bytes, b"corepool INFO: later\n");
     }
 
     #[test]
