@@ -416,6 +416,17 @@ fn check_flood(out: &[u8], stream: &str) -> usize {
     count
 }
 
+/// SIGTERM to a pool the test started, when the test ends early (a failed assertion), so a
+/// failing run leaves no flooding pool behind.
+struct StopOnDrop(i32);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the test's own child; harmless if it is already gone and reaped.
+        unsafe { libc::kill(self.0, libc::SIGTERM) };
+    }
+}
+
 const FLOOD_LEN: usize = 50_000;
 
 /// A python worker that writes, as fast as it can, numbered lines of [`FLOOD_LEN`] control
@@ -461,6 +472,7 @@ fn unread_output_does_not_grow_corepools_memory() {
         .spawn()
         .unwrap();
     let pid = child.id() as i32;
+    let _stop = StopOnDrop(pid);
     let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     let mut peak = 0;
     let watch = Instant::now();
@@ -566,6 +578,7 @@ fn unread_output_inside_a_64mib_memory_cgroup_does_not_get_corepool_oom_killed()
         .spawn()
         .unwrap();
     let pid = child.id() as i32;
+    let _stop = StopOnDrop(pid);
     let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     let watch = Instant::now();
     while watch.elapsed() < SECS(8) {
