@@ -21,15 +21,15 @@ pub enum Command {
     Reload,
 }
 
-/// The abstract socket's name.
-pub fn socket_name() -> String {
-    std::env::var("COREPOOL_CONTROL")
-        .ok()
+/// The abstract socket's name: bytes, as COREPOOL_CONTROL gives them (UTF-8 or not).
+pub fn socket_name() -> std::ffi::OsString {
+    std::env::var_os("COREPOOL_CONTROL")
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| "corepool".into())
 }
 
-fn address(name: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
+fn address(name: &std::ffi::OsStr) -> std::io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::unix::ffi::OsStrExt;
     std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
 }
 
@@ -133,8 +133,9 @@ async fn status_json(shared: &Shared) -> Value {
 
 /// Client side: sends one request to the running corepool and returns its answer.
 pub fn request(what: &str) -> Result<String, String> {
-    let name = socket_name();
-    let addr = address(&name).map_err(|e| format!("bad control socket name @{name}: {e}"))?;
+    let raw = socket_name();
+    let name = raw.to_string_lossy();
+    let addr = address(&raw).map_err(|e| format!("bad control socket name @{name}: {e}"))?;
     let mut stream = std::os::unix::net::UnixStream::connect_addr(&addr)
         .map_err(|e| format!("no corepool is running here (control socket @{name}: {e})"))?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
