@@ -6,47 +6,7 @@
 mod common;
 
 use common::*;
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// (state, ppid) of every process, from /proc.
-fn processes() -> Vec<(i32, char, i32)> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let after = stat.rsplit_once(')')?.1;
-            let mut f = after.split_whitespace();
-            let state = f.next()?.chars().next()?;
-            let ppid = f.next()?.parse().ok()?;
-            Some((pid, state, ppid))
-        })
-        .collect()
-}
-
-fn children_of(parent: i32) -> Vec<(i32, char)> {
-    processes()
-        .into_iter()
-        .filter(|&(_, _, ppid)| ppid == parent)
-        .map(|(pid, state, _)| (pid, state))
-        .collect()
-}
-
-/// `unshare ... corepool`: corepool as PID 1 of a new pid namespace, its arguments to follow.
-fn as_pid1() -> Command {
-    require("unshare");
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "--pid",
-        "--fork",
-        "--mount-proc",
-        "--kill-child=SIGTERM",
-        bin(),
-    ]);
-    cmd
-}
 
 #[test]
 fn as_pid1_in_a_pid_namespace_every_orphan_is_reaped() {
