@@ -176,7 +176,12 @@ fn every_signal_reaches_every_worker(run: &Run, pid: i32) {
 fn every_forwardable_signal_reaches_every_worker() {
     let printer = signal_printer();
     let mut run = Run::start(
-        &[OsStr::new("-i"), "2".as_ref(), "--".as_ref(), printer.as_os_str()],
+        &[
+            OsStr::new("-i"),
+            "2".as_ref(),
+            "--".as_ref(),
+            printer.as_os_str(),
+        ],
         &[],
     );
     every_signal_reaches_every_worker(&run, run.pid());
@@ -236,7 +241,10 @@ fn stop_reload_and_job_control_signals_are_corepools_own() {
     run.signal(libc::SIGHUP);
     run.wait_stdout("ready 0 ", 2, SECS(15));
     run.wait_stdout(&format!("0:{}", libc::SIGTERM), 1, SECS(10));
-    assert_eq!(count_lines(&run.stdout(), &format!("0:{}", libc::SIGHUP)), 0);
+    assert_eq!(
+        count_lines(&run.stdout(), &format!("0:{}", libc::SIGHUP)),
+        0
+    );
     drop(run);
 
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT] {
@@ -244,7 +252,11 @@ fn stop_reload_and_job_control_signals_are_corepools_own() {
         run.signal(sig);
         assert_eq!(run.exit_code(SECS(10)), 0, "{}", run.stderr());
         let out = run.stdout();
-        assert_eq!(count_lines(&out, &format!("0:{}", libc::SIGTERM)), 1, "{out}");
+        assert_eq!(
+            count_lines(&out, &format!("0:{}", libc::SIGTERM)),
+            1,
+            "{out}"
+        );
     }
     // The stop signal is configurable: what the worker gets is --stop-signal.
     let mut run = start(&["--stop-signal", "SIGINT"]);
@@ -325,7 +337,10 @@ fn not_pid1_a_fault_signal_ends_corepool_and_its_workers() {
     );
     let deadline = Instant::now() + SECS(5);
     while !matches!(state_of(worker).as_str(), "gone" | "Z") {
-        assert!(Instant::now() < deadline, "worker {worker} outlived corepool");
+        assert!(
+            Instant::now() < deadline,
+            "worker {worker} outlived corepool"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -343,7 +358,11 @@ fn a_sigpipe_corepool_raises_itself_is_not_forwarded() {
         .args(["--log-level", "debug", "-i", "1", "--", "sh", "-c", worker]);
     let mut run = Run::from_command(cmd, &[]);
     run.wait_stderr("ready", 1, SECS(5));
-    run.wait_stderr("SIGPIPE raised for corepool itself", 1, SECS(10));
+    // corepool's write to its closed stdout raised SIGPIPE (the debug line says it was
+    // dropped); had it been forwarded, the worker's trap would say so.
+    run.wait_for("corepool's own SIGPIPE", SECS(10), |_, e| {
+        e.contains("SIGPIPE raised for corepool itself") || e.contains("got-PIPE")
+    });
     std::thread::sleep(Duration::from_millis(300));
     assert!(!run.stderr().contains("got-PIPE"), "{}", run.stderr());
     // One sent by another process is forwarded.
@@ -406,8 +425,15 @@ fn a_worker_starts_clean_whatever_corepool_inherited() {
         .find_map(|l| l.strip_prefix("SigBlk:\t"))
         .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
         .unwrap();
-    for &sig in chosen.iter().filter(|&&s| s != libc::SIGSEGV && s != libc::SIGILL) {
-        assert_eq!(blocked & (1 << (sig - 1)), 0, "signal {sig} blocked: {status}");
+    for &sig in chosen
+        .iter()
+        .filter(|&&s| s != libc::SIGSEGV && s != libc::SIGILL)
+    {
+        assert_eq!(
+            blocked & (1 << (sig - 1)),
+            0,
+            "signal {sig} blocked: {status}"
+        );
     }
     run.signal(libc::SIGTERM);
     assert_eq!(run.exit_code(SECS(10)), 0, "{}", run.stderr());
