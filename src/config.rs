@@ -16,8 +16,10 @@ use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 use nix::sys::signal::Signal;
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tracing::level_filters::LevelFilter;
@@ -445,7 +447,8 @@ impl RestartPolicy {
 /// The effective configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub command: Vec<String>,
+    /// The worker's argv, as bytes: passed to execve unchanged, UTF-8 or not.
+    pub command: Vec<OsString>,
     pub instances: usize,
     pub kill_timeout: Duration,
     pub stop_signal: Signal,
@@ -733,6 +736,7 @@ pub fn command() -> Command {
                 .short('c')
                 .env("COREPOOL_CONFIG")
                 .value_name("FILE")
+                .value_parser(clap::value_parser!(OsString))
                 .help("TOML file with any of these options (default ./corepool.toml if present)"),
         )
         .arg(
@@ -746,6 +750,7 @@ pub fn command() -> Command {
                 .value_name("COMMAND")
                 .num_args(1..)
                 .trailing_var_arg(true)
+                .value_parser(clap::value_parser!(OsString))
                 .help("The worker command and its arguments"),
         );
     for spec in OPTIONS {
@@ -753,6 +758,9 @@ pub fn command() -> Command {
             .long(spec.long)
             .env(spec.env)
             .value_name(spec.value_name)
+            // Bytes: a value that is not UTF-8 gets our one-line error naming the flag or
+            // variable (see `Resolver::raw`), not clap's anonymous one.
+            .value_parser(clap::value_parser!(OsString))
             .help(format!("{} [default: {}]", spec.help, spec.default))
             // `--kill-timeout -1s` reaches our parser (which names the flag) instead of
             // clap's "unexpected argument '-1'".
@@ -904,18 +912,19 @@ struct Resolver<'a> {
 impl Resolver<'_> {
     /// The raw text of an option and its source, by precedence.
     fn raw(&self, spec: &OptSpec) -> Result<(String, Source), ConfigError> {
-        if let Some(value) = self.matches.get_one::<String>(spec.key) {
+        if let Some(value) = self.matches.get_one::<OsString>(spec.key) {
             let source = match self.matches.value_source(spec.key) {
                 Some(ValueSource::EnvVariable) => Source::Env(spec.env.to_string()),
                 _ => Source::Flag(format!("--{}", spec.long)),
             };
-            return Ok((value.clone(), source));
+            return Ok((utf8(value, &source, spec.key)?, source));
         }
         if let Some(var) = spec.fallback_env
-            && let Ok(value) = std::env::var(var)
+            && let Some(value) = std::env::var_os(var)
             && !value.is_empty()
         {
-            return Ok((value, Source::Env(var.into())));
+            let source = Source::Env(var.into());
+            return Ok((utf8(&value, &source, spec.key)?, source));
         }
         if let Some(file) = self.file
             && let Some(found) = file.scalar(spec.key)?
@@ -952,12 +961,22 @@ impl Resolver<'_> {
     }
 }
 
+/// An option's raw value as text, or the one-line error naming where it came from.
+fn utf8(value: &std::ffi::OsStr, source: &Source, key: &str) -> Result<String, ConfigError> {
+    value.to_str().map(str::to_string).ok_or_else(|| {
+        ConfigError(format!(
+            "invalid value for {}: is not valid UTF-8",
+            source.culprit(key)
+        ))
+    })
+}
+
 fn quoted(text: &str) -> String {
     toml::Value::String(text.to_string()).to_string()
 }
 
 /// Parses the command line (and the environment and file it points to).
-pub fn load(args: impl IntoIterator<Item = String>) -> Result<Invocation, ClapOrConfig> {
+pub fn load(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, ClapOrConfig> {
     let matches = command()
         .try_get_matches_from(args)
         .map_err(ClapOrConfig::Clap)?;
@@ -968,7 +987,11 @@ pub fn load(args: impl IntoIterator<Item = String>) -> Result<Invocation, ClapOr
         Err(ClapOrConfig::Config(ConfigError(
             "no command to run: give one after -- (corepool -- node server.js) or set command in corepool.toml".into(),
         )))
-    } else if config.command[0].trim().is_empty() {
+    } else if config.command[0]
+        .as_bytes()
+        .iter()
+        .all(u8::is_ascii_whitespace)
+    {
         Err(ClapOrConfig::Config(ConfigError(
             "the command's program name is empty (corepool -- \"\" ...)".into(),
         )))
@@ -984,7 +1007,7 @@ pub enum ClapOrConfig {
 }
 
 fn find_file(matches: &ArgMatches) -> Result<Option<ConfigFile>, ConfigError> {
-    if let Some(path) = matches.get_one::<String>("config") {
+    if let Some(path) = matches.get_one::<OsString>("config") {
         let named_by = match matches.value_source("config") {
             Some(ValueSource::EnvVariable) => "COREPOOL_CONFIG",
             _ => "--config",
@@ -1026,19 +1049,27 @@ fn resolve_from(
         provenance: Vec::new(),
     };
 
-    let (command, command_source) = match matches.get_many::<String>("command") {
-        Some(args) => (args.cloned().collect(), "command line".to_string()),
-        None => match file
-            .as_ref()
-            .map(ConfigFile::command)
-            .transpose()?
-            .flatten()
-        {
-            Some((argv, source)) => (argv, source.to_string()),
-            None => (Vec::new(), "none given".to_string()),
-        },
-    };
-    let rendered: Vec<String> = command.iter().map(|a| quoted(a)).collect();
+    let (command, command_source): (Vec<OsString>, String) =
+        match matches.get_many::<OsString>("command") {
+            Some(args) => (args.cloned().collect(), "command line".to_string()),
+            None => match file
+                .as_ref()
+                .map(ConfigFile::command)
+                .transpose()?
+                .flatten()
+            {
+                Some((argv, source)) => (
+                    argv.into_iter().map(OsString::from).collect(),
+                    source.to_string(),
+                ),
+                None => (Vec::new(), "none given".to_string()),
+            },
+        };
+    // TOML has no bytes: an argument that is not UTF-8 is shown with U+FFFD here only.
+    let rendered: Vec<String> = command
+        .iter()
+        .map(|a| quoted(&a.to_string_lossy()))
+        .collect();
     r.provenance.push((
         "command".into(),
         format!("[{}]", rendered.join(", ")),

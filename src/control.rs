@@ -62,23 +62,21 @@ const MAX_REQUEST: u64 = 256;
 /// one: a fixed name would let the second container's pool find the name taken, and its
 /// `corepool status` reach the first pool. Each container has a pid namespace of its own, and
 /// `corepool status` run with `docker exec` or `kubectl exec` is in it, so the server and its
-/// clients agree on the name without being told.
-pub fn socket_name() -> String {
-    if let Some(name) = std::env::var("COREPOOL_CONTROL")
-        .ok()
-        .filter(|n| !n.is_empty())
-    {
+/// clients agree on the name without being told. The variable is bytes, UTF-8 or not.
+pub fn socket_name() -> std::ffi::OsString {
+    if let Some(name) = std::env::var_os("COREPOOL_CONTROL").filter(|n| !n.is_empty()) {
         return name;
     }
     use std::os::unix::fs::MetadataExt;
     match std::fs::metadata("/proc/self/ns/pid") {
-        Ok(ns) => format!("corepool-{}", ns.ino()),
+        Ok(ns) => format!("corepool-{}", ns.ino()).into(),
         // No /proc: one pool per network namespace, as before.
         Err(_) => "corepool".into(),
     }
 }
 
-fn address(name: &str) -> std::io::Result<std::os::unix::net::SocketAddr> {
+fn address(name: &std::ffi::OsStr) -> std::io::Result<std::os::unix::net::SocketAddr> {
+    use std::os::unix::ffi::OsStrExt;
     std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())
 }
 
@@ -213,8 +211,9 @@ async fn status_json(shared: &Shared) -> Value {
 /// Client side: sends one request to the running corepool and returns its answer. Whoever
 /// serves the name must be root, our own user or PID 1 (SO_PEERCRED), or nothing is sent.
 pub fn request(what: &str) -> Result<String, String> {
-    let name = socket_name();
-    let addr = address(&name).map_err(|e| format!("bad control socket name @{name}: {e}"))?;
+    let raw = socket_name();
+    let name = raw.to_string_lossy();
+    let addr = address(&raw).map_err(|e| format!("bad control socket name @{name}: {e}"))?;
     let mut stream = std::os::unix::net::UnixStream::connect_addr(&addr)
         .map_err(|e| format!("no corepool is running here (control socket @{name}: {e})"))?;
     // SAFETY: geteuid has no memory effects.

@@ -37,8 +37,8 @@ use std::path::{Path, PathBuf};
 pub struct LaunchSpec {
     /// The resolved program (an absolute or relative path: no PATH search at exec).
     pub program: PathBuf,
-    /// argv, argv[0] as the user wrote it.
-    pub argv: Vec<String>,
+    /// argv, argv[0] as the user wrote it: bytes, passed to execve unchanged.
+    pub argv: Vec<OsString>,
     /// `--user`: the identity the worker takes before exec.
     pub user: Option<RunAs>,
 }
@@ -433,15 +433,19 @@ pub struct CommandError {
 /// Finds the program as `execvp` would (PATH search unless it contains a slash) and checks that
 /// it is an executable file, so that a typo fails once, clearly, before any worker runs:
 /// 127 when missing, 126 when not executable or a directory.
-pub fn resolve_program(name: &str, path_var: Option<OsString>) -> Result<PathBuf, CommandError> {
+pub fn resolve_program(
+    name: impl AsRef<std::ffi::OsStr>,
+    path_var: Option<OsString>,
+) -> Result<PathBuf, CommandError> {
+    let name = name.as_ref();
     let not_found = || CommandError {
         code: 127,
-        message: format!("command not found: {name}"),
+        message: format!("command not found: {}", name.to_string_lossy()),
     };
     if name.is_empty() {
         return Err(not_found());
     }
-    let candidates: Vec<PathBuf> = if name.contains('/') {
+    let candidates: Vec<PathBuf> = if name.as_bytes().contains(&b'/') {
         vec![PathBuf::from(name)]
     } else {
         let path_var = path_var.unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());

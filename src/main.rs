@@ -10,6 +10,7 @@ use corepool::config::{self, ClapOrConfig, Invocation};
 use corepool::{
     cgroup, control, exit, launch, limits, logs, metrics, pool, proxy, reaper, signals,
 };
+use std::ffi::OsString;
 use std::io::Write;
 
 fn main() {
@@ -23,12 +24,26 @@ fn fail(code: i32, message: impl std::fmt::Display) -> i32 {
 }
 
 fn run() -> i32 {
-    let args: Vec<String> = std::env::args().collect();
-    match args.get(1).map(String::as_str) {
-        Some("status") => return client_status(&args[2..]),
-        Some("reload") => return client_reload(&args[2..]),
-        Some("health") => return client_health(&args[2..]),
-        _ => {}
+    // Bytes, not String: an argument that is not UTF-8 is the worker's business (std::env::args
+    // would panic on it).
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let subcommand = args.get(1).and_then(|a| a.to_str());
+    if let Some(name @ ("status" | "reload" | "health")) = subcommand {
+        let Some(rest) = args[2..]
+            .iter()
+            .map(|a| a.to_str().map(str::to_string))
+            .collect::<Option<Vec<String>>>()
+        else {
+            return fail(
+                exit::USAGE,
+                format_args!("{name}: an argument is not valid UTF-8"),
+            );
+        };
+        return match name {
+            "status" => client_status(&rest),
+            "reload" => client_reload(&rest),
+            _ => client_health(&rest),
+        };
     }
     let config = match config::load(args) {
         Ok(Invocation::Run(config)) => config,
@@ -199,7 +214,7 @@ fn run() -> i32 {
             Err(err) => tracing::warn!(
                 "control socket @{} unavailable ({err}): corepool status/reload will not reach \
                  this pool (set COREPOOL_CONTROL to a unique name)",
-                control::socket_name()
+                control::socket_name().to_string_lossy()
             ),
         }
         let launch = launch::LaunchSpec {
@@ -365,9 +380,13 @@ fn client_health(args: &[String]) -> i32 {
         return usage(USAGE);
     }
     let given = match args {
-        [] => std::env::var("COREPOOL_METRICS")
-            .ok()
-            .map(|v| (v, "COREPOOL_METRICS")),
+        [] => match std::env::var_os("COREPOOL_METRICS").map(OsString::into_string) {
+            None => None,
+            Some(Ok(v)) => Some((v, "COREPOOL_METRICS")),
+            Some(Err(_)) => {
+                return fail(exit::USAGE, "health: COREPOOL_METRICS is not valid UTF-8");
+            }
+        },
         [addr] => Some((addr.clone(), "ADDR")),
         _ => return fail(exit::USAGE, format_args!("usage: {USAGE}")),
     };

@@ -81,6 +81,21 @@ impl Target {
         }
     }
 
+    /// Sends a signal by its raw number (real-time ones included) with kill(2).
+    fn signal_raw(self, signo: i32) {
+        // SAFETY: kill(2) has no memory effects.
+        if unsafe { libc::kill(self.raw().as_raw(), signo) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::ESRCH) {
+                tracing::warn!(
+                    "kill({}, {}) failed: {err}",
+                    self.raw(),
+                    reaper::signal_name(signo)
+                );
+            }
+        }
+    }
+
     /// Whether anything is left to signal (zombies count until reaped).
     fn alive(self) -> bool {
         !matches!(kill(self.raw(), None), Err(Errno::ESRCH))
@@ -485,9 +500,13 @@ impl Pool {
                 let next = self.workers.iter().filter_map(|w| w.next.map(|n| n.pid));
                 let retiring = self.retiring.iter().map(|&(_, pid)| pid);
                 for pid in current.chain(next).chain(retiring) {
-                    Target::Group(pid).signal(sig);
+                    Target::Group(pid).signal_raw(sig);
                 }
-                tracing::debug!("{sig} forwarded to {} workers", self.live_workers());
+                tracing::debug!(
+                    "{} forwarded to {} workers",
+                    reaper::signal_name(sig),
+                    self.live_workers()
+                );
             }
             Action::Reload => self.begin_reload(),
             Action::Ignore(sig) => tracing::debug!("{sig} ignored"),

@@ -6,9 +6,6 @@
 //! exited children, and hand the statuses to the pool. Nothing else in the program may wait for a
 //! child (no `tokio::process`, no `std::process::Child::wait`), or statuses would be stolen.
 
-use nix::errno::Errno;
-use nix::sys::signal::Signal;
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use std::fmt;
 
@@ -17,8 +14,9 @@ use std::fmt;
 pub enum ExitStatus {
     /// `exit(code)`.
     Code(i32),
-    /// Killed by a signal.
-    Signaled(Signal),
+    /// Killed by a signal: its raw number, real-time signals (SIGRTMIN..SIGRTMAX) included,
+    /// which `nix::sys::signal::Signal` cannot represent.
+    Signaled(i32),
 }
 
 impl ExitStatus {
@@ -26,7 +24,7 @@ impl ExitStatus {
     pub fn shell_code(self) -> i32 {
         match self {
             ExitStatus::Code(code) => code,
-            ExitStatus::Signaled(sig) => 128 + sig as i32,
+            ExitStatus::Signaled(sig) => 128 + sig,
         }
     }
 
@@ -40,8 +38,39 @@ impl fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ExitStatus::Code(code) => write!(f, "exit code {code}"),
-            ExitStatus::Signaled(sig) => write!(f, "signal {sig} ({})", 128 + *sig as i32),
+            ExitStatus::Signaled(sig) => write!(f, "signal {} ({})", signal_name(*sig), 128 + sig),
         }
+    }
+}
+
+/// A signal's name: `SIGTERM`; `SIGRTMIN`, `SIGRTMIN+6`, `SIGRTMAX` for real-time ones; the
+/// bare number for one without a name (32 and 33, which the C library keeps for itself).
+pub fn signal_name(signo: i32) -> String {
+    let (rtmin, rtmax) = (libc::SIGRTMIN(), libc::SIGRTMAX());
+    if signo == rtmin {
+        return "SIGRTMIN".into();
+    }
+    if signo == rtmax {
+        return "SIGRTMAX".into();
+    }
+    if (rtmin..rtmax).contains(&signo) {
+        return format!("SIGRTMIN+{}", signo - rtmin);
+    }
+    match nix::sys::signal::Signal::try_from(signo) {
+        Ok(sig) => sig.as_str().to_string(),
+        Err(_) => signo.to_string(),
+    }
+}
+
+/// Decodes a raw wait status. Only exits and deaths by a signal are asked for (no WUNTRACED or
+/// WCONTINUED), but whatever else comes is returned as `None`, never misread.
+fn decode(status: libc::c_int) -> Option<ExitStatus> {
+    if libc::WIFEXITED(status) {
+        Some(ExitStatus::Code(libc::WEXITSTATUS(status)))
+    } else if libc::WIFSIGNALED(status) {
+        Some(ExitStatus::Signaled(libc::WTERMSIG(status)))
+    } else {
+        None
     }
 }
 
@@ -56,26 +85,34 @@ pub struct Exit {
 ///
 /// Loops on `waitpid(-1, WNOHANG)` until it returns 0 (children remain, none exited) or ECHILD
 /// (no children at all). EINTR is retried; any other error is logged and ends this round (the
-/// next wake-up, at the latest the one-second safety tick, tries again).
+/// next wake-up, at the latest the one-second safety tick, tries again). The raw status is
+/// decoded here with the C macros, so that no status is lost to a decoder that does not know a
+/// signal (a worker killed by a real-time signal, say).
 pub fn reap_all() -> Vec<Exit> {
     let mut exits = Vec::new();
     loop {
-        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(pid, code)) => exits.push(Exit {
-                pid,
-                status: ExitStatus::Code(code),
-            }),
-            Ok(WaitStatus::Signaled(pid, sig, _core)) => exits.push(Exit {
-                pid,
-                status: ExitStatus::Signaled(sig),
-            }),
-            Ok(WaitStatus::StillAlive) => break,
-            // Stopped/continued are not reported without WUNTRACED/WCONTINUED; ignore if seen.
-            Ok(_) => continue,
-            Err(Errno::EINTR) => continue,
-            Err(Errno::ECHILD) => break,
-            Err(err) => {
-                tracing::warn!("waitpid(-1) failed: {err}");
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid writes one int through a valid pointer.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid > 0 {
+            match decode(status) {
+                Some(status) => exits.push(Exit {
+                    pid: Pid::from_raw(pid),
+                    status,
+                }),
+                // Stopped/continued are not reported without WUNTRACED/WCONTINUED.
+                None => tracing::debug!("pid {pid}: wait status {status:#x} ignored"),
+            }
+            continue;
+        }
+        if pid == 0 {
+            break;
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ECHILD) => break,
+            _ => {
+                tracing::warn!("waitpid(-1) failed: {}", std::io::Error::last_os_error());
                 break;
             }
         }
@@ -128,9 +165,36 @@ mod tests {
     #[test]
     fn shell_codes() {
         assert_eq!(ExitStatus::Code(3).shell_code(), 3);
-        assert_eq!(ExitStatus::Signaled(Signal::SIGKILL).shell_code(), 137);
-        assert_eq!(ExitStatus::Signaled(Signal::SIGTERM).shell_code(), 143);
+        assert_eq!(ExitStatus::Signaled(libc::SIGKILL).shell_code(), 137);
+        assert_eq!(ExitStatus::Signaled(libc::SIGTERM).shell_code(), 143);
+        assert_eq!(ExitStatus::Signaled(64).shell_code(), 192);
         assert!(ExitStatus::Code(0).success());
-        assert!(!ExitStatus::Signaled(Signal::SIGTERM).success());
+        assert!(!ExitStatus::Signaled(libc::SIGTERM).success());
+    }
+
+    #[test]
+    fn names_signals() {
+        assert_eq!(
+            ExitStatus::Signaled(libc::SIGTERM).to_string(),
+            "signal SIGTERM (143)"
+        );
+        let rtmin = libc::SIGRTMIN();
+        assert_eq!(
+            ExitStatus::Signaled(rtmin + 6).to_string(),
+            format!("signal SIGRTMIN+6 ({})", 128 + rtmin + 6)
+        );
+        assert_eq!(signal_name(rtmin), "SIGRTMIN");
+        assert_eq!(signal_name(libc::SIGRTMAX()), "SIGRTMAX");
+        assert_eq!(signal_name(32), "32");
+    }
+
+    #[test]
+    fn decodes_raw_statuses() {
+        // Built the way the kernel builds them: code << 8, or the signal number (0x80 = core).
+        assert_eq!(decode(42 << 8), Some(ExitStatus::Code(42)));
+        assert_eq!(decode(34), Some(ExitStatus::Signaled(34)));
+        assert_eq!(decode(64 | 0x80), Some(ExitStatus::Signaled(64)));
+        assert_eq!(decode(0x7f | (libc::SIGSTOP << 8)), None);
+        assert_eq!(decode(0xffff), None);
     }
 }

@@ -6,47 +6,7 @@
 mod common;
 
 use common::*;
-use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// (state, ppid) of every process, from /proc.
-fn processes() -> Vec<(i32, char, i32)> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let after = stat.rsplit_once(')')?.1;
-            let mut f = after.split_whitespace();
-            let state = f.next()?.chars().next()?;
-            let ppid = f.next()?.parse().ok()?;
-            Some((pid, state, ppid))
-        })
-        .collect()
-}
-
-fn children_of(parent: i32) -> Vec<(i32, char)> {
-    processes()
-        .into_iter()
-        .filter(|&(_, _, ppid)| ppid == parent)
-        .map(|(pid, state, _)| (pid, state))
-        .collect()
-}
-
-/// `unshare ... corepool`: corepool as PID 1 of a new pid namespace, its arguments to follow.
-fn as_pid1() -> Command {
-    require("unshare");
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "--pid",
-        "--fork",
-        "--mount-proc",
-        "--kill-child=SIGTERM",
-        bin(),
-    ]);
-    cmd
-}
 
 #[test]
 fn as_pid1_in_a_pid_namespace_every_orphan_is_reaped() {
@@ -95,25 +55,29 @@ fn as_pid1_in_a_pid_namespace_every_orphan_is_reaped() {
 
 #[test]
 fn not_pid1_it_is_a_subreaper_and_still_reaps_orphans() {
-    let worker = "(sleep 0.2 & echo grandchild $!); exec sleep 60";
+    // As tini's reaping test: 100 orphaned sleeps, all gone afterwards, no zombie left.
+    let worker = "for i in $(seq 100); do (sleep 0.3 & echo grandchild $!); done; \
+                  echo spawned; exec sleep 60";
     let run = Run::start(&["-i", "1", "--", "sh", "-c", worker], &[]);
-    run.wait_stdout("grandchild", 1, SECS(5));
+    run.wait_stdout("spawned", 1, SECS(10));
     assert!(run.stderr().contains("child subreaper"), "{}", run.stderr());
-    let grandchild: i32 = run
+    let grandchildren: Vec<i32> = run
         .stdout()
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let deadline = Instant::now() + SECS(3);
-    while exists(grandchild) {
+        .lines()
+        .filter_map(|l| l.strip_prefix("grandchild "))
+        .map(|p| p.trim().parse().unwrap())
+        .collect();
+    assert_eq!(grandchildren.len(), 100);
+    let deadline = Instant::now() + SECS(5);
+    while let Some(left) = grandchildren.iter().find(|&&pid| exists(pid)) {
         assert!(
             Instant::now() < deadline,
-            "orphan {grandchild} not reaped (zombie under corepool?)"
+            "orphan {left} not reaped (zombies under corepool: {:?})",
+            zombies_of(run.pid())
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert_eq!(zombies_of(run.pid()), Vec::<i32>::new());
 }
 
 #[test]

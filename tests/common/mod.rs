@@ -329,3 +329,42 @@ pub fn write_executable(path: &std::path::Path, text: impl AsRef<[u8]>) {
     std::fs::write(path, text).unwrap();
     std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
 }
+
+/// (state, ppid) of every process, from /proc.
+pub fn processes() -> Vec<(i32, char, i32)> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let after = stat.rsplit_once(')')?.1;
+            let mut f = after.split_whitespace();
+            let state = f.next()?.chars().next()?;
+            let ppid = f.next()?.parse().ok()?;
+            Some((pid, state, ppid))
+        })
+        .collect()
+}
+
+pub fn children_of(parent: i32) -> Vec<(i32, char)> {
+    processes()
+        .into_iter()
+        .filter(|&(_, _, ppid)| ppid == parent)
+        .map(|(pid, state, _)| (pid, state))
+        .collect()
+}
+
+/// `unshare ... corepool`: corepool as PID 1 of a new pid namespace, its arguments to follow.
+pub fn as_pid1() -> Command {
+    require("unshare");
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child=SIGTERM",
+        bin(),
+    ]);
+    cmd
+}
