@@ -10,7 +10,7 @@
 //! trusting its answer.
 
 use crate::metrics::{Shared, group_usage};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::os::linux::net::SocketAddrExt;
 use std::sync::Arc;
@@ -154,7 +154,10 @@ async fn answer(
         return;
     }
     let reply = match line.trim() {
-        "status" => format!("{}\n", status_json(&shared).await),
+        "status" => match serde_json::to_string(&status(&shared).await) {
+            Ok(json) => format!("{json}\n"),
+            Err(err) => format!("error: cannot encode the status: {err}\n"),
+        },
         "reload" => {
             let (tx, rx) = oneshot::channel();
             match commands.send(Command::Reload(tx)) {
@@ -170,15 +173,39 @@ async fn answer(
     let _ = tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(reply.as_bytes())).await;
 }
 
+/// What `corepool status --json` prints: the pool and each of its slots.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub balance: String,
+    pub stopping: bool,
+    pub reloads: u64,
+    pub workers: Vec<WorkerStatus>,
+}
+
+/// One slot in [`Status`]; usage is of the worker's whole process group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub slot: usize,
+    pub pid: Option<i32>,
+    pub state: String,
+    pub ready: bool,
+    pub uptime_seconds: Option<u64>,
+    pub restarts: u64,
+    pub rss_bytes: Option<u64>,
+    /// CPU over a 200 ms sample, one decimal.
+    pub cpu_percent: Option<f64>,
+    pub processes: Option<usize>,
+}
+
 /// Status of every slot, with RSS and CPU% of its process group over a 200 ms sample.
-async fn status_json(shared: &Shared) -> Value {
+async fn status(shared: &Shared) -> Status {
     let snap = shared.snapshot();
     let groups: Vec<i32> = snap.slots.iter().filter_map(|s| s.pid).collect();
     let before = group_usage(&groups);
     let sample = Duration::from_millis(200);
     tokio::time::sleep(sample).await;
     let after = group_usage(&groups);
-    let workers: Vec<Value> = snap
+    let workers = snap
         .slots
         .iter()
         .map(|s| {
@@ -187,25 +214,25 @@ async fn status_json(shared: &Shared) -> Value {
                 let (a, b) = (after.get(&p)?, before.get(&p)?);
                 Some(((a.cpu_seconds - b.cpu_seconds) / sample.as_secs_f64() * 100.0).max(0.0))
             });
-            json!({
-                "slot": s.slot,
-                "pid": s.pid,
-                "state": s.state,
-                "ready": s.ready,
-                "uptime_seconds": s.uptime.map(|u| u.as_secs()),
-                "restarts": s.restarts,
-                "rss_bytes": usage.map(|u| u.rss_bytes),
-                "cpu_percent": cpu.map(|c| (c * 10.0).round() / 10.0),
-                "processes": usage.map(|u| u.processes),
-            })
+            WorkerStatus {
+                slot: s.slot,
+                pid: s.pid,
+                state: s.state.to_string(),
+                ready: s.ready,
+                uptime_seconds: s.uptime.map(|u| u.as_secs()),
+                restarts: s.restarts,
+                rss_bytes: usage.map(|u| u.rss_bytes),
+                cpu_percent: cpu.map(|c| (c * 10.0).round() / 10.0),
+                processes: usage.map(|u| u.processes),
+            }
         })
         .collect();
-    json!({
-        "balance": shared.balance,
-        "stopping": snap.stopping,
-        "reloads": snap.reloads,
-        "workers": workers,
-    })
+    Status {
+        balance: shared.balance.to_string(),
+        stopping: snap.stopping,
+        reloads: snap.reloads,
+        workers,
+    }
 }
 
 /// Client side: sends one request to the running corepool and returns its answer. Whoever
@@ -275,46 +302,68 @@ fn peer_cred(stream: &std::os::unix::net::UnixStream) -> std::io::Result<libc::u
     Ok(cred)
 }
 
-/// The status JSON as a table for people.
-pub fn status_table(status: &Value) -> String {
+/// The status as a table for people.
+pub fn status_table(status: &Status) -> String {
     let mut out = format!(
         "{:<5} {:<8} {:<9} {:<6} {:>9} {:>8} {:>10} {:>6}\n",
         "SLOT", "PID", "STATE", "READY", "UPTIME", "RESTARTS", "RSS", "CPU%"
     );
-    let empty = Vec::new();
-    for w in status["workers"].as_array().unwrap_or(&empty) {
-        let dash = || "-".to_string();
-        let pid = w["pid"]
-            .as_i64()
-            .map(|p| p.to_string())
+    let dash = || "-".to_string();
+    for w in &status.workers {
+        let pid = w.pid.map(|p| p.to_string()).unwrap_or_else(dash);
+        let uptime = w
+            .uptime_seconds
+            .map(|s| format!("{s}s"))
             .unwrap_or_else(dash);
-        let uptime = w["uptime_seconds"]
-            .as_u64()
-            .map(|s| format!("{}s", s))
-            .unwrap_or_else(dash);
-        let rss = w["rss_bytes"]
-            .as_u64()
+        let rss = w
+            .rss_bytes
             .map(|b| format!("{:.1}MiB", b as f64 / 1048576.0))
             .unwrap_or_else(dash);
-        let cpu = w["cpu_percent"]
-            .as_f64()
+        let cpu = w
+            .cpu_percent
             .map(|c| format!("{c:.1}"))
             .unwrap_or_else(dash);
         out.push_str(&format!(
             "{:<5} {:<8} {:<9} {:<6} {:>9} {:>8} {:>10} {:>6}\n",
-            w["slot"].as_u64().unwrap_or(0),
+            w.slot,
             pid,
-            w["state"].as_str().unwrap_or("?"),
-            if w["ready"].as_bool().unwrap_or(false) {
-                "yes"
-            } else {
-                "no"
-            },
+            w.state,
+            if w.ready { "yes" } else { "no" },
             uptime,
-            w["restarts"].as_u64().unwrap_or(0),
+            w.restarts,
             rss,
             cpu
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_reads_back_and_renders() {
+        let text = r#"{"balance":"socket","stopping":false,"reloads":2,"workers":[
+            {"slot":0,"pid":41,"state":"running","ready":true,"uptime_seconds":12,"restarts":1,
+             "rss_bytes":52428800,"cpu_percent":3.5,"processes":2},
+            {"slot":1,"pid":null,"state":"waiting","ready":false,"uptime_seconds":null,
+             "restarts":4,"rss_bytes":null,"cpu_percent":null,"processes":null}]}"#;
+        let status: Status = serde_json::from_str(text).unwrap();
+        let again: Status = serde_json::from_str(&serde_json::to_string(&status).unwrap()).unwrap();
+        assert_eq!(status, again);
+        let table = status_table(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[1]
+                .split_whitespace()
+                .eq(["0", "41", "running", "yes", "12s", "1", "50.0MiB", "3.5"].into_iter())
+        );
+        assert!(
+            lines[2]
+                .split_whitespace()
+                .eq(["1", "-", "waiting", "no", "-", "4", "-", "-"].into_iter())
+        );
+    }
 }

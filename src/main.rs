@@ -342,8 +342,8 @@ fn client_status(args: &[String]) -> i32 {
             let text = if json {
                 answer
             } else {
-                match serde_json::from_str(&answer) {
-                    Ok(value) => control::status_table(&value),
+                match serde_json::from_str::<control::Status>(&answer) {
+                    Ok(status) => control::status_table(&status),
                     Err(_) => answer,
                 }
             };
