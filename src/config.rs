@@ -1268,7 +1268,7 @@ fn unknown_variables(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<Str
         .map(|name| {
             let nearest = known
                 .iter()
-                .map(|k| (edit_distance(&name, k), k))
+                .map(|k| (strsim::levenshtein(&name, k), k))
                 .min()
                 .filter(|(d, _)| *d <= 3);
             match nearest {
@@ -1279,24 +1279,6 @@ fn unknown_variables(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<Str
             }
         })
         .collect()
-}
-
-/// Levenshtein distance, for "did you mean".
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, &cb) in b.iter().enumerate() {
-            let next = (diagonal + usize::from(ca != cb))
-                .min(row[j] + 1)
-                .min(row[j + 1] + 1);
-            diagonal = row[j + 1];
-            row[j + 1] = next;
-        }
-    }
-    row[b.len()]
 }
 
 impl Config {
@@ -1384,7 +1366,6 @@ mod tests {
                 "COREPOOL_ZZZZZZZZ is not a corepool variable; ignored",
             ]
         );
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]
