@@ -19,6 +19,7 @@
 //! - `pool`: the supervisor loop (start, restart, forward, stop, exit code);
 //! - `logs`: worker output and corepool's own messages, a whole line at a time;
 //! - `exit`: exit codes;
+//! - `units`: durations and sizes as users write them;
 //! - `user`: `--user`, the identity the workers run under;
 //! - `reserve`: spare descriptors, so that a worker start never fails for want of one.
 
@@ -38,5 +39,6 @@ pub mod relay;
 pub mod reserve;
 pub mod signals;
 pub mod steer;
+pub mod units;
 pub mod user;
 pub mod worker;

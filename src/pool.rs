@@ -14,7 +14,7 @@
 //! kill timeout gets SIGKILL, and corepool exits only when every group is gone.
 
 use crate::balance::{Balancer, Ready};
-use crate::config::{Config, format_duration as human};
+use crate::config::Config;
 use crate::control::{Command, ReloadAnswer};
 use crate::exit;
 use crate::launch::LaunchSpec;
@@ -23,6 +23,7 @@ use crate::metrics::{Shared, SlotView, Snapshot, group_usage};
 use crate::reaper::{self, Exit, ExitStatus};
 use crate::reserve;
 use crate::signals::{Action, SignalStream};
+use crate::units::format_duration as human;
 use crate::worker::{AfterExit, Next, RestartRules, State, Worker};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
@@ -446,7 +447,7 @@ impl Pool {
         }
         if self.ending.is_none() && self.workers.iter().all(Worker::is_over) {
             let mut code = status.shell_code();
-            if code == 0 && self.rules.policy == crate::config::RestartPolicy::Always {
+            if code == 0 && self.rules.policy == crate::worker::RestartPolicy::Always {
                 code = 1;
             }
             tracing::error!("every worker slot is finished: the pool is dead (exit {code})");

@@ -20,10 +20,38 @@
 //! Nothing here touches processes: `launch` starts them, the reaper reports their exits, and
 //! the pool turns both into the verbs below.
 
-use crate::config::RestartPolicy;
 use crate::reaper::ExitStatus;
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};
+
+/// When an exited worker is started again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+impl RestartPolicy {
+    pub fn parse(text: &str) -> Result<RestartPolicy, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "always" => Ok(RestartPolicy::Always),
+            "on-failure" | "on_failure" => Ok(RestartPolicy::OnFailure),
+            "never" | "no" => Ok(RestartPolicy::Never),
+            other => Err(format!(
+                "'{other}' is not a restart policy (always, on-failure or never)"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RestartPolicy::Always => "always",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        }
+    }
+}
 
 /// Where a slot is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
