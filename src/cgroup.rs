@@ -260,21 +260,20 @@ fn unescape(field: &str) -> String {
 }
 
 fn online_cpus() -> usize {
-    // SAFETY: sysconf has no memory effects.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    if n > 0 { n as usize } else { 1 }
+    use nix::unistd::{SysconfVar, sysconf};
+    match sysconf(SysconfVar::_NPROCESSORS_ONLN) {
+        Ok(Some(n)) if n > 0 => n as usize,
+        _ => 1,
+    }
 }
 
 fn affinity_cpus() -> Option<usize> {
-    // SAFETY: a zeroed cpu_set_t is a valid empty set; the kernel fills it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return None;
-        }
-        let n = libc::CPU_COUNT(&set);
-        (n > 0).then_some(n as usize)
-    }
+    use nix::sched::{CpuSet, sched_getaffinity};
+    let set = sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok()?;
+    let n = (0..CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .count();
+    (n > 0).then_some(n)
 }
 
 #[cfg(test)]

@@ -103,8 +103,7 @@ pub async fn serve(
             return;
         }
     };
-    // SAFETY: geteuid has no memory effects.
-    let me = unsafe { libc::geteuid() };
+    let me = nix::unistd::geteuid().as_raw();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut refused_logged: Option<Instant> = None;
     loop {
@@ -243,8 +242,7 @@ pub fn request(what: &str) -> Result<String, String> {
     let addr = address(&raw).map_err(|e| format!("bad control socket name @{name}: {e}"))?;
     let mut stream = std::os::unix::net::UnixStream::connect_addr(&addr)
         .map_err(|e| format!("no corepool is running here (control socket @{name}: {e})"))?;
-    // SAFETY: geteuid has no memory effects.
-    let me = unsafe { libc::geteuid() };
+    let me = nix::unistd::geteuid().as_raw();
     match peer_cred(&stream) {
         // PID 1 is the container's init, which no impostor can be (a root `docker exec` into
         // a pool that runs as another user).

@@ -138,8 +138,8 @@ impl Output {
     /// Starts one writer thread for fd 1 and one for fd 2.
     pub fn start(format: LogFormat) -> std::io::Result<Output> {
         let (done_tx, done) = std::sync::mpsc::channel();
-        let stdout = spawn_writer(1, "corepool-stdout", done_tx.clone())?;
-        let stderr = spawn_writer(2, "corepool-stderr", done_tx)?;
+        let stdout = spawn_writer(Target::Stdout, "corepool-stdout", done_tx.clone())?;
+        let stderr = spawn_writer(Target::Stderr, "corepool-stderr", done_tx)?;
         Ok(Output {
             format,
             stdout,
@@ -216,13 +216,29 @@ impl PumpHandle {
     }
 }
 
-fn spawn_writer(fd: i32, name: &str, done: std::sync::mpsc::Sender<()>) -> std::io::Result<Sink> {
+/// Where a writer thread writes: corepool's own stdout or stderr.
+#[derive(Clone, Copy)]
+enum Target {
+    Stdout,
+    Stderr,
+}
+
+fn spawn_writer(
+    to: Target,
+    name: &str,
+    done: std::sync::mpsc::Sender<()>,
+) -> std::io::Result<Sink> {
     let (queue, mut rx) = mpsc::unbounded_channel::<Queued>();
     std::thread::Builder::new()
         .name(name.to_string())
         .spawn(move || {
-            // SAFETY: fd 1 and fd 2 stay open for the life of the process; we only borrow them.
-            let target = unsafe { BorrowedFd::borrow_raw(fd) };
+            // Written with write(2) on the descriptor itself: std's Stdout would buffer lines
+            // and take a lock that corepool's own messages must never wait on.
+            let (stdout, stderr) = (std::io::stdout(), std::io::stderr());
+            let target = match to {
+                Target::Stdout => stdout.as_fd(),
+                Target::Stderr => stderr.as_fd(),
+            };
             let mut broken = false;
             while let Some(line) = rx.blocking_recv() {
                 if !broken && write_fully(target, &line.bytes).is_err() {

@@ -170,13 +170,12 @@ pub fn group_usage(groups: &[i32]) -> HashMap<i32, Usage> {
     if groups.is_empty() {
         return usage;
     }
-    // SAFETY: sysconf has no memory effects.
-    let (ticks, page) = unsafe {
-        (
-            libc::sysconf(libc::_SC_CLK_TCK).max(1) as f64,
-            libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
-        )
-    };
+    use nix::unistd::{SysconfVar, sysconf};
+    let value = |var| sysconf(var).ok().flatten().unwrap_or(0).max(1);
+    let (ticks, page) = (
+        value(SysconfVar::CLK_TCK) as f64,
+        value(SysconfVar::PAGE_SIZE) as u64,
+    );
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return usage;
     };
