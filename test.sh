@@ -21,6 +21,10 @@ if [ "${#need[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# The container tests' podman, runc and images (installed and built once, then cached); the
+# test (tests/container.rs) would run this itself, but here its time shows apart.
+tests/container/setup.sh >/dev/null
+
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets -- --test-threads="${COREPOOL_TEST_THREADS:-4}"

@@ -614,7 +614,8 @@ pub fn command() -> Command {
             "Subcommands, to the pool running in this container:\n  \
              corepool status [--json]   each worker: pid, state, uptime, restarts, RSS, CPU%\n  \
              corepool reload            a rolling reload (as SIGHUP)\n  \
-             corepool health [ADDR]     exit 0 when the metrics endpoint answers /healthz",
+             corepool health [--live] [ADDR]  exit 0 when the metrics endpoint answers /readyz \
+             (/healthz with --live), else 1",
         )
         .arg(
             Arg::new("config")
@@ -964,10 +965,11 @@ fn resolve_from(
 
     let (spec, source) = r.get("instances", Instances::parse, |_| String::new())?;
     let instances = spec.resolve(cpu.usable);
+    let usable_cpus = |n: usize| format!("{n} usable CPU{}", if n == 1 { "" } else { "s" });
     let how = match spec {
         Instances::Fixed(_) => String::new(),
-        Instances::Max => format!(": max = {} usable CPUs ({cpu})", cpu.usable),
-        Instances::MinusK(k) => format!(": {} usable CPUs minus {k} ({cpu})", cpu.usable),
+        Instances::Max => format!(": max = {} ({cpu})", usable_cpus(cpu.usable)),
+        Instances::MinusK(k) => format!(": {} minus {k} ({cpu})", usable_cpus(cpu.usable)),
     };
     if let Some(last) = r.provenance.last_mut() {
         *last = (

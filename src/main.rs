@@ -138,9 +138,10 @@ fn run() -> i32 {
         }
         let role = reaper::adopt_orphans();
         tracing::info!(
-            "corepool {} starting {} workers ({}); {role}",
+            "corepool {} starting {} worker{} ({}); {role}",
             env!("CARGO_PKG_VERSION"),
             config.instances,
+            if config.instances == 1 { "" } else { "s" },
             config.cpu
         );
         if let Some(user) = &config.user {
@@ -372,23 +373,28 @@ fn client_reload(args: &[String]) -> i32 {
     }
 }
 
-/// `corepool health [ADDR]`: exit 0 when /healthz answers 200, else 1.
+/// `corepool health [--live] [ADDR]`: exit 0 when /readyz (or, with `--live`, /healthz) answers
+/// 200, else 1 (never 2, which Docker reserves).
 fn client_health(args: &[String]) -> i32 {
-    const USAGE: &str =
-        "corepool health [ADDR]   (exit 0 when ADDR, default $COREPOOL_METRICS, answers /healthz)";
+    const USAGE: &str = "corepool health [--live] [ADDR]   (exit 0 when ADDR, default \
+                         $COREPOOL_METRICS, answers /readyz, or /healthz with --live; else 1)";
     if wants_help(args) {
         return usage(USAGE);
     }
-    let given = match args {
+    // Exit codes are 0 and 1 only, bad usage included: Docker reserves 2 for a HEALTHCHECK.
+    const UNHEALTHY: i32 = 1;
+    let live = args.iter().any(|a| a == "--live");
+    let rest: Vec<&String> = args.iter().filter(|a| *a != "--live").collect();
+    let given = match rest[..] {
         [] => match std::env::var_os("COREPOOL_METRICS").map(OsString::into_string) {
             None => None,
             Some(Ok(v)) => Some((v, "COREPOOL_METRICS")),
             Some(Err(_)) => {
-                return fail(exit::USAGE, "health: COREPOOL_METRICS is not valid UTF-8");
+                return fail(UNHEALTHY, "health: COREPOOL_METRICS is not valid UTF-8");
             }
         },
-        [addr] => Some((addr.clone(), "ADDR")),
-        _ => return fail(exit::USAGE, format_args!("usage: {USAGE}")),
+        [addr] if !addr.starts_with('-') => Some((addr.clone(), "ADDR")),
+        _ => return fail(UNHEALTHY, format_args!("usage: {USAGE}")),
     };
     let addr = match given
         .as_ref()
@@ -396,11 +402,11 @@ fn client_health(args: &[String]) -> i32 {
     {
         Some((Ok(Some(addr)), _)) => addr,
         Some((Err(why), from)) => {
-            return fail(exit::USAGE, format_args!("health: {from}: {why}"));
+            return fail(UNHEALTHY, format_args!("health: {from}: {why}"));
         }
         _ => {
             return fail(
-                exit::USAGE,
+                UNHEALTHY,
                 "health: no address: give one (corepool health :9100) or set COREPOOL_METRICS",
             );
         }
@@ -411,8 +417,9 @@ fn client_health(args: &[String]) -> i32 {
     } else {
         addr
     };
-    match metrics::probe(target, std::time::Duration::from_secs(3)) {
+    let path = if live { "/healthz" } else { "/readyz" };
+    match metrics::probe(target, path, std::time::Duration::from_secs(3)) {
         Ok(()) => 0,
-        Err(err) => fail(1, format_args!("unhealthy: {err}")),
+        Err(err) => fail(UNHEALTHY, format_args!("unhealthy: {err}")),
     }
 }

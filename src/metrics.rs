@@ -464,15 +464,19 @@ fn readyz(shared: &Shared) -> (&'static str, &'static str, String) {
     }
 }
 
-/// `corepool health [ADDR]`: GET /healthz; true on 200. For HEALTHCHECK in images without curl.
-pub fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+/// `corepool health [--live] [ADDR]`: GET `path` (/readyz, or /healthz); Ok on 200. For a
+/// HEALTHCHECK in images without curl.
+pub fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
         .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
     let _ = stream.set_read_timeout(Some(timeout));
     let _ = stream.set_write_timeout(Some(timeout));
     stream
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: corepool\r\nConnection: close\r\n\r\n")
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: corepool\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
         .map_err(|e| format!("{addr}: {e}"))?;
     let mut answer = String::new();
     let _ = stream.read_to_string(&mut answer);
@@ -480,9 +484,9 @@ pub fn probe(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
     if status.starts_with("HTTP/1.1 200") {
         Ok(())
     } else if status.is_empty() {
-        Err(format!("{addr}: no answer"))
+        Err(format!("{addr}{path}: no answer"))
     } else {
-        Err(format!("{addr}: {status}"))
+        Err(format!("{addr}{path}: {status}"))
     }
 }
 

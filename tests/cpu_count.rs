@@ -82,7 +82,7 @@ fn cgroup_v1_quota_decides_the_count() {
     let line = instances_line(&out);
     assert!(
         line.starts_with(
-            "instances = 1  # default: max = 1 usable CPUs (cgroup v1 cpu.cfs_quota_us 50000/100000"
+            "instances = 1  # default: max = 1 usable CPU (cgroup v1 cpu.cfs_quota_us 50000/100000"
         ),
         "{line}"
     );
@@ -117,7 +117,7 @@ fn a_real_run_under_a_quota_starts_that_many_workers() {
     let (code, _, err) = cg.run("--restart never -- true", &[("COREPOOL_BALANCE", "none")]);
     assert_eq!(code, 0, "{err}");
     assert!(
-        err.contains("starting 1 workers (cgroup v1 cpu.cfs_quota_us 50000/100000"),
+        err.contains("starting 1 worker (cgroup v1 cpu.cfs_quota_us 50000/100000"),
         "{err}"
     );
     assert_eq!(started_pids(&err).len(), 1, "{err}");

@@ -172,7 +172,7 @@ fn the_health_command() {
         .env_remove("COREPOOL_METRICS")
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(1), "never 2: Docker reserves it");
 }
 
 #[test]
