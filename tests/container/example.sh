@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Builds Dockerfile.example VERBATIM with podman against the Next.js fixture
+# (tests/fixtures/nextapp) and runs the image as a user would: the page is served by the
+# workers, `podman healthcheck run` is healthy, `podman stop` exits 0. Slow (npm ci, next build
+# and a release build of corepool inside the build: about 10 minutes on 2 cores), so not part of
+# ./test.sh: run it by hand (as root) after changing Dockerfile.example or docker/.
+#
+# No image registry is needed: node:20-bookworm-slim is the local build of setup.sh, and
+# rust:1-bookworm a local stand-in (that base, gcc, libc6-dev and this machine's Rust
+# toolchain), built once. The build itself reaches the npm registry and crates.io.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+log() { echo "example: $*" >&2; }
+tests/container/setup.sh >/dev/null
+podman() { command podman --runtime runc --cgroup-manager cgroupfs "$@"; }
+work=$repo/target/container
+exec 9>"$work/lock"
+flock 9
+
+# --- the rust:1-bookworm stand-in ---------------------------------------------------------------
+sysroot=$(rustc --print sysroot)
+rust_key=$( { rustc -vV; sed -n '/^# --- the rust/,/^# --- the build/p' "$0"; \
+  podman image inspect --format '{{.Id}}' docker.io/library/node:20-bookworm-slim; } \
+  | sha256sum | cut -c1-16)
+rust_id=localhost/corepool-rust:$rust_key
+if ! podman image exists "$rust_id"; then
+  log "rust:1-bookworm stand-in from $sysroot (once)"
+  mkdir -p "$work/rust-context"
+  cat > "$work/rust-context/Containerfile" <<'EOR'
+FROM docker.io/library/node:20-bookworm-slim
+USER root
+RUN apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null \
+ && rm -rf /var/lib/apt/lists/* \
+ && mkdir -p /usr/local/rust && cp -a /host-rust/bin /host-rust/lib /usr/local/rust/
+ENV PATH=/usr/local/rust/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    CARGO_HOME=/usr/local/cargo
+EOR
+  podman build --pull=never --network host --format docker -q -v "$sysroot:/host-rust:ro" \
+    -t "$rust_id" "$work/rust-context" >/dev/null
+fi
+podman tag "$rust_id" docker.io/library/rust:1-bookworm
+
+# --- the build ----------------------------------------------------------------------------------
+# The build context as a user's app directory would be: the app, the corepool sources in
+# ./corepool, the .dockerignore the Dockerfile's header asks for.
+ctx=$work/example-context
+rm -rf "$ctx" && mkdir -p "$ctx/corepool"
+(cd tests/fixtures/nextapp && git ls-files -co --exclude-standard | grep -v '^build.sh$' \
+  | tar -cf - -T -) | tar -C "$ctx" -xf -
+git ls-files -co --exclude-standard | grep -v '^tests/fixtures/' | tar -cf - -T - \
+  | tar -C "$ctx/corepool" -xf -
+printf 'node_modules\n.next\ncorepool/target\n.git\n' > "$ctx/.dockerignore"
+tag=localhost/corepool-example:latest
+log "podman build -f Dockerfile.example (verbatim)"
+start=$(date +%s)
+podman build --pull=never --network host --format docker -f "$repo/Dockerfile.example" \
+  -t "$tag" "$ctx" >"$work/example-build.log" 2>&1 \
+  || { tail -n 40 "$work/example-build.log" >&2; exit 1; }
+log "built in $(($(date +%s) - start)) s (log: $work/example-build.log)"
+
+# --- the run ------------------------------------------------------------------------------------
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port=$(free_port)
+metrics=$(free_port)
+name=corepool-example-$$
+trap 'podman rm -f -t 0 "$name" >/dev/null 2>&1 || true' EXIT
+podman run -d --name "$name" --network host --cpus 2 --memory 1g --read-only \
+  -e PORT="$port" -e COREPOOL_METRICS=":$metrics" -e COREPOOL_CONTROL="$name" "$tag" >/dev/null
+for _ in $(seq 1 60); do
+  curl -fsS -o /dev/null "http://127.0.0.1:$port/" 2>/dev/null && break
+  sleep 1
+done
+page=$(curl -fsS "http://127.0.0.1:$port/")
+log "page: $(echo "$page" | head -c 200 | tr '\n' ' ')..."
+podman exec "$name" corepool status
+podman healthcheck run "$name" >/dev/null
+log "podman healthcheck run: healthy ($(podman inspect --format '{{.State.Health.Status}}' "$name"))"
+log "user: $(podman exec "$name" id -u):$(podman exec "$name" id -g)"
+start=$(date +%s%N)
+podman stop "$name" >/dev/null
+took=$(( ($(date +%s%N) - start) / 1000000 ))
+code=$(podman inspect --format '{{.State.ExitCode}}' "$name")
+podman logs "$name" 2>&1 | grep 'corepool' | tail -n 12 >&2
+log "podman stop: exit code $code after $took ms"
+[ "$code" = 0 ]
+echo "Dockerfile.example: built, served, healthy, stopped with exit 0"
