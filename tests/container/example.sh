@@ -2,8 +2,8 @@
 # Builds Dockerfile.example VERBATIM with podman against the Next.js fixture
 # (tests/fixtures/nextapp) and runs the image as a user would: the page is served by the
 # workers, `podman healthcheck run` is healthy, `podman stop` exits 0. Slow (npm ci, next build
-# and a release build of corepool inside the build: about 10 minutes on 2 cores), so not part of
-# ./test.sh: run it by hand (as root) after changing Dockerfile.example or docker/.
+# and a release build of corepool inside the build: about 5 minutes on 2 cores, 4 of them the
+# build), so not part of ./test.sh: run it by hand (as root) after changing Dockerfile.example.
 #
 # No image registry is needed: node:20-bookworm-slim is the local build of setup.sh, and
 # rust:1-bookworm a local stand-in (that base, gcc, libc6-dev and this machine's Rust
@@ -40,6 +40,7 @@ EOR
     -t "$rust_id" "$work/rust-context" >/dev/null
 fi
 podman tag "$rust_id" docker.io/library/rust:1-bookworm
+flock -u 9
 
 # --- the build ----------------------------------------------------------------------------------
 # The build context as a user's app directory would be: the app, the corepool sources in
