@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds Dockerfile.example VERBATIM with podman against the Next.js fixture
 # (tests/fixtures/nextapp) and runs the image as a user would: the page is served by the
-# workers, `podman healthcheck run` is healthy, `podman stop` exits 0. Slow (npm ci, next build
+# workers, `podman healthcheck run` is healthy, `podman stop` exits 0. Then runs
+# docker/deployment.yaml (one replica, free host ports) with `podman play kube`. Slow (npm ci, next build
 # and a release build of corepool inside the build: about 5 minutes on 2 cores, 4 of them the
 # build), so not part of ./test.sh: run it by hand (as root) after changing Dockerfile.example.
 #
@@ -86,3 +87,29 @@ podman logs "$name" 2>&1 | grep 'corepool' | tail -n 12 >&2
 log "podman stop: exit code $code after $took ms"
 [ "$code" = 0 ]
 echo "Dockerfile.example: built, served, healthy, stopped with exit 0"
+
+# --- docker/deployment.yaml with `podman play kube` ---------------------------------------------
+# One replica, the image under the name the file gives, its ports published on free host ports.
+podman tag "$tag" registry.example/web:latest
+kube=$work/deployment.yaml
+sed -e 's/replicas: 3/replicas: 1/' \
+  -e "s/containerPort: 3000 }/containerPort: 3000, hostPort: $port }/" \
+  -e "s/containerPort: 9100 }/containerPort: 9100, hostPort: $metrics }/" \
+  docker/deployment.yaml > "$kube"
+trap 'podman rm -f -t 0 "$name" >/dev/null 2>&1 || true; podman pod rm -f web-pod-0 >/dev/null 2>&1 || true' EXIT
+podman pod rm -f web-pod-0 >/dev/null 2>&1 || true
+podman play kube "$kube" >/dev/null
+for _ in $(seq 1 60); do
+  curl -fsS -o /dev/null "http://127.0.0.1:$metrics/readyz" 2>/dev/null && break
+  sleep 1
+done
+curl -fsS -o /dev/null "http://127.0.0.1:$port/"
+log "play kube: /readyz: $(curl -fsS "http://127.0.0.1:$metrics/readyz"); user $(podman exec web-pod-0-web id -u)"
+podman exec web-pod-0-web sh -c 'touch /probe 2>/dev/null && exit 1 || true'
+start=$(date +%s%N)
+podman pod stop web-pod-0 >/dev/null
+took=$(( ($(date +%s%N) - start) / 1000000 ))
+code=$(podman inspect --format '{{.State.ExitCode}}' web-pod-0-web)
+log "podman pod stop: exit code $code after $took ms"
+[ "$code" = 0 ]
+echo "docker/deployment.yaml: served by podman play kube (read-only root, uid 1000), stopped with exit 0"
