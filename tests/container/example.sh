@@ -113,3 +113,34 @@ code=$(podman inspect --format '{{.State.ExitCode}}' web-pod-0-web)
 log "podman pod stop: exit code $code after $took ms"
 [ "$code" = 0 ]
 echo "docker/deployment.yaml: served by podman play kube (read-only root, uid 1000), stopped with exit 0"
+
+# --- docker/compose.yaml with podman-compose ----------------------------------------------------
+# In the app directory as the file expects (docker/ beside Dockerfile.example), on free ports.
+command -v podman-compose >/dev/null 2>&1 || {
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman-compose >/dev/null
+}
+mkdir -p "$ctx/docker"
+cp Dockerfile.example "$ctx/"
+sed -e "s/\"3000:3000\"/\"$port:3000\"/" -e "s/\"9100:9100\"/\"$metrics:9100\"/" docker/compose.yaml \
+  > "$ctx/docker/compose.yaml"
+compose() {
+  (cd "$ctx" && podman-compose --podman-args='--runtime runc --cgroup-manager cgroupfs' \
+    --podman-build-args='--pull=never --network host --format docker' -f docker/compose.yaml "$@") \
+    >>"$work/example-compose.log" 2>&1
+}
+: >"$work/example-compose.log"
+trap 'compose down || true' EXIT
+compose up -d --build || { tail -n 30 "$work/example-compose.log" >&2; exit 1; }
+for _ in $(seq 1 60); do
+  curl -fsS -o /dev/null "http://127.0.0.1:$metrics/readyz" 2>/dev/null && break
+  sleep 1
+done
+curl -fsS -o /dev/null "http://127.0.0.1:$port/"
+podman healthcheck run docker_web_1 >/dev/null
+start=$(date +%s%N)
+compose stop
+took=$(( ($(date +%s%N) - start) / 1000000 ))
+code=$(podman inspect --format '{{.State.ExitCode}}' docker_web_1)
+log "podman-compose stop: exit code $code after $took ms"
+[ "$code" = 0 ]
+echo "docker/compose.yaml: built and served by podman-compose, healthy, stopped with exit 0"
