@@ -66,7 +66,13 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 port=$(free_port)
 metrics=$(free_port)
 name=corepool-example-$$
-trap 'podman rm -f -t 0 "$name" >/dev/null 2>&1 || true' EXIT
+# Whatever this script started goes, however it ends.
+cleanup() {
+  podman rm -f -t 0 "$name" >/dev/null 2>&1 || true
+  podman pod rm -f web-pod-0 >/dev/null 2>&1 || true
+  ! declare -F compose >/dev/null || compose down || true
+}
+trap cleanup EXIT
 podman run -d --name "$name" --network host --cpus 2 --memory 1g --read-only \
   -e PORT="$port" -e COREPOOL_METRICS=":$metrics" -e COREPOOL_CONTROL="$name" "$tag" >/dev/null
 for _ in $(seq 1 60); do
@@ -96,7 +102,6 @@ sed -e 's/replicas: 3/replicas: 1/' \
   -e "s/containerPort: 3000 }/containerPort: 3000, hostPort: $port }/" \
   -e "s/containerPort: 9100 }/containerPort: 9100, hostPort: $metrics }/" \
   docker/deployment.yaml > "$kube"
-trap 'podman rm -f -t 0 "$name" >/dev/null 2>&1 || true; podman pod rm -f web-pod-0 >/dev/null 2>&1 || true' EXIT
 podman pod rm -f web-pod-0 >/dev/null 2>&1 || true
 podman play kube "$kube" >/dev/null
 for _ in $(seq 1 60); do
@@ -129,7 +134,6 @@ compose() {
     >>"$work/example-compose.log" 2>&1
 }
 : >"$work/example-compose.log"
-trap 'compose down || true' EXIT
 compose up -d --build || { tail -n 30 "$work/example-compose.log" >&2; exit 1; }
 for _ in $(seq 1 60); do
   curl -fsS -o /dev/null "http://127.0.0.1:$metrics/readyz" 2>/dev/null && break
