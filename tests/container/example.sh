@@ -3,8 +3,8 @@
 # (tests/fixtures/nextapp) and runs the image as a user would: the page is served by the
 # workers, `podman healthcheck run` is healthy, `podman stop` exits 0. Then runs
 # docker/deployment.yaml (one replica, free host ports) with `podman play kube`. Slow (npm ci, next build
-# and a release build of corepool inside the build: about 5 minutes on 2 cores, 4 of them the
-# build), so not part of ./test.sh: run it by hand (as root) after changing Dockerfile.example.
+# and a release build of corepool inside the build: 5 to 10 minutes on 2 busy cores, mostly
+# the two image builds), so not part of ./test.sh: run it by hand (as root) after changing Dockerfile.example.
 #
 # No image registry is needed: node:20-bookworm-slim is the local build of setup.sh, and
 # rust:1-bookworm a local stand-in (that base, gcc, libc6-dev and this machine's Rust
