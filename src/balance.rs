@@ -732,6 +732,9 @@ pub struct Balancer {
     ready_tx: mpsc::UnboundedSender<Ready>,
     /// Proxy mode: `--max-connections` and `--idle-timeout`.
     proxy_limits: proxy::Limits,
+    /// Socket mode: a worker is ready once it calls process.send('ready') (`--ready-on message`),
+    /// not once it listens.
+    ready_on_message: bool,
 }
 
 /// What a launch needs kept until the worker runs: the readiness pipe, the private port.
@@ -800,12 +803,18 @@ impl Balancer {
             port_watch: None,
             ready_tx,
             proxy_limits: proxy::Limits::default(),
+            ready_on_message: false,
         })
     }
 
     /// Proxy mode: the relay's bounds (before `start`).
     pub fn set_proxy_limits(&mut self, limits: proxy::Limits) {
         self.proxy_limits = limits;
+    }
+
+    /// Socket mode: readiness from process.send('ready') instead of the listen (`--ready-on`).
+    pub fn set_ready_on_message(&mut self, on_message: bool) {
+        self.ready_on_message = on_message;
     }
 
     /// Adds `--max-old-space-size` to every worker's NODE_OPTIONS.
@@ -868,6 +877,21 @@ impl Balancer {
                     io.fds.push((write.as_raw_fd(), READY_FD));
                     io.env
                         .push(("COREPOOL_READY_FD".into(), READY_FD.to_string()));
+                    // The preload uses fd 3 and 4 only when they are these very objects (a
+                    // launcher's child, a node:cluster worker has other things there).
+                    for (name, fd) in [
+                        ("COREPOOL_LISTEN_INODE", listener),
+                        ("COREPOOL_READY_INODE", &write),
+                    ] {
+                        let inode = nix::sys::stat::fstat(fd).map_err(io::Error::from)?.st_ino;
+                        io.env.push((name.into(), inode.to_string()));
+                    }
+                    let ready_on = if self.ready_on_message {
+                        "message"
+                    } else {
+                        "listen"
+                    };
+                    io.env.push(("COREPOOL_READY_ON".into(), ready_on.into()));
                     ready_pipe = Some((read, write));
                 }
                 if let Some(notify) = &self.notify_env {
