@@ -124,7 +124,11 @@ fn npx_bin() {
 
 #[test]
 fn dotenv_cli() {
-    let (run, port) = start(&["dotenv", "-e", ".env", "--", "node", "server.js"], &[], &[]);
+    let (run, port) = start(
+        &["dotenv", "-e", ".env", "--", "node", "server.js"],
+        &[],
+        &[],
+    );
     run.wait_stderr("ready (pid", 2, SECS(90));
     both_answer(&run, port);
     let json = get_json(port).unwrap();
@@ -187,7 +191,9 @@ fn cluster_app() {
 fn socket_activation_listen_fd_3() {
     let run = serves_behind(&["npm", "run", "start:fd"], &[]);
     assert_eq!(
-        run.stdout().matches("listening on file descriptor 3").count(),
+        run.stdout()
+            .matches("listening on file descriptor 3")
+            .count(),
         2,
         "{}",
         run.stdout()
@@ -196,7 +202,9 @@ fn socket_activation_listen_fd_3() {
     run.wait_stderr("ready (pid", 2, SECS(60));
     both_answer(&run, port);
     assert_eq!(
-        run.stdout().matches("listening on file descriptor 3").count(),
+        run.stdout()
+            .matches("listening on file descriptor 3")
+            .count(),
         2
     );
 }
@@ -254,7 +262,11 @@ fn ready_on_message_waits_for_the_message() {
 #[test]
 fn ready_on_message_behind_npm() {
     let env = [("READY_DELAY_MS", "3000")];
-    let (run, port) = start(&["npm", "run", "start:ready"], &["--ready-on", "message"], &env);
+    let (run, port) = start(
+        &["npm", "run", "start:ready"],
+        &["--ready-on", "message"],
+        &env,
+    );
     ready_only_after(&run, Duration::from_millis(2000), SECS(30));
     both_answer(&run, port);
 }
