@@ -24,9 +24,21 @@ fn fixture_dir() -> &'static str {
     })
 }
 
-/// `corepool -i 2 --balance socket ... -- CMD` run in the fixture, its bins on PATH.
+/// The SvelteKit app built with adapter-node (built once per test binary).
+fn sveltekit_dir() -> &'static str {
+    static DIR: OnceLock<String> = OnceLock::new();
+    DIR.get_or_init(|| {
+        require("npm");
+        fixture("tests/fixtures/sveltekit-node/build.sh", &[])
+    })
+}
+
+/// `corepool -i 2 --balance socket ... -- CMD` run in the launchers fixture, its bins on PATH.
 fn start(cmd: &[&str], extra_args: &[&str], env: &[(&str, &str)]) -> (Run, u16) {
-    let dir = fixture_dir();
+    start_in(fixture_dir(), cmd, extra_args, env)
+}
+
+fn start_in(dir: &str, cmd: &[&str], extra_args: &[&str], env: &[(&str, &str)]) -> (Run, u16) {
     let port = free_port();
     let mut args = socket_args(2, port, &["--ready-timeout", "90s"]);
     args.extend(extra_args.iter().map(|a| a.to_string()));
@@ -77,6 +89,10 @@ fn both_answer(run: &Run, port: u16) -> BTreeSet<i64> {
 /// processes corepool started are launchers: the answers come from other processes.
 fn serves_behind(cmd: &[&str], env: &[(&str, &str)]) -> Run {
     let (run, port) = start(cmd, &[], env);
+    launchers_do_not_answer(run, port)
+}
+
+fn launchers_do_not_answer(run: Run, port: u16) -> Run {
     run.wait_stderr("ready (pid", 2, SECS(90));
     let answered = both_answer(&run, port);
     let launchers: BTreeSet<i64> = started_pids(&run.stderr())
@@ -206,6 +222,36 @@ fn socket_activation_listen_fd_3() {
             .matches("listening on file descriptor 3")
             .count(),
         2
+    );
+}
+
+/// A real SvelteKit app built with adapter-node (socket activation: it checks LISTEN_PID and
+/// calls listen({fd: 3})): ready and serving run directly, and behind `npm start`.
+#[test]
+fn sveltekit_adapter_node() {
+    let dir = sveltekit_dir();
+    let (run, port) = start_in(dir, &["node", "build"], &[], &[]);
+    run.wait_stderr("ready (pid", 2, SECS(60));
+    both_answer(&run, port);
+    assert_eq!(
+        run.stdout()
+            .matches("Listening on file descriptor 3")
+            .count(),
+        2,
+        "{}",
+        run.stdout()
+    );
+    assert!(!run.stderr().contains("exited"), "{}", run.stderr());
+    drop(run);
+    let (run, port) = start_in(dir, &["npm", "start"], &[], &[]);
+    let run = launchers_do_not_answer(run, port);
+    assert_eq!(
+        run.stdout()
+            .matches("Listening on file descriptor 3")
+            .count(),
+        2,
+        "{}",
+        run.stdout()
     );
 }
 
