@@ -35,6 +35,15 @@
 //! Because corepool keeps holding every socket, connections that arrive while a worker
 //! restarts wait in the backlog; none is refused.
 //!
+//! ## Launchers
+//! The server may run behind a launcher (`npm start`, yarn, pnpm, npx, dotenv-cli, tsx, a Node
+//! wrapper): it is a child or grandchild of the worker, and Node gives a child no descriptor above
+//! 2 unless asked. The preload in the launcher (Node too) hands fd 3 and 4 on to the children it
+//! starts (see `preload.cjs`). So that no process mistakes another descriptor at 3 or 4 (a
+//! node:cluster worker's IPC channel, a launcher's epoll descriptor) for these, each worker gets
+//! their inode numbers (`COREPOOL_LISTEN_INODE`, `COREPOOL_READY_INODE`), and the preload uses a
+//! descriptor only when fstat shows a socket, or a pipe, with that inode.
+//!
 //! ## The port is the pool's alone
 //! SO_REUSEPORT admits into the group any later listener of the same user on the same address:
 //! a second corepool started on the port would start without error and, loading its own eBPF
@@ -47,7 +56,8 @@
 //!
 //! ## Readiness
 //! A worker is ready when it accepts connections. The Node preload writes `READY=1` to a pipe
-//! (fd 4, `COREPOOL_READY_FD`) once its server is listening; any other program may send
+//! (fd 4, `COREPOOL_READY_FD`) once its server is listening (with `--ready-on message`, once the
+//! app calls `process.send('ready')`, as under pm2's `wait_ready`); any other program may send
 //! `READY=1` to `NOTIFY_SOCKET` as systemd's sd_notify does (an abstract socket named by the
 //! kernel: unique in the network namespace, which a pod's containers share). In `none` mode a
 //! worker counts as ready when it has started.
