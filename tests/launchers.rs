@@ -40,7 +40,12 @@ fn start(cmd: &[&str], extra_args: &[&str], env: &[(&str, &str)]) -> (Run, u16) 
 
 fn start_in(dir: &str, cmd: &[&str], extra_args: &[&str], env: &[(&str, &str)]) -> (Run, u16) {
     let port = free_port();
-    let mut args = socket_args(2, port, &["--ready-timeout", "90s"]);
+    let default_timeout: &[&str] = if extra_args.contains(&"--ready-timeout") {
+        &[]
+    } else {
+        &["--ready-timeout", "90s"]
+    };
+    let mut args = socket_args(2, port, default_timeout);
     args.extend(extra_args.iter().map(|a| a.to_string()));
     args.push("--".into());
     args.extend(cmd.iter().map(|a| a.to_string()));
@@ -315,6 +320,19 @@ fn ready_on_message_behind_npm() {
     );
     ready_only_after(&run, Duration::from_millis(2000), SECS(30));
     both_answer(&run, port);
+}
+
+/// A worker that never sends 'ready' under `--ready-on message` is restarted at the ready
+/// timeout, and the log says what it waited for.
+#[test]
+fn ready_on_message_never_sent_is_named() {
+    let (run, _) = start(
+        &["node", "wait-ready.js"],
+        &["--ready-on", "message", "--ready-timeout", "2s"],
+        &[("READY_DELAY_MS", "600000")],
+    );
+    run.wait_stderr("and it never did", 1, SECS(60));
+    assert!(!run.stderr().contains("ready (pid"), "{}", run.stderr());
 }
 
 /// `--ready-on message` needs socket mode: one line naming the flag, exit 2.
