@@ -35,6 +35,15 @@
 //! Because corepool keeps holding every socket, connections that arrive while a worker
 //! restarts wait in the backlog; none is refused.
 //!
+//! ## Launchers
+//! The server may run behind a launcher (`npm start`, yarn, pnpm, npx, dotenv-cli, tsx, a Node
+//! wrapper): it is a child or grandchild of the worker, and Node gives a child no descriptor above
+//! 2 unless asked. The preload in the launcher (Node too) hands fd 3 and 4 on to the children it
+//! starts (see `preload.cjs`). So that no process mistakes another descriptor at 3 or 4 (a
+//! node:cluster worker's IPC channel, a launcher's epoll descriptor) for these, each worker gets
+//! their inode numbers (`COREPOOL_LISTEN_INODE`, `COREPOOL_READY_INODE`), and the preload uses a
+//! descriptor only when fstat shows a socket, or a pipe, with that inode.
+//!
 //! ## The port is the pool's alone
 //! SO_REUSEPORT admits into the group any later listener of the same user on the same address:
 //! a second corepool started on the port would start without error and, loading its own eBPF
@@ -47,7 +56,8 @@
 //!
 //! ## Readiness
 //! A worker is ready when it accepts connections. The Node preload writes `READY=1` to a pipe
-//! (fd 4, `COREPOOL_READY_FD`) once its server is listening; any other program may send
+//! (fd 4, `COREPOOL_READY_FD`) once its server is listening (with `--ready-on message`, once the
+//! app calls `process.send('ready')`, as under pm2's `wait_ready`); any other program may send
 //! `READY=1` to `NOTIFY_SOCKET` as systemd's sd_notify does (an abstract socket named by the
 //! kernel: unique in the network namespace, which a pod's containers share). In `none` mode a
 //! worker counts as ready when it has started.
@@ -732,6 +742,9 @@ pub struct Balancer {
     ready_tx: mpsc::UnboundedSender<Ready>,
     /// Proxy mode: `--max-connections` and `--idle-timeout`.
     proxy_limits: proxy::Limits,
+    /// Socket mode: a worker is ready once it calls process.send('ready') (`--ready-on message`),
+    /// not once it listens.
+    ready_on_message: bool,
 }
 
 /// What a launch needs kept until the worker runs: the readiness pipe, the private port.
@@ -800,12 +813,18 @@ impl Balancer {
             port_watch: None,
             ready_tx,
             proxy_limits: proxy::Limits::default(),
+            ready_on_message: false,
         })
     }
 
     /// Proxy mode: the relay's bounds (before `start`).
     pub fn set_proxy_limits(&mut self, limits: proxy::Limits) {
         self.proxy_limits = limits;
+    }
+
+    /// Socket mode: readiness from process.send('ready') instead of the listen (`--ready-on`).
+    pub fn set_ready_on_message(&mut self, on_message: bool) {
+        self.ready_on_message = on_message;
     }
 
     /// Adds `--max-old-space-size` to every worker's NODE_OPTIONS.
@@ -868,6 +887,21 @@ impl Balancer {
                     io.fds.push((write.as_raw_fd(), READY_FD));
                     io.env
                         .push(("COREPOOL_READY_FD".into(), READY_FD.to_string()));
+                    // The preload uses fd 3 and 4 only when they are these very objects (a
+                    // launcher's child, a node:cluster worker has other things there).
+                    for (name, fd) in [
+                        ("COREPOOL_LISTEN_INODE", listener),
+                        ("COREPOOL_READY_INODE", &write),
+                    ] {
+                        let inode = nix::sys::stat::fstat(fd).map_err(io::Error::from)?.st_ino;
+                        io.env.push((name.into(), inode.to_string()));
+                    }
+                    let ready_on = if self.ready_on_message {
+                        "message"
+                    } else {
+                        "listen"
+                    };
+                    io.env.push(("COREPOOL_READY_ON".into(), ready_on.into()));
                     ready_pipe = Some((read, write));
                 }
                 if let Some(notify) = &self.notify_env {

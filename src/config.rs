@@ -328,6 +328,18 @@ pub const OPTIONS: &[OptSpec] = &[
         help: "With --balance proxy: close a connection on which no byte moved either way \
                this long",
     },
+    OptSpec {
+        key: "ready_on",
+        long: "ready-on",
+        short: None,
+        env: "COREPOOL_READY_ON",
+        fallback_env: None,
+        switch: false,
+        value_name: "listen|message",
+        default: "listen",
+        help: "When a worker is ready: once it listens, or (socket mode) once it calls \
+               process.send('ready') (pm2's wait_ready)",
+    },
 ];
 
 /// The config file given by flag or variable, else this one when present.
@@ -417,6 +429,32 @@ impl Instances {
     }
 }
 
+/// When a worker counts as ready (`--ready-on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyOn {
+    /// Once its server listens on the public port (or, elsewhere, once its port answers).
+    Listen,
+    /// Once it calls `process.send('ready')`, as pm2's `wait_ready` has it.
+    Message,
+}
+
+impl ReadyOn {
+    pub fn parse(text: &str) -> Result<ReadyOn, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "listen" => Ok(ReadyOn::Listen),
+            "message" => Ok(ReadyOn::Message),
+            other => Err(format!("'{other}' is not listen or message")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadyOn::Listen => "listen",
+            ReadyOn::Message => "message",
+        }
+    }
+}
+
 /// The effective configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -450,6 +488,8 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// Proxy mode: a relay idle this long is closed; None = never.
     pub idle_timeout: Option<Duration>,
+    /// When a worker counts as ready: listening, or (socket mode) after process.send('ready').
+    pub ready_on: ReadyOn,
     pub cpu: CpuReport,
     /// For `--print-config`: each key, its value as TOML, and a comment on where it came from.
     pub provenance: Vec<(String, String, String)>,
@@ -1098,6 +1138,15 @@ fn resolve_from(
         }
     }
 
+    let (ready_on, source) = r.get("ready_on", ReadyOn::parse, |m: &ReadyOn| quoted(m.name()))?;
+    if ready_on == ReadyOn::Message && balance != Mode::Socket {
+        return Err(ConfigError(format!(
+            "invalid value for {}: ready_on = message needs --balance socket (the Node preload \
+             that hears process.send('ready') runs in socket mode only)",
+            source.culprit("ready_on")
+        )));
+    }
+
     Ok(Config {
         command,
         instances,
@@ -1125,6 +1174,7 @@ fn resolve_from(
         user,
         max_connections,
         idle_timeout,
+        ready_on,
         cpu,
         provenance: r.provenance,
         unknown_env: unknown_variables(std::env::vars_os().map(|(name, _)| name)),
@@ -1144,6 +1194,8 @@ fn unknown_variables(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<Str
         "COREPOOL_LISTEN_FD",
         "COREPOOL_PUBLIC_PORT",
         "COREPOOL_READY_FD",
+        "COREPOOL_LISTEN_INODE",
+        "COREPOOL_READY_INODE",
     ];
     let known: Vec<&str> = OPTIONS
         .iter()

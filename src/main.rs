@@ -186,6 +186,7 @@ fn run() -> i32 {
             }
         };
         balancer.set_proxy_limits(proxy_limits.0);
+        balancer.set_ready_on_message(config.ready_on == config::ReadyOn::Message);
         if !balancer.spread.is_empty() {
             tracing::info!("balance socket: {}", balancer.spread);
         }

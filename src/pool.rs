@@ -624,6 +624,10 @@ impl Pool {
                     crate::balance::Mode::Proxy => {
                         "its private port ($PORT on 127.0.0.1) never accepted a connection"
                     }
+                    _ if self.config.ready_on == crate::config::ReadyOn::Message => {
+                        "with --ready-on message a worker is ready once it calls \
+                         process.send('ready'), and it never did"
+                    }
                     _ => {
                         "a Node server reports itself through corepool's preload when it \
                          listens; another program sends READY=1 to $NOTIFY_SOCKET, or use \
