@@ -732,6 +732,8 @@ pub struct Balancer {
     ready_tx: mpsc::UnboundedSender<Ready>,
     /// Proxy mode: `--max-connections` and `--idle-timeout`.
     proxy_limits: proxy::Limits,
+    /// `--stop-signal`, named to the workers for the preload's drain.
+    stop_signal: nix::sys::signal::Signal,
 }
 
 /// What a launch needs kept until the worker runs: the readiness pipe, the private port.
@@ -800,12 +802,18 @@ impl Balancer {
             port_watch: None,
             ready_tx,
             proxy_limits: proxy::Limits::default(),
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
         })
     }
 
     /// Proxy mode: the relay's bounds (before `start`).
     pub fn set_proxy_limits(&mut self, limits: proxy::Limits) {
         self.proxy_limits = limits;
+    }
+
+    /// The stop signal, passed on as COREPOOL_STOP_SIGNAL: the preload drains on it.
+    pub fn set_stop_signal(&mut self, signal: nix::sys::signal::Signal) {
+        self.stop_signal = signal;
     }
 
     /// Adds `--max-old-space-size` to every worker's NODE_OPTIONS.
@@ -882,6 +890,12 @@ impl Balancer {
         .into_iter()
         .flatten()
         .collect();
+        if self.preload.is_some() {
+            io.env.push((
+                "COREPOOL_STOP_SIGNAL".into(),
+                self.stop_signal.as_str().into(),
+            ));
+        }
         if !extra.is_empty() {
             let mut node_options = std::env::var("NODE_OPTIONS").unwrap_or_default();
             for option in extra {

@@ -69,8 +69,9 @@ fn run() -> i32 {
     };
 
     // Asked once, before any worker exists (and before the reaper runs).
+    // Proxy mode too: the preload's drain (see preload.cjs) serves a reload in either mode.
     let preload = match config.balance {
-        Mode::Socket => match Preload::prepare(balance::node_version(&program)) {
+        Mode::Socket | Mode::Proxy => match Preload::prepare(balance::node_version(&program)) {
             Ok(preload) => Some(preload),
             Err(err) => return fail(exit::STARTUP, err),
         },
@@ -153,6 +154,14 @@ fn run() -> i32 {
         }
         let proxy_limits = proxy_limits(&config);
         match (&preload, config.balance) {
+            (Some(p), Mode::Proxy) => tracing::info!(
+                "balance proxy on {}:{}, workers on private loopback ports; {}; Node preload \
+                 via {}",
+                config.host,
+                config.port,
+                proxy_limits.1,
+                p.how
+            ),
             (Some(p), _) => tracing::info!(
                 "balance socket on {}:{}; Node preload via {}",
                 config.host,
@@ -185,6 +194,7 @@ fn run() -> i32 {
             }
         };
         balancer.set_proxy_limits(proxy_limits.0);
+        balancer.set_stop_signal(config.stop_signal);
         if !balancer.spread.is_empty() {
             tracing::info!("balance socket: {}", balancer.spread);
         }
