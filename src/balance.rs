@@ -6,6 +6,7 @@
 //!   variables. The kernel balances connections; nothing of ours sits in the data path. An
 //!   unmodified Node server adopts the socket through a preload corepool adds to NODE_OPTIONS.
 //! - `proxy`: each worker listens on a private port of its own; corepool relays (see `proxy`).
+//!   The preload is loaded here too, for its drain on the stop signal (no listen redirect).
 //! - `none`: no port handling at all (queue consumers), optionally PORT=base+slot.
 //!
 //! ## One SO_REUSEPORT socket per slot, not one shared socket

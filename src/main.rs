@@ -69,11 +69,23 @@ fn run() -> i32 {
     };
 
     // Asked once, before any worker exists (and before the reaper runs).
-    // Proxy mode too: the preload's drain (see preload.cjs) serves a reload in either mode.
+    // Proxy mode too, for the preload's drain (see preload.cjs); there it is not needed to
+    // serve, so a preload that cannot be written (an old Node on a read-only root) is only
+    // reported, once logging runs.
+    let mut preload_warning = None;
     let preload = match config.balance {
-        Mode::Socket | Mode::Proxy => match Preload::prepare(balance::node_version(&program)) {
+        Mode::Socket => match Preload::prepare(balance::node_version(&program)) {
             Ok(preload) => Some(preload),
             Err(err) => return fail(exit::STARTUP, err),
+        },
+        Mode::Proxy => match Preload::prepare(balance::node_version(&program)) {
+            Ok(preload) => Some(preload),
+            Err(err) => {
+                preload_warning = Some(format!(
+                    "no Node preload in proxy mode, so no drain on the stop signal: {err}"
+                ));
+                None
+            }
         },
         _ => None,
     };
@@ -124,6 +136,9 @@ fn run() -> i32 {
         };
         output.install_tracing(config.log_level);
         for warning in &config.unknown_env {
+            tracing::warn!("{warning}");
+        }
+        if let Some(warning) = &preload_warning {
             tracing::warn!("{warning}");
         }
         match &nofile {

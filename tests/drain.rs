@@ -68,7 +68,9 @@ fn certificate() -> (String, String) {
     let key = dir.join("key.pem").display().to_string();
     let cert = dir.join("cert.pem").display().to_string();
     let out = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
         .args(["-subj", "/CN=127.0.0.1", "-keyout", &key, "-out", &cert])
         .output()
         .expect("run openssl");
