@@ -5,9 +5,11 @@
 //! tests/fixtures/drain/client.js: HTTP/1.1 keep-alive, a new connection per request, or
 //! HTTP/2 streams), sends SIGHUP once the load runs, keeps the load until both old workers have
 //! exited, and asserts that no request failed (a reset, a connection closed without an answer,
-//! a stream reset), in socket mode and in proxy mode. Without the drain every case loses
-//! requests (8-15 per reload here): Node's default on SIGTERM is to die at once, and
-//! `server.close()` destroys idle keep-alive connections without `Connection: close`.
+//! a stream reset), in socket mode and in proxy mode. Without the drain every test fails: with
+//! keep-alive 8-15 requests were lost per reload here (both modes), with a new connection per
+//! request 3-4 (socket mode; proxy mode lost none, it stops routing before it signals): Node's
+//! default on SIGTERM is to die at once, and `server.close()` destroys idle keep-alive
+//! connections without `Connection: close`.
 //!
 //! The load tests run one at a time (a lock), so that they do not compete with each other for
 //! the machine's cores. `COREPOOL_TEST_BIN` runs them against another build of corepool (to
@@ -164,7 +166,7 @@ fn reload_under_load(
 fn assert_lossless(mode: &str, (outcome, stderr): (Outcome, String), exit: &str) {
     eprintln!("{mode}: {}", outcome.report);
     assert!(
-        outcome.errors == 0 && outcome.ok > 100,
+        outcome.errors == 0 && outcome.ok >= 20,
         "{mode}: requests failed in a reload: {}\n--- stderr:\n{stderr}",
         outcome.report
     );
