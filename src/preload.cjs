@@ -192,9 +192,14 @@
   }
 
   function onStop() {
-    if (draining) return;
+    // Every delivery asks again: a library like signal-exit removes its own handler and raises
+    // the signal again to die of it, which leaves the exit to the drain.
+    if (!process.listeners(signal).length) exitWhenDrained = true;
+    if (draining) {
+      checkSoon();
+      return;
+    }
     draining = true;
-    exitWhenDrained = !process.listeners(signal).some((l) => l !== onStop);
     for (const [socket, state] of conns) {
       for (const res of state.active) if (!res.headersSent) res.shouldKeepAlive = false;
       closeWhenIdle(socket, state);
@@ -214,6 +219,21 @@
     });
   }
 
+  // The drain's listener is not the app's: `process.listeners()` does not show it, so that
+  // code deciding by it (signal-exit: "am I the last listener? then die of the signal") acts
+  // as it would without corepool. listenerCount() still counts it: Node itself asks that to
+  // decide whether to keep watching the signal.
+  function hide() {
+    for (const name of ['listeners', 'rawListeners']) {
+      const original = process[name];
+      if (typeof original !== 'function') continue;
+      process[name] = function corepoolListeners(type, ...rest) {
+        const list = original.call(this, type, ...rest);
+        return type === signal ? list.filter((l) => l !== onStop) : list;
+      };
+    }
+  }
+
   function track(server) {
     if (servers.has(server)) return;
     servers.add(server);
@@ -229,6 +249,7 @@
       installed = true;
       try {
         process.prependListener(signal, onStop);
+        hide();
       } catch (_) {
         // A signal Node cannot listen for: no drain.
       }

@@ -57,6 +57,8 @@ struct Outcome {
     errors: u64,
     refused: u64,
     report: String,
+    /// The workers' output (corepool's stdout).
+    stdout: String,
 }
 
 fn corepool() -> Command {
@@ -153,12 +155,17 @@ fn reload_under_load(
         errors: count("errors"),
         refused: count("refused"),
         report,
+        stdout: String::new(),
     };
 
     run.signal(libc::SIGTERM);
     let code = run.exit_code(SECS(30));
     let stderr = run.stderr();
     assert_eq!(code, 0, "stop after the reload\n--- stderr:\n{stderr}");
+    let outcome = Outcome {
+        stdout: run.stdout(),
+        ..outcome
+    };
     (outcome, stderr)
 }
 
@@ -273,4 +280,26 @@ fn the_drain_follows_the_stop_signal() {
         reload_under_load("socket", Load::KeepAlive, false, &extra, &["node", &app]),
         "exit code 0",
     );
+}
+
+/// An app whose only SIGTERM listener is signal-exit's cleanup hook (npm's signal-exit, which
+/// many libraries install): the hook runs, and the worker still exits once drained instead of
+/// waiting for SIGKILL (signal-exit dies of the signal only when it sees itself as the last
+/// listener, so the drain's own listener is not shown to it).
+#[test]
+fn keep_alive_reload_of_an_app_with_a_signal_exit_hook_loses_nothing() {
+    let app = fixture("tests/fixtures/express/build.sh", &[]);
+    let app = app.replace("/app.js", "/signal-exit-app.js");
+    let extra = ["--kill-timeout", "8s"];
+    for mode in ["socket", "proxy"] {
+        let (outcome, stderr) =
+            reload_under_load(mode, Load::KeepAlive, false, &extra, &["node", &app]);
+        let hooks = outcome.stdout.matches("cleanup hook (SIGTERM)").count();
+        assert_lossless(mode, (outcome, stderr), "exit code 0");
+        // Two old workers in the reload, two more at the stop.
+        assert_eq!(
+            hooks, 4,
+            "{mode}: the cleanup hook should run in each worker"
+        );
+    }
 }
