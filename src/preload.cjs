@@ -87,7 +87,8 @@
   const wanted = process.env.COREPOOL_STOP_SIGNAL;
   const signal = /^SIG[A-Z0-9]+$/.test(wanted || '') ? wanted : 'SIGTERM';
 
-  const servers = new Set(); // every server that listened
+  const servers = new Set(); // every server listening, or closed with connections left
+  const wired = new WeakSet(); // servers the drain's listeners are attached to
   const conns = new Map(); // http/1 socket -> { server, active: Set of responses, timer }
   const sessions = new Set(); // open http2 sessions
   let installed = false;
@@ -235,8 +236,12 @@
   }
 
   function track(server) {
-    if (servers.has(server)) return;
     servers.add(server);
+    if (wired.has(server)) return;
+    wired.add(server);
+    // A closed server has no connection left ('close' waits for them): forget it (port
+    // probes such as get-port's open and close servers all the time).
+    server.on('close', () => servers.delete(server));
     if (server instanceof https.Server) {
       server.on('secureConnection', onSocket);
       server.prependListener('request', onRequest);
