@@ -6,6 +6,7 @@
 //!   variables. The kernel balances connections; nothing of ours sits in the data path. An
 //!   unmodified Node server adopts the socket through a preload corepool adds to NODE_OPTIONS.
 //! - `proxy`: each worker listens on a private port of its own; corepool relays (see `proxy`).
+//!   The preload is loaded here too, for its drain on the stop signal (no listen redirect).
 //! - `none`: no port handling at all (queue consumers), optionally PORT=base+slot.
 //!
 //! ## One SO_REUSEPORT socket per slot, not one shared socket
@@ -745,6 +746,8 @@ pub struct Balancer {
     /// Socket mode: a worker is ready once it calls process.send('ready') (`--ready-on message`),
     /// not once it listens.
     ready_on_message: bool,
+    /// `--stop-signal`, named to the workers for the preload's drain.
+    stop_signal: nix::sys::signal::Signal,
 }
 
 /// What a launch needs kept until the worker runs: the readiness pipe, the private port.
@@ -814,6 +817,7 @@ impl Balancer {
             ready_tx,
             proxy_limits: proxy::Limits::default(),
             ready_on_message: false,
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
         })
     }
 
@@ -825,6 +829,11 @@ impl Balancer {
     /// Socket mode: readiness from process.send('ready') instead of the listen (`--ready-on`).
     pub fn set_ready_on_message(&mut self, on_message: bool) {
         self.ready_on_message = on_message;
+    }
+
+    /// The stop signal, passed on as COREPOOL_STOP_SIGNAL: the preload drains on it.
+    pub fn set_stop_signal(&mut self, signal: nix::sys::signal::Signal) {
+        self.stop_signal = signal;
     }
 
     /// Adds `--max-old-space-size` to every worker's NODE_OPTIONS.
@@ -916,6 +925,12 @@ impl Balancer {
         .into_iter()
         .flatten()
         .collect();
+        if self.preload.is_some() {
+            io.env.push((
+                "COREPOOL_STOP_SIGNAL".into(),
+                self.stop_signal.as_str().into(),
+            ));
+        }
         if !extra.is_empty() {
             let mut node_options = std::env::var("NODE_OPTIONS").unwrap_or_default();
             for option in extra {

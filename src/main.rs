@@ -69,10 +69,23 @@ fn run() -> i32 {
     };
 
     // Asked once, before any worker exists (and before the reaper runs).
+    // Proxy mode too, for the preload's drain (see preload.cjs); there it is not needed to
+    // serve, so a preload that cannot be written (an old Node on a read-only root) is only
+    // reported, once logging runs.
+    let mut preload_warning = None;
     let preload = match config.balance {
         Mode::Socket => match Preload::prepare(balance::node_version(&program)) {
             Ok(preload) => Some(preload),
             Err(err) => return fail(exit::STARTUP, err),
+        },
+        Mode::Proxy => match Preload::prepare(balance::node_version(&program)) {
+            Ok(preload) => Some(preload),
+            Err(err) => {
+                preload_warning = Some(format!(
+                    "no Node preload in proxy mode, so no drain on the stop signal: {err}"
+                ));
+                None
+            }
         },
         _ => None,
     };
@@ -125,6 +138,9 @@ fn run() -> i32 {
         for warning in &config.unknown_env {
             tracing::warn!("{warning}");
         }
+        if let Some(warning) = &preload_warning {
+            tracing::warn!("{warning}");
+        }
         match &nofile {
             Ok(n) if n.now > n.before => tracing::info!(
                 "descriptor limit raised from {} to {} (the hard limit) for corepool; workers \
@@ -154,6 +170,14 @@ fn run() -> i32 {
         }
         let proxy_limits = proxy_limits(&config);
         match (&preload, config.balance) {
+            (Some(p), Mode::Proxy) => tracing::info!(
+                "balance proxy on {}:{}, workers on private loopback ports; {}; Node preload \
+                 via {}",
+                config.host,
+                config.port,
+                proxy_limits.1,
+                p.how
+            ),
             (Some(p), _) => tracing::info!(
                 "balance socket on {}:{}; Node preload via {}",
                 config.host,
@@ -187,6 +211,7 @@ fn run() -> i32 {
         };
         balancer.set_proxy_limits(proxy_limits.0);
         balancer.set_ready_on_message(config.ready_on == config::ReadyOn::Message);
+        balancer.set_stop_signal(config.stop_signal);
         if !balancer.spread.is_empty() {
             tracing::info!("balance socket: {}", balancer.spread);
         }

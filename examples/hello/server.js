@@ -20,8 +20,8 @@ server.listen(port, () => {
   console.log(`worker ${worker} (pid ${process.pid}) listening on ${address}:${bound}`);
 });
 
-// Graceful stop, as Next.js does: finish in-flight requests, then exit.
+// Graceful stop, as Next.js does: stop accepting, let in-flight requests finish, then exit.
+// (Under corepool the preload also closes keep-alive connections politely meanwhile.)
 process.on('SIGTERM', () => {
   server.close(() => process.exit(0));
-  server.closeAllConnections?.();
 });
