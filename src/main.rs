@@ -185,6 +185,11 @@ fn run() -> i32 {
             }
         };
         balancer.set_proxy_limits(proxy_limits.0);
+        balancer.set_node_workers(
+            program
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("node")),
+        );
         if !balancer.spread.is_empty() {
             tracing::info!("balance socket: {}", balancer.spread);
         }

@@ -1,0 +1,103 @@
+//! Socket mode deals new connections to ready workers only: a slot whose worker is dead,
+//! restarting or crash-looping takes none (with the eBPF steering, and without it, where its
+//! socket leaves the reuseport group). See src/balance.rs and src/steer.rs.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// One GET on a new connection, answered within `limit`: the body, or what went wrong.
+fn get_within(port: u16, limit: Duration) -> Result<String, String> {
+    let mut s = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), limit)
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(limit)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .map_err(|e| format!("read: {e}"))?;
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        _ => Err(format!("no 200 answer: {text:?}")),
+    }
+}
+
+/// Slot 1's worker exits at once on every start while slot 0 serves: 100 requests on new
+/// connections, one after another, are all answered within 2 s each (before, about half of
+/// them waited in slot 1's backlog until the slot was given up, minutes later).
+fn crash_looping_slot_takes_no_connection(ebpf: bool) {
+    require("node");
+    let dir = scratch("steer-crashloop");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        "if (process.env.NODE_APP_INSTANCE === '1') process.exit(1);\n\
+         require('http').createServer((q, r) => r.end(`${process.pid}\\n`))\n\
+           .listen(process.env.PORT, () => console.log('serving'));\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let args = socket_args(2, port, &["--", "node", server.to_str().unwrap()]);
+    let cmd = if ebpf {
+        let mut cmd = Command::new(bin());
+        cmd.args(&args);
+        cmd
+    } else {
+        // No CAP_BPF, CAP_SYS_ADMIN or CAP_NET_ADMIN: no eBPF program can be loaded.
+        require("setpriv");
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--inh-caps=-all",
+            "--bounding-set=-bpf,-sys_admin,-net_admin",
+            bin(),
+        ])
+        .args(&args);
+        cmd
+    };
+    let run = Run::from_command(cmd, &[("COREPOOL_LOG_LEVEL", "debug")]);
+    run.wait_stderr("worker 0 ready", 1, SECS(30));
+    let spread = if ebpf {
+        "connections in turn (eBPF)"
+    } else {
+        "connections by the kernel's hash"
+    };
+    assert!(
+        run.stderr().contains(spread),
+        "expected '{spread}':\n{}",
+        run.stderr()
+    );
+    // Slot 1 has failed at least twice: it is in its crash loop.
+    run.wait_for("slot 1 crash-looping", SECS(30), |_, err| {
+        err.matches("worker 1 restarts in").count() >= 2
+    });
+    let mut slow = Vec::new();
+    for i in 0..100 {
+        let start = Instant::now();
+        if let Err(err) = get_within(port, SECS(2)) {
+            slow.push(format!("request {i}: {err} after {:?}", start.elapsed()));
+        }
+    }
+    let stderr = run.stderr();
+    assert!(
+        !stderr.contains("worker 1 given up"),
+        "slot 1 was given up during the test, which proves nothing:\n{stderr}"
+    );
+    assert!(
+        slow.is_empty(),
+        "{} of 100 requests not answered within 2 s:\n{}\n{stderr}",
+        slow.len(),
+        slow.join("\n")
+    );
+}
+
+#[test]
+fn crash_looping_slot_takes_no_connection_with_ebpf() {
+    crash_looping_slot_takes_no_connection(true);
+}
+
+#[test]
+fn crash_looping_slot_takes_no_connection_without_ebpf() {
+    crash_looping_slot_takes_no_connection(false);
+}
