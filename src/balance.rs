@@ -886,7 +886,7 @@ impl Balancer {
                 ]);
             }
             Mode::Proxy => {
-                let port = proxy::private_port()?;
+                let port = proxy::private_port(&self.backends.ports())?;
                 io.env.push(("PORT".into(), port.to_string()));
                 io.env.push(("HOSTNAME".into(), "127.0.0.1".into()));
                 io.unset

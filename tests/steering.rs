@@ -101,3 +101,64 @@ fn crash_looping_slot_takes_no_connection_with_ebpf() {
 fn crash_looping_slot_takes_no_connection_without_ebpf() {
     crash_looping_slot_takes_no_connection(false);
 }
+
+/// Proxy mode: the workers' private ports lie below `net.ipv4.ip_local_port_range`, where no
+/// outgoing connection (the relay opens one per client) can take them between the moment
+/// corepool picks one and the moment the worker listens on it (a reload's replacement failed
+/// with EADDRINUSE that way).
+#[test]
+fn proxy_private_ports_are_outside_the_ephemeral_range() {
+    require("node");
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let start: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    let dir = scratch("steer-private-ports");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        "require('http').createServer((q, r) => r.end(`${process.env.PORT}\\n`))\n\
+           .listen(process.env.PORT, process.env.HOSTNAME, () => console.log('port', process.env.PORT));\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let mut run = Run::start(
+        &[
+            "-i",
+            "2",
+            "--balance",
+            "proxy",
+            "--host",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--",
+            "node",
+            server.to_str().unwrap(),
+        ],
+        &[],
+    );
+    run.wait_stdout("port ", 2, SECS(30));
+    // A reload gives each slot a new process and a new port, while the old ones still listen.
+    run.wait_stderr("ready", 2, SECS(30));
+    run.signal(libc::SIGHUP);
+    run.wait_stdout("port ", 4, SECS(30));
+    let ports: Vec<u16> = run
+        .stdout()
+        .lines()
+        .filter_map(|l| l.strip_prefix("port ")?.trim().parse().ok())
+        .collect();
+    assert_eq!(ports.len(), 4, "{}", run.stdout());
+    for p in &ports {
+        assert!(
+            *p < start && *p != port,
+            "private port {p} is inside the ephemeral range {range:?} (or the public port)"
+        );
+    }
+    let mut unique = ports.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 4, "a private port was given twice: {ports:?}");
+    let body = get_within(port, SECS(10)).expect("the relay answers");
+    assert!(ports.contains(&body.trim().parse().unwrap()), "{body}");
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(30)), 0, "{}", run.stderr());
+}
