@@ -106,15 +106,15 @@ fn program(state_map: i32, order_map: i32, sockets_map: i32) -> Vec<Insn> {
     ]);
     lookup(&mut p, state_map);
     p.extend([
-        insn(LDX_DW, r8, r0, 0, 0), // r8 = ready slots
-        insn(JEQ_K, r8, 0, 0, 0),   // none: let the hash choose
+        insn(LDX_DW, r8, r0, 0, 0),  // r8 = ready slots
+        insn(JEQ_K, r8, 0, 0, 0),    // none: let the hash choose
         insn(MOD64_X, r7, r8, 0, 0), // r7 = counter % ready
-        insn(STX_W, fp, r7, -4, 0), // key: the turn's place in the order
+        insn(STX_W, fp, r7, -4, 0),  // key: the turn's place in the order
     ]);
     lookup(&mut p, order_map);
     p.extend([
-        insn(LDX_DW, r1, r0, 0, 0), // r1 = the slot whose turn it is
-        insn(STX_W, fp, r1, -8, 0), // its index, on the stack
+        insn(LDX_DW, r1, r0, 0, 0),  // r1 = the slot whose turn it is
+        insn(STX_W, fp, r1, -8, 0),  // its index, on the stack
         insn(MOV64_X, r1, r6, 0, 0), // the context again
     ]);
     // bpf_sk_select_reuseport(context, map, &index, 0)
@@ -132,10 +132,7 @@ fn program(state_map: i32, order_map: i32, sockets_map: i32) -> Vec<Insn> {
             ins.off = (pass - i - 1) as i16;
         }
     }
-    p.extend([
-        insn(MOV64_K, r0, 0, 0, SK_PASS),
-        insn(EXIT, 0, 0, 0, 0),
-    ]);
+    p.extend([insn(MOV64_K, r0, 0, 0, SK_PASS), insn(EXIT, 0, 0, 0, 0)]);
     p
 }
 

@@ -40,34 +40,8 @@ fn crash_looping_slot_takes_no_connection(ebpf: bool) {
     .unwrap();
     let port = free_port();
     let args = socket_args(2, port, &["--", "node", server.to_str().unwrap()]);
-    let cmd = if ebpf {
-        let mut cmd = Command::new(bin());
-        cmd.args(&args);
-        cmd
-    } else {
-        // No CAP_BPF, CAP_SYS_ADMIN or CAP_NET_ADMIN: no eBPF program can be loaded.
-        require("setpriv");
-        let mut cmd = Command::new("setpriv");
-        cmd.args([
-            "--inh-caps=-all",
-            "--bounding-set=-bpf,-sys_admin,-net_admin",
-            bin(),
-        ])
-        .args(&args);
-        cmd
-    };
-    let run = Run::from_command(cmd, &[("COREPOOL_LOG_LEVEL", "debug")]);
+    let run = start_pool(ebpf, &args);
     run.wait_stderr("worker 0 ready", 1, SECS(30));
-    let spread = if ebpf {
-        "connections in turn (eBPF)"
-    } else {
-        "connections by the kernel's hash"
-    };
-    assert!(
-        run.stderr().contains(spread),
-        "expected '{spread}':\n{}",
-        run.stderr()
-    );
     // Slot 1 has failed at least twice: it is in its crash loop.
     run.wait_for("slot 1 crash-looping", SECS(30), |_, err| {
         err.matches("worker 1 restarts in").count() >= 2
@@ -90,6 +64,83 @@ fn crash_looping_slot_takes_no_connection(ebpf: bool) {
         slow.len(),
         slow.join("\n")
     );
+}
+
+/// corepool, with the eBPF steering or (under setpriv, without the capabilities) without it.
+fn start_pool(ebpf: bool, args: &[String]) -> Run {
+    let cmd = if ebpf {
+        let mut cmd = Command::new(bin());
+        cmd.args(args);
+        cmd
+    } else {
+        require("setpriv");
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--inh-caps=-all",
+            "--bounding-set=-bpf,-sys_admin,-net_admin",
+            bin(),
+        ])
+        .args(args);
+        cmd
+    };
+    let run = Run::from_command(cmd, &[]);
+    let spread = if ebpf {
+        "connections in turn (eBPF)"
+    } else {
+        "connections by the kernel's hash"
+    };
+    run.wait_stderr(spread, 1, SECS(30));
+    run
+}
+
+/// A worker killed with SIGKILL is restarted and, once ready, takes its share again: its
+/// socket, taken out of the group while the slot was empty, is back (in the eBPF map too).
+fn restarted_worker_gets_connections_again(ebpf: bool) {
+    require("node");
+    let dir = scratch("steer-rejoin");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        "require('http').createServer((q, r) => r.end(`${process.env.NODE_APP_INSTANCE} ${process.pid}\\n`))\n\
+           .listen(process.env.PORT);\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let args = socket_args(2, port, &["--", "node", server.to_str().unwrap()]);
+    let run = start_pool(ebpf, &args);
+    run.wait_stderr(" ready (pid", 2, SECS(30));
+    let victim = started_pids(&run.stderr())[1];
+    // SAFETY: kill(2) on a worker of this test's pool.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    // While slot 1 is away, slot 0 answers every request.
+    for i in 0..20 {
+        if let Err(err) = get_within(port, SECS(2)) {
+            panic!("request {i} while worker 1 restarts: {err}");
+        }
+    }
+    run.wait_stderr(" ready (pid", 3, SECS(30));
+    let mut slots = std::collections::HashSet::new();
+    for i in 0..30 {
+        let body = get_within(port, SECS(2)).unwrap_or_else(|e| panic!("request {i}: {e}"));
+        slots.insert(body.split(' ').next().unwrap().to_string());
+    }
+    let stderr = run.stderr();
+    assert_eq!(
+        slots.len(),
+        2,
+        "the restarted worker took no connection:\n{stderr}"
+    );
+    assert!(!stderr.contains("cannot "), "{stderr}");
+}
+
+#[test]
+fn restarted_worker_gets_connections_again_with_ebpf() {
+    restarted_worker_gets_connections_again(true);
+}
+
+#[test]
+fn restarted_worker_gets_connections_again_without_ebpf() {
+    restarted_worker_gets_connections_again(false);
 }
 
 #[test]
