@@ -213,3 +213,91 @@ fn proxy_private_ports_are_outside_the_ephemeral_range() {
     run.signal(libc::SIGTERM);
     assert_eq!(run.exit_code(SECS(30)), 0, "{}", run.stderr());
 }
+
+/// Proxy mode in a network namespace whose ephemeral range is 32 ports wide, so that the
+/// relay's outgoing connections reuse them constantly: five rolling reloads under load all
+/// complete, no replacement failing to listen on its private port (before, a port picked by
+/// binding port 0 came from that range, and an outgoing connection could take it first).
+#[test]
+fn proxy_reloads_under_load_with_a_narrow_ephemeral_range() {
+    require("node");
+    require("unshare");
+    require("ip");
+    let dir = scratch("steer-narrow-range");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        "require('http').createServer((q, r) => r.end('ok\\n'))\n\
+           .listen(process.env.PORT, process.env.HOSTNAME);\n",
+    )
+    .unwrap();
+    let port = 8080;
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--net",
+        "sh",
+        "-c",
+        "ip link set lo up && echo '40000 40031' > /proc/sys/net/ipv4/ip_local_port_range \
+         && exec \"$0\" \"$@\"",
+        bin(),
+        "-i",
+        "2",
+        "--balance",
+        "proxy",
+        "--host",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "--",
+        "node",
+        server.to_str().unwrap(),
+    ]);
+    let mut run = Run::from_command(cmd, &[]);
+    run.wait_stderr(" ready (pid", 2, SECS(30));
+    let netns = format!("/proc/{}/ns/net", run.pid());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (netns, stop) = (netns.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let ns = std::fs::File::open(&netns).expect("the pool's network namespace");
+                // SAFETY: setns(2) on this thread only, with an open namespace descriptor.
+                let ret = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET)
+                };
+                assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+                let (mut ok, mut failed) = (0u32, 0u32);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match get_within(port, SECS(5)) {
+                        Ok(_) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    for n in 1..=5 {
+        run.signal(libc::SIGHUP);
+        run.wait_for("a reload to end", SECS(60), |_, err| {
+            err.matches("rolling reload complete").count() >= n
+                || err.contains("rolling reload stopped")
+        });
+        let stderr = run.stderr();
+        assert!(
+            !stderr.contains("rolling reload stopped"),
+            "reload {n} stopped:\n{stderr}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = clients
+        .into_iter()
+        .map(|c| c.join().unwrap())
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let stderr = run.stderr();
+    assert!(ok > 100, "only {ok} requests answered:\n{stderr}");
+    assert!(!stderr.contains("EADDRINUSE"), "{stderr}");
+    eprintln!("{ok} requests answered, {failed} failed, 5 reloads");
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(30)), 0, "{stderr}");
+}
