@@ -204,17 +204,19 @@ def wrk(ports, seconds, connections, close):
 
 def wrk_kill(cfg, seconds, connections, kill_at):
     """wrk on a new connection per request (Connection: close) while one worker of `cfg` is
-    killed with SIGKILL `kill_at` seconds in: rps, p50, p99, max (ms), errors."""
+    killed with SIGKILL `kill_at` seconds in (None: no kill, the steady state): rps, p50, p99,
+    max (ms), errors."""
     port = cfg.ports[0]
     cmd = ["wrk", "-H", "Connection: close", "-t", "1", "-c", str(connections), "-d", f"{seconds}s",
            "--latency", "--timeout", "10s", f"http://127.0.0.1:{port}/"]
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    time.sleep(kill_at)
-    victims = worker_pids(cfg.procs[0].pid)
-    if not victims:
-        run.kill()
-        raise RuntimeError(f"{cfg.name}: no worker process to kill")
-    os.kill(victims[-1], signal.SIGKILL)
+    if kill_at is not None:
+        time.sleep(kill_at)
+        victims = worker_pids(cfg.procs[0].pid)
+        if not victims:
+            run.kill()
+            raise RuntimeError(f"{cfg.name}: no worker process to kill")
+        os.kill(victims[-1], signal.SIGKILL)
     out = run.communicate(timeout=seconds + 60)[0]
     m = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", out)
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
@@ -253,9 +255,11 @@ def restart_main(args, tools):
                 log(f"round {r + 1}/{rounds}: restart under load, {sc} on {name}")
                 cfg = make().start(server)
                 try:
+                    steady = wrk_kill(cfg, seconds, 20, None)
                     result = wrk_kill(cfg, seconds, 20, seconds / 3)
                 finally:
                     cfg.stop()
+                result.update({f"steady_{k}": v for k, v in steady.items()})
                 raw.setdefault(sc, {}).setdefault(name, []).append(result)
     summary = {sc: {name: {k: statistics.median([x[k] for x in runs]) for k in runs[0]}
                     for name, runs in per.items()} for sc, per in raw.items()}
@@ -269,14 +273,17 @@ def restart_main(args, tools):
              f"{info['cores']} cores ({info['cpu']}), Linux {info['kernel']}, Node {info['node']}; {n} workers; "
              f"wrk -c 20 -d {seconds}s, a new connection per request; one worker killed with SIGKILL "
              f"{seconds / 3:.0f} s in; {rounds} round(s), medians; configurations alternated. "
-             "corepool-socket-hash runs without CAP_BPF/CAP_SYS_ADMIN/CAP_NET_ADMIN (setpriv): no eBPF.", ""]
+             "corepool-socket-hash runs without CAP_BPF/CAP_SYS_ADMIN/CAP_NET_ADMIN (setpriv): no eBPF. "
+             "Steady: the same load on the same pool just before, nothing killed.", ""]
     for sc, per in summary.items():
-        lines += [f"## {sc}", "", "| config | req/s | p50 ms | p99 ms | max ms | errors | p99 / pm2 | max / pm2 |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"## {sc}", "", "| config | req/s | p50 ms | p99 ms | max ms | errors | p99 / pm2 | max / pm2 | "
+                  "steady p99 ms | steady max ms | p99 / steady |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         ref = per["pm2"]
         for name, v in per.items():
             lines.append(f"| {name} | {v['rps']:.0f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {v['max_ms']:.0f} | "
-                         f"{v['errors']:.0f} | {v['p99_ms'] / ref['p99_ms']:.2f} | {v['max_ms'] / ref['max_ms']:.2f} |")
+                         f"{v['errors']:.0f} | {v['p99_ms'] / ref['p99_ms']:.2f} | {v['max_ms'] / ref['max_ms']:.2f} | "
+                         f"{v['steady_p99_ms']:.1f} | {v['steady_max_ms']:.0f} | {v['p99_ms'] / v['steady_p99_ms']:.2f} |")
         lines.append("")
     lines += ["Goal: p99 / pm2 <= 1 for both corepool rows.", ""]
     with open(base + ".md", "w") as f:

@@ -805,10 +805,7 @@ impl Balancer {
         };
         let slot_table = SlotTable {
             slots: (0..slot_sockets.len())
-                .map(|_| SlotState {
-                    listening: true,
-                    ..SlotState::default()
-                })
+                .map(|_| SlotState::default())
                 .collect(),
             steered: (0..slot_sockets.len() as u32).collect(),
         };
@@ -1045,7 +1042,10 @@ impl Balancer {
         }
         self.with_slots(|table| {
             if let Some(state) = table.slots.get_mut(slot) {
-                *state = SlotState::default();
+                *state = SlotState {
+                    out: true,
+                    ..SlotState::default()
+                };
             }
             self.settle(table);
         });
@@ -1101,18 +1101,21 @@ impl Balancer {
         else {
             return;
         };
-        if state.listening {
+        if !state.out {
             return;
         }
-        // A Node worker has usually done so already; listen() again only sets the backlog.
-        if let Err(err) = socket::listen(
-            socket,
-            socket::Backlog::new(1024).unwrap_or(socket::Backlog::MAXCONN),
-        ) {
+        // A Node worker has usually done so already (listen() again would only set the
+        // backlog).
+        if !accepting(socket)
+            && let Err(err) = socket::listen(
+                socket,
+                socket::Backlog::new(1024).unwrap_or(socket::Backlog::MAXCONN),
+            )
+        {
             tracing::warn!("worker {slot}: cannot listen on its socket again: {err}");
             return;
         }
-        state.listening = true;
+        state.out = false;
         if let Some(steering) = &self.steering
             && let Err(err) = steering.rejoin(slot as u32, socket)
         {
@@ -1126,16 +1129,16 @@ impl Balancer {
         let n = table.slots.len().min(self.slot_sockets.len());
         let serving = |table: &SlotTable, s: usize| {
             self.slot_sockets[s].is_some()
-                && table.slots[s].listening
+                && !table.slots[s].out
                 && !table.slots[s].ready.is_empty()
         };
         for s in 0..n {
             let Some(socket) = &self.slot_sockets[s] else {
                 continue;
             };
-            let state = &table.slots[s];
-            if !state.listening
-                || !state.live.is_empty()
+            // Not `out` alone: a Node worker may have put it back before it died.
+            if !table.slots[s].live.is_empty()
+                || !accepting(socket)
                 || !(0..n).any(|t| t != s && serving(table, t))
             {
                 continue;
@@ -1154,7 +1157,7 @@ impl Balancer {
             match socket::shutdown(socket.as_raw_fd(), socket::Shutdown::Read) {
                 Ok(()) => {
                     tracing::debug!("worker {s}: its socket leaves the group until it is ready");
-                    table.slots[s].listening = false;
+                    table.slots[s].out = true;
                 }
                 Err(err) => tracing::warn!("worker {s}: cannot take its socket out: {err}"),
             }
@@ -1188,12 +1191,18 @@ impl Balancer {
     }
 }
 
-/// Socket mode: a slot's processes (group leaders) and whether its socket is in the group.
+/// Socket mode: a slot's processes (group leaders), the ready ones, and whether corepool took
+/// its socket out of the group (and the steering's map) since it was last ready.
 #[derive(Default)]
 struct SlotState {
     live: HashSet<i32>,
     ready: HashSet<i32>,
-    listening: bool,
+    out: bool,
+}
+
+/// Whether a socket listens (SO_ACCEPTCONN); false when that cannot be read.
+fn accepting(socket: &OwnedFd) -> bool {
+    socket::getsockopt(socket, socket::sockopt::AcceptConn).unwrap_or(false)
 }
 
 #[derive(Default)]

@@ -1,6 +1,7 @@
 //! Proxy: the public port for servers that only know `$PORT` (`--balance proxy`).
 //!
-//! Each worker process gets a private loopback port of its own (`PORT`, `HOSTNAME=127.0.0.1`).
+//! Each worker process gets a private loopback port of its own (`PORT`, `HOSTNAME=127.0.0.1`),
+//! drawn below the ephemeral port range (see `private_port`).
 //! corepool accepts on the public port and relays each connection to a ready worker, the one
 //! with the fewest open connections first; when a worker refuses the connect (it is restarting
 //! or shutting down), the next one is tried, so a client sees no refusal while any worker is
