@@ -301,3 +301,76 @@ fn proxy_reloads_under_load_with_a_narrow_ephemeral_range() {
     run.signal(libc::SIGTERM);
     assert_eq!(run.exit_code(SECS(30)), 0, "{stderr}");
 }
+
+/// Where net.ipv4.tcp_migrate_req is 0 and read-only (a fresh network namespace, /proc/sys
+/// mounted read-only as in a container) and no eBPF may be loaded, corepool says so, and a
+/// crash-looping slot's socket still leaves the group when nothing is queued on it: 100
+/// sequential requests on new connections are answered within 2 s each.
+#[test]
+fn crash_looping_slot_takes_no_connection_without_migration() {
+    require("node");
+    require("unshare");
+    require("setpriv");
+    require("ip");
+    let dir = scratch("steer-no-migrate");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        "if (process.env.NODE_APP_INSTANCE === '1') process.exit(1);\n\
+         require('http').createServer((q, r) => r.end(`${process.pid}\\n`))\n\
+           .listen(process.env.PORT);\n",
+    )
+    .unwrap();
+    let port = 8080;
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--net",
+        "--mount",
+        "sh",
+        "-c",
+        "ip link set lo up && mount --bind /proc/sys /proc/sys \
+         && mount -o remount,bind,ro /proc/sys && exec setpriv --inh-caps=-all \
+         --bounding-set=-bpf,-sys_admin,-net_admin \"$0\" \"$@\"",
+        bin(),
+    ]);
+    cmd.args(socket_args(
+        2,
+        port,
+        &["--", "node", server.to_str().unwrap()],
+    ));
+    let run = Run::from_command(cmd, &[]);
+    run.wait_stderr("worker 0 ready", 1, SECS(30));
+    let stderr = run.stderr();
+    assert!(
+        stderr.contains("connections by the kernel's hash")
+            && stderr.contains("tcp_migrate_req is 0 and cannot be set"),
+        "{stderr}"
+    );
+    run.wait_for("slot 1 crash-looping", SECS(30), |_, err| {
+        err.matches("worker 1 restarts in").count() >= 2
+    });
+    let netns = format!("/proc/{}/ns/net", run.pid());
+    let slow = std::thread::spawn(move || {
+        let ns = std::fs::File::open(&netns).expect("the pool's network namespace");
+        // SAFETY: setns(2) on this thread only, with an open namespace descriptor.
+        let ret = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+        (0..100)
+            .filter_map(|i| {
+                get_within(port, SECS(2))
+                    .err()
+                    .map(|e| format!("request {i}: {e}"))
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    let stderr = run.stderr();
+    assert!(!stderr.contains("worker 1 given up"), "{stderr}");
+    assert!(
+        slow.is_empty(),
+        "{} of 100 requests not answered within 2 s:\n{}\n{stderr}",
+        slow.len(),
+        slow.join("\n")
+    );
+}
