@@ -9,6 +9,8 @@ cd "$(dirname "$0")"
 need=()
 command -v unshare >/dev/null 2>&1 || need+=(util-linux)
 command -v taskset >/dev/null 2>&1 || need+=(util-linux)
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ps >/dev/null 2>&1 || need+=(procps)
 command -v node >/dev/null 2>&1 || need+=(nodejs)
 command -v npm >/dev/null 2>&1 || need+=(npm)

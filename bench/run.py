@@ -3,6 +3,8 @@
 
     bench/run.py            full run: 3 rounds, siege 60 s on the Next.js page, wrk 15 s
     bench/run.py --quick    1 round, short loads: under 3 minutes
+    bench/run.py --restart  latency while a worker is killed (kill -9) and restarted under load:
+                            pm2-runtime cluster, corepool socket with and without eBPF steering
 
 Installs what it needs (wrk and siege from Debian, pm2 from npm into bench/.cache, the Next.js
 fixture via tests/fixtures/nextapp/build.sh, corepool's release build). Configurations run in
@@ -40,9 +42,9 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
-def install():
+def install(packages=("wrk", "siege")):
     """wrk, siege, pm2, the Next.js build and corepool's release binary."""
-    missing = [p for p in ("wrk", "siege") if not shutil.which(p)]
+    missing = [p for p in packages if not shutil.which(p)]
     if missing:
         log("installing", missing)
         sh(["apt-get", "update", "-qq"])
@@ -163,13 +165,13 @@ class Pm2(Config):
 class Corepool(Config):
     supervised = True
 
-    def __init__(self, name, tools, n, balance):
+    def __init__(self, name, tools, n, balance, prefix=()):
         super().__init__(name, tools, n)
-        self.balance = balance
+        self.balance, self.prefix = balance, list(prefix)
 
     def spawn(self, server, env, port):
         self.ports = [port]
-        self.procs = [subprocess.Popen([self.tools["corepool"], "-i", str(self.n), "--balance", self.balance,
+        self.procs = [subprocess.Popen([*self.prefix, self.tools["corepool"], "-i", str(self.n), "--balance", self.balance,
                                         "--host", "127.0.0.1", "-p", str(port), "--", "node",
                                         os.path.basename(server)],
                                        cwd=os.path.dirname(server), env=env,
@@ -198,6 +200,96 @@ def wrk(ports, seconds, connections, close):
         m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
         errors += int(m.group(1)) if m else 0
     return {"rps": rps, "p50_ms": p50, "p99_ms": p99, "errors": errors}
+
+
+def wrk_kill(cfg, seconds, connections, kill_at):
+    """wrk on a new connection per request (Connection: close) while one worker of `cfg` is
+    killed with SIGKILL `kill_at` seconds in (None: no kill, the steady state): rps, p50, p99,
+    max (ms), errors."""
+    port = cfg.ports[0]
+    cmd = ["wrk", "-H", "Connection: close", "-t", "1", "-c", str(connections), "-d", f"{seconds}s",
+           "--latency", "--timeout", "10s", f"http://127.0.0.1:{port}/"]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    if kill_at is not None:
+        time.sleep(kill_at)
+        victims = worker_pids(cfg.procs[0].pid)
+        if not victims:
+            run.kill()
+            raise RuntimeError(f"{cfg.name}: no worker process to kill")
+        os.kill(victims[-1], signal.SIGKILL)
+    out = run.communicate(timeout=seconds + 60)[0]
+    m = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", out)
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+              "p50_ms": to_ms(re.search(r"50%\s+([\d.]+\w+)", out).group(1)),
+              "p99_ms": to_ms(re.search(r"99%\s+([\d.]+\w+)", out).group(1)),
+              "max_ms": to_ms(m.group(1)) if m else 0.0, "errors": 0}
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    result["errors"] += sum(int(x) for x in m.groups()) if m else 0
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result["errors"] += int(m.group(1)) if m else 0
+    return result
+
+
+def worker_pids(supervisor):
+    """The supervisor's child processes (the workers: corepool's, pm2-runtime's cluster)."""
+    try:
+        with open(f"/proc/{supervisor}/task/{supervisor}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+def restart_main(args, tools):
+    """--restart: p99 and max latency while a worker dies and restarts, in one run."""
+    n = max(2, args.n)
+    rounds, seconds = (1, 4) if args.quick else (3, 6)
+    nocaps = ["setpriv", "--inh-caps=-all", "--bounding-set=-bpf,-sys_admin,-net_admin"]
+    configs = [("pm2", lambda: Pm2("pm2", tools, n)),
+               ("corepool-socket-ebpf", lambda: Corepool("corepool-socket-ebpf", tools, n, "socket")),
+               ("corepool-socket-hash", lambda: Corepool("corepool-socket-hash", tools, n, "socket", nocaps))]
+    servers = [("hello", HELLO), ("nextjs", tools["nextjs"])]
+    raw = {}
+    for r in range(rounds):
+        for sc, server in servers:
+            for name, make in configs:
+                log(f"round {r + 1}/{rounds}: restart under load, {sc} on {name}")
+                cfg = make().start(server)
+                try:
+                    steady = wrk_kill(cfg, seconds, 20, None)
+                    result = wrk_kill(cfg, seconds, 20, seconds / 3)
+                finally:
+                    cfg.stop()
+                result.update({f"steady_{k}": v for k, v in steady.items()})
+                raw.setdefault(sc, {}).setdefault(name, []).append(result)
+    summary = {sc: {name: {k: statistics.median([x[k] for x in runs]) for k in runs[0]}
+                    for name, runs in per.items()} for sc, per in raw.items()}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    os.makedirs(os.path.join(BENCH, "results"), exist_ok=True)
+    base = os.path.join(BENCH, "results", f"restart-{stamp}" + ("-quick" if args.quick else ""))
+    info = machine()
+    with open(base + ".json", "w") as f:
+        json.dump({"machine": info, "workers": n, "rounds": rounds, "summary": summary, "raw": raw}, f, indent=1)
+    lines = [f"# Restart under load {stamp}{' (quick)' if args.quick else ''}", "",
+             f"{info['cores']} cores ({info['cpu']}), Linux {info['kernel']}, Node {info['node']}; {n} workers; "
+             f"wrk -c 20 -d {seconds}s, a new connection per request; one worker killed with SIGKILL "
+             f"{seconds / 3:.0f} s in; {rounds} round(s), medians; configurations alternated. "
+             "corepool-socket-hash runs without CAP_BPF/CAP_SYS_ADMIN/CAP_NET_ADMIN (setpriv): no eBPF. "
+             "Steady: the same load on the same pool just before, nothing killed.", ""]
+    for sc, per in summary.items():
+        lines += [f"## {sc}", "", "| config | req/s | p50 ms | p99 ms | max ms | errors | p99 / pm2 | max / pm2 | "
+                  "steady p99 ms | steady max ms | p99 / steady |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        ref = per["pm2"]
+        for name, v in per.items():
+            lines.append(f"| {name} | {v['rps']:.0f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {v['max_ms']:.0f} | "
+                         f"{v['errors']:.0f} | {v['p99_ms'] / ref['p99_ms']:.2f} | {v['max_ms'] / ref['max_ms']:.2f} | "
+                         f"{v['steady_p99_ms']:.1f} | {v['steady_max_ms']:.0f} | {v['p99_ms'] / v['steady_p99_ms']:.2f} |")
+        lines.append("")
+    lines += ["Goal: p99 / pm2 <= 1 for both corepool rows.", ""]
+    with open(base + ".md", "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    log(f"results: {base}.md, .json")
 
 
 def to_ms(text):
@@ -261,7 +353,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 round of short loads (under 3 minutes)")
     ap.add_argument("-n", type=int, default=os.cpu_count(), help="workers (default: CPUs)")
+    ap.add_argument("--restart", action="store_true", help="only the restart-under-load scenario")
     args = ap.parse_args()
+    if args.restart:
+        return restart_main(args, install(("wrk",)))
     rounds, next_s, hello_s = (1, 8, 4) if args.quick else (3, 60, 15)
     tools = install()
     n = args.n

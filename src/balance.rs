@@ -28,13 +28,27 @@
 //! with a round robin, so that a few long-lived connections (an ingress's keep-alive pool) are
 //! dealt evenly too, instead of binomially.
 //!
-//! The price is paid while a worker is away: connections hashed to its socket wait in that
-//! socket's backlog until the slot's next process (same socket) accepts them, typically the
-//! restart backoff plus the server's start-up (100 ms + ~80 ms for a hello server, ~400 ms for
-//! Next.js). None is refused (tests/reliability.rs kills workers at random under load: 0
-//! refused). A slot given up for good has its socket closed, so nothing waits for it forever.
-//! Because corepool keeps holding every socket, connections that arrive while a worker
-//! restarts wait in the backlog; none is refused.
+//! ## A slot that is not ready takes no new connection
+//! A socket of the group takes its share of new connections whether or not a process accepts
+//! on it, so a dead, restarting or crash-looping worker's connections would wait in its
+//! socket's backlog (or hang until the slot is given up). Two measures keep them out:
+//! - With eBPF steering, `steer` deals connections to the *ready* slots only; the balancer
+//!   updates that list whenever a worker becomes ready, is stopped or exits.
+//! - When a slot has no live process while another slot is ready, corepool shuts its socket
+//!   down (`shutdown(SHUT_RD)` on a listener): it leaves the reuseport group, and the kernel's
+//!   hash (or the program) only sees the others. The slot's next Node worker re-joins the
+//!   group itself when it listens (libuv calls `listen()` on the descriptor it adopts), so its
+//!   socket is back just as it becomes ready; for another program corepool calls `listen()`
+//!   before starting it (such a program may accept at once), and for every worker when it
+//!   becomes ready. Connections already queued on the socket are moved to another listener
+//!   of the group when `net.ipv4.tcp_migrate_req` is 1 (Linux 5.14; per network namespace):
+//!   corepool sets it at start when it may, and says so. Where it may not (a read-only
+//!   /proc/sys), a socket with connections queued stays in the group for the slot's next
+//!   process rather than have them reset.
+//!
+//! A slot given up for good has its socket closed, so nothing waits for it forever. When no
+//! slot is ready (all restarting), the sockets stay in the group and connections wait in the
+//! backlogs; none is refused (tests/reliability.rs kills workers at random under load).
 //!
 //! ## Launchers
 //! The server may run behind a launcher (`npm start`, yarn, pnpm, npx, dotenv-cli, tsx, a Node
@@ -724,7 +738,13 @@ pub struct Balancer {
     /// Socket mode: one SO_REUSEPORT listening socket per slot, handed to that slot's worker.
     slot_sockets: Vec<Option<OwnedFd>>,
     /// Socket mode: round-robin steering over the slot sockets, when the kernel allows it.
-    _steering: Option<steer::Steering>,
+    steering: Option<steer::Steering>,
+    /// Socket mode: each slot's processes and whether its socket is in the group.
+    slot_table: std::sync::Mutex<SlotTable>,
+    /// Socket mode: the kernel moves a closed listener's queued connections to another.
+    migrate: bool,
+    /// Socket mode: the workers are Node, which calls `listen()` on the socket it adopts.
+    node_workers: bool,
     /// Socket mode: how connections are spread over the slots, for the start-up log.
     pub spread: String,
     /// Proxy mode: the public socket we accept on.
@@ -753,6 +773,7 @@ pub struct Balancer {
 /// What a launch needs kept until the worker runs: the readiness pipe, the private port.
 pub struct Handover {
     pub io: WorkerIo,
+    slot: usize,
     ready_pipe: Option<(OwnedFd, OwnedFd)>,
     private_port: Option<u16>,
 }
@@ -779,7 +800,7 @@ impl Balancer {
             Mode::Socket => bind_group(host, port, slots)?,
             _ => Vec::new(),
         };
-        let (steering, spread) = match slot_sockets.len() {
+        let (steering, mut spread) = match slot_sockets.len() {
             0 | 1 => (None, String::new()),
             _ => {
                 let group: Vec<&OwnedFd> = slot_sockets.iter().flatten().collect();
@@ -791,6 +812,18 @@ impl Balancer {
                     ),
                 }
             }
+        };
+        let migrate = slot_sockets.len() > 1 && {
+            let (migrate, how) = enable_migration();
+            spread.push_str("; ");
+            spread.push_str(&how);
+            migrate
+        };
+        let slot_table = SlotTable {
+            slots: (0..slot_sockets.len())
+                .map(|_| SlotState::default())
+                .collect(),
+            steered: (0..slot_sockets.len() as u32).collect(),
         };
         let notify = match mode {
             Mode::None => None,
@@ -804,7 +837,10 @@ impl Balancer {
             port,
             port_increment,
             slot_sockets,
-            _steering: steering,
+            steering,
+            slot_table: std::sync::Mutex::new(slot_table),
+            migrate,
+            node_workers: false,
             spread,
             listener,
             preload,
@@ -841,6 +877,12 @@ impl Balancer {
         self.heap_option = option;
     }
 
+    /// Socket mode: whether the command is Node (which re-joins a slot's socket to the group
+    /// itself when it listens; another program gets it listening before it starts).
+    pub fn set_node_workers(&mut self, node: bool) {
+        self.node_workers = node;
+    }
+
     /// Whether a worker must report readiness (else it is ready once started).
     pub fn needs_ready(&self) -> bool {
         self.mode != Mode::None
@@ -869,7 +911,7 @@ impl Balancer {
                 ]);
             }
             Mode::Proxy => {
-                let port = proxy::private_port()?;
+                let port = proxy::private_port(&self.backends.ports())?;
                 io.env.push(("PORT".into(), port.to_string()));
                 io.env.push(("HOSTNAME".into(), "127.0.0.1".into()));
                 io.unset
@@ -881,6 +923,9 @@ impl Balancer {
             }
             Mode::Socket => {
                 if let Some(Some(listener)) = self.slot_sockets.get(slot) {
+                    if !self.node_workers {
+                        self.with_slots(|table| self.relisten(table, slot));
+                    }
                     io.fds.push((listener.as_raw_fd(), LISTEN_FD));
                     io.env.push(("LISTEN_FDS".into(), "1".into()));
                     io.env.push(("LISTEN_FDNAMES".into(), "corepool".into()));
@@ -943,6 +988,7 @@ impl Balancer {
         }
         Ok(Handover {
             io,
+            slot,
             ready_pipe,
             private_port,
         })
@@ -954,6 +1000,13 @@ impl Balancer {
         if let Some(port) = handover.private_port {
             self.backends.add(pid, port);
             proxy::probe(self.backends.clone(), pid, port, self.ready_tx.clone());
+        }
+        if self.mode == Mode::Socket {
+            self.with_slots(|table| {
+                if let Some(state) = table.slots.get_mut(handover.slot) {
+                    state.live.insert(pid);
+                }
+            });
         }
         let Some((read, write)) = handover.ready_pipe else {
             return;
@@ -1036,16 +1089,140 @@ impl Balancer {
         if let Some(socket) = self.slot_sockets.get_mut(slot) {
             *socket = None;
         }
+        self.with_slots(|table| {
+            if let Some(state) = table.slots.get_mut(slot) {
+                *state = SlotState {
+                    out: true,
+                    ..SlotState::default()
+                };
+            }
+            self.settle(table);
+        });
     }
 
-    /// Readiness news for the proxy's routing (a no-op in the other modes).
+    /// Readiness news for the routing: the proxy's, or the slot's place in the group.
     pub fn worker_ready(&self, pid: i32) {
         self.backends.ready(pid);
+        self.with_slots(|table| {
+            let Some(slot) = table.slots.iter().position(|s| s.live.contains(&pid)) else {
+                return;
+            };
+            table.slots[slot].ready.insert(pid);
+            self.relisten(table, slot);
+            self.settle(table);
+        });
     }
 
     /// The worker is stopping or gone: route nothing new to it.
     pub fn forget(&self, pid: i32) {
         self.backends.remove(pid);
+        self.with_slots(|table| {
+            for state in &mut table.slots {
+                state.ready.remove(&pid);
+            }
+            self.settle(table);
+        });
+    }
+
+    /// A worker process (its group's leader) exited: it no longer holds its slot's socket.
+    pub fn exited(&self, pid: i32) {
+        self.with_slots(|table| {
+            for state in &mut table.slots {
+                state.live.remove(&pid);
+            }
+        });
+        self.forget(pid);
+    }
+
+    fn with_slots<T>(&self, f: impl FnOnce(&mut SlotTable) -> T) -> T {
+        let mut table = self
+            .slot_table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut table)
+    }
+
+    /// Puts a slot's socket back into the group (and the steering's socket map) if corepool
+    /// took it out.
+    fn relisten(&self, table: &mut SlotTable, slot: usize) {
+        let (Some(Some(socket)), Some(state)) =
+            (self.slot_sockets.get(slot), table.slots.get_mut(slot))
+        else {
+            return;
+        };
+        if !state.out {
+            return;
+        }
+        // A Node worker has usually done so already (listen() again would only set the
+        // backlog).
+        if !accepting(socket)
+            && let Err(err) = socket::listen(
+                socket,
+                socket::Backlog::new(1024).unwrap_or(socket::Backlog::MAXCONN),
+            )
+        {
+            tracing::warn!("worker {slot}: cannot listen on its socket again: {err}");
+            return;
+        }
+        state.out = false;
+        if let Some(steering) = &self.steering
+            && let Err(err) = steering.rejoin(slot as u32, socket)
+        {
+            tracing::warn!("worker {slot}: cannot steer connections to its socket again: {err}");
+        }
+    }
+
+    /// Takes the sockets of slots without a live process out of the group while another
+    /// slot is ready, and tells the steering which slots are ready.
+    fn settle(&self, table: &mut SlotTable) {
+        let n = table.slots.len().min(self.slot_sockets.len());
+        let serving = |table: &SlotTable, s: usize| {
+            self.slot_sockets[s].is_some()
+                && !table.slots[s].out
+                && !table.slots[s].ready.is_empty()
+        };
+        for s in 0..n {
+            let Some(socket) = &self.slot_sockets[s] else {
+                continue;
+            };
+            // Not `out` alone: a Node worker may have put it back before it died.
+            if !table.slots[s].live.is_empty()
+                || !accepting(socket)
+                || !(0..n).any(|t| t != s && serving(table, t))
+            {
+                continue;
+            }
+            if !self.migrate {
+                match queued(socket) {
+                    Ok(0) => {}
+                    // Kept for the slot's next process rather than reset.
+                    Ok(_) => continue,
+                    Err(err) => {
+                        tracing::warn!("worker {s}: cannot read its socket's queue: {err}");
+                        continue;
+                    }
+                }
+            }
+            match socket::shutdown(socket.as_raw_fd(), socket::Shutdown::Read) {
+                Ok(()) => {
+                    tracing::debug!("worker {s}: its socket leaves the group until it is ready");
+                    table.slots[s].out = true;
+                }
+                Err(err) => tracing::warn!("worker {s}: cannot take its socket out: {err}"),
+            }
+        }
+        if let Some(steering) = &self.steering {
+            let ready: Vec<u32> = (0..n)
+                .filter(|&s| serving(table, s))
+                .map(|s| s as u32)
+                .collect();
+            if ready != table.steered {
+                match steering.set_ready(&ready) {
+                    Ok(()) => table.steered = ready,
+                    Err(err) => tracing::warn!("cannot update the eBPF steering: {err}"),
+                }
+            }
+        }
     }
 
     /// The pool is stopping: close the public socket, so that once the workers have closed
@@ -1060,6 +1237,94 @@ impl Balancer {
         if let Some(task) = self.port_watch.take() {
             task.abort();
         }
+    }
+}
+
+/// Socket mode: a slot's processes (group leaders), the ready ones, and whether corepool took
+/// its socket out of the group (and the steering's map) since it was last ready.
+#[derive(Default)]
+struct SlotState {
+    live: HashSet<i32>,
+    ready: HashSet<i32>,
+    out: bool,
+}
+
+/// Whether a socket listens (SO_ACCEPTCONN); false when that cannot be read.
+fn accepting(socket: &OwnedFd) -> bool {
+    socket::getsockopt(socket, socket::sockopt::AcceptConn).unwrap_or(false)
+}
+
+#[derive(Default)]
+struct SlotTable {
+    slots: Vec<SlotState>,
+    /// The ready slots the steering deals to, as last written.
+    steered: Vec<u32>,
+}
+
+/// Connections waiting in a listening socket's accept queue (`tcpi_unacked` of a listener).
+fn queued(socket: &OwnedFd) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket, a pointer to a tcp_info and its size.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut libc::tcp_info as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.tcpi_unacked)
+}
+
+const MIGRATE_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Lets the kernel move the connections queued on a listener that stops listening to another
+/// listener of its reuseport group (net.ipv4.tcp_migrate_req, this network namespace only),
+/// instead of resetting them. Whether that is on, and how it came to be, for the log.
+///
+/// Only PID 1 sets it: then the network namespace is the container's (or the pod's, whose
+/// other containers gain from it too). Started by hand on a host, corepool leaves the host's
+/// setting alone and says how to turn it on.
+fn enable_migration() -> (bool, String) {
+    let may_set = std::process::id() == 1;
+    match std::fs::read_to_string(MIGRATE_SYSCTL) {
+        Ok(text) if text.trim() != "0" => (
+            true,
+            "a dead worker's queued connections move to another (tcp_migrate_req)".into(),
+        ),
+        Ok(_) if !may_set => (
+            false,
+            "net.ipv4.tcp_migrate_req is 0 and corepool is not PID 1, so it leaves this \
+             network namespace's setting alone: a dead worker's queued connections wait for its \
+             restart (sysctl -w net.ipv4.tcp_migrate_req=1 to move them)"
+                .into(),
+        ),
+        Ok(_) => match std::fs::write(MIGRATE_SYSCTL, "1\n") {
+            Ok(()) => (
+                true,
+                "net.ipv4.tcp_migrate_req set to 1 in this network namespace, so that a dead \
+                 worker's queued connections move to another"
+                    .into(),
+            ),
+            Err(err) => (
+                false,
+                format!(
+                    "net.ipv4.tcp_migrate_req is 0 and cannot be set ({err}): a dead worker's \
+                     queued connections wait for its restart (docker run --sysctl \
+                     net.ipv4.tcp_migrate_req=1)"
+                ),
+            ),
+        },
+        Err(err) => (
+            false,
+            format!("no net.ipv4.tcp_migrate_req ({err}; Linux 5.14 or later has it)"),
+        ),
     }
 }
 

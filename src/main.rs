@@ -212,6 +212,11 @@ fn run() -> i32 {
         balancer.set_proxy_limits(proxy_limits.0);
         balancer.set_ready_on_message(config.ready_on == config::ReadyOn::Message);
         balancer.set_stop_signal(config.stop_signal);
+        balancer.set_node_workers(
+            program
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("node")),
+        );
         if !balancer.spread.is_empty() {
             tracing::info!("balance socket: {}", balancer.spread);
         }

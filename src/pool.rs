@@ -345,7 +345,7 @@ impl Pool {
 
     /// Applies one reaped exit: a worker's, or an orphan's.
     fn on_exit(&mut self, exit: Exit) {
-        self.balancer.forget(exit.pid.as_raw());
+        self.balancer.exited(exit.pid.as_raw());
         if let Some(k) = self.retiring.iter().position(|&(_, pid)| pid == exit.pid) {
             let (slot, pid) = self.retiring.remove(k);
             tracing::info!(

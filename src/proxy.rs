@@ -1,6 +1,7 @@
 //! Proxy: the public port for servers that only know `$PORT` (`--balance proxy`).
 //!
-//! Each worker process gets a private loopback port of its own (`PORT`, `HOSTNAME=127.0.0.1`).
+//! Each worker process gets a private loopback port of its own (`PORT`, `HOSTNAME=127.0.0.1`),
+//! drawn below the ephemeral port range (see `private_port`).
 //! corepool accepts on the public port and relays each connection to a ready worker, the one
 //! with the fewest open connections first; when a worker refuses the connect (it is restarting
 //! or shutting down), the next one is tried, so a client sees no refusal while any worker is
@@ -114,6 +115,11 @@ impl Backends {
         });
     }
 
+    /// The private ports given to the workers known now.
+    pub fn ports(&self) -> Vec<u16> {
+        self.with(|list| list.iter().map(|b| b.port).collect())
+    }
+
     /// The worker is stopping or gone: route nothing new to it.
     pub fn remove(&self, pid: i32) {
         self.with(|list| list.retain(|b| b.pid != pid));
@@ -155,12 +161,58 @@ impl Backends {
     }
 }
 
-/// A free loopback port for a new worker process. The port is only reserved until we close
-/// our socket, so a race with another program is possible but shows as a worker that fails to
-/// listen and is restarted with a new port.
-pub fn private_port() -> std::io::Result<u16> {
-    let probe = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(probe.local_addr()?.port())
+/// A free port for a new worker process, chosen where the kernel never picks ports for
+/// outgoing connections: below the start of `net.ipv4.ip_local_port_range` (from 20000 up
+/// when the range leaves room, else from 1024), never one another worker was given and is
+/// still known by (`taken`), and free now on every address. A port taken from the ephemeral
+/// range (bind port 0, close, pass the number on) could be taken in between by an outgoing
+/// loopback connection, the relay's own among them, and the worker would fail to listen.
+pub fn private_port(taken: &[u16]) -> std::io::Result<u16> {
+    let start = ephemeral_start().unwrap_or(32768);
+    let low = if start >= 21024 { 20000 } else { 1024 };
+    let span = start.saturating_sub(low);
+    if span < 64 {
+        return Err(std::io::Error::other(format!(
+            "no room for private ports below net.ipv4.ip_local_port_range (it starts at {start})"
+        )));
+    }
+    let mut seed = [0u8; 4];
+    let mut tries = 0;
+    while tries < 256 {
+        tries += 1;
+        // SAFETY: getrandom writes at most seed.len() bytes into seed.
+        let got = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        let value = if got == seed.len() as isize {
+            u32::from_ne_bytes(seed)
+        } else {
+            (std::process::id() ^ tries).wrapping_mul(2654435761)
+        };
+        let port = low + (value % u32::from(span)) as u16;
+        if !taken.contains(&port) && free_everywhere(port) {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "no free port found in {low}-{} (below net.ipv4.ip_local_port_range)",
+        start - 1
+    )))
+}
+
+/// The first port of `net.ipv4.ip_local_port_range`.
+fn ephemeral_start() -> Option<u16> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Whether nothing listens on `port` on any address (`::` covers IPv4 too; 0.0.0.0 where
+/// there is no IPv6).
+fn free_everywhere(port: u16) -> bool {
+    use std::net::{Ipv6Addr, TcpListener};
+    match TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)) {
+        Ok(_) => true,
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => false,
+        Err(_) => TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok(),
+    }
 }
 
 /// Probes `port` until it accepts, then reports `pid` ready. Gives up when the worker leaves

@@ -1,0 +1,414 @@
+//! Socket mode deals new connections to ready workers only: a slot whose worker is dead,
+//! restarting or crash-looping takes none (with the eBPF steering, and without it, where its
+//! socket leaves the reuseport group). See src/balance.rs and src/steer.rs.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// One GET on a new connection, answered within `limit`: the body, or what went wrong.
+fn get_within(port: u16, limit: Duration) -> Result<String, String> {
+    let mut s = std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), limit)
+        .map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(limit)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .map_err(|e| format!("read: {e}"))?;
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        _ => Err(format!("no 200 answer: {text:?}")),
+    }
+}
+
+/// Slot 1's worker exits at once on every start while slot 0 serves: 100 requests on new
+/// connections, one after another, are all answered within 2 s each (before, about half of
+/// them waited in slot 1's backlog until the slot was given up, minutes later).
+fn crash_looping_slot_takes_no_connection(ebpf: bool) {
+    require("node");
+    let dir = scratch("steer-crashloop");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        "if (process.env.NODE_APP_INSTANCE === '1') process.exit(1);\n\
+         require('http').createServer((q, r) => r.end(`${process.pid}\\n`))\n\
+           .listen(process.env.PORT, () => console.log('serving'));\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let args = socket_args(2, port, &["--", "node", server.to_str().unwrap()]);
+    let run = start_pool(ebpf, &args);
+    run.wait_stderr("worker 0 ready", 1, SECS(30));
+    // Slot 1 has failed at least twice: it is in its crash loop.
+    run.wait_for("slot 1 crash-looping", SECS(30), |_, err| {
+        err.matches("worker 1 restarts in").count() >= 2
+    });
+    let mut slow = Vec::new();
+    for i in 0..100 {
+        let start = Instant::now();
+        if let Err(err) = get_within(port, SECS(2)) {
+            slow.push(format!("request {i}: {err} after {:?}", start.elapsed()));
+        }
+    }
+    let stderr = run.stderr();
+    assert!(
+        !stderr.contains("worker 1 given up"),
+        "slot 1 was given up during the test, which proves nothing:\n{stderr}"
+    );
+    assert!(
+        slow.is_empty(),
+        "{} of 100 requests not answered within 2 s:\n{}\n{stderr}",
+        slow.len(),
+        slow.join("\n")
+    );
+}
+
+/// corepool, with the eBPF steering or (under setpriv, without the capabilities) without it.
+fn start_pool(ebpf: bool, args: &[String]) -> Run {
+    let cmd = if ebpf {
+        let mut cmd = Command::new(bin());
+        cmd.args(args);
+        cmd
+    } else {
+        require("setpriv");
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--inh-caps=-all",
+            "--bounding-set=-bpf,-sys_admin,-net_admin",
+            bin(),
+        ])
+        .args(args);
+        cmd
+    };
+    let run = Run::from_command(cmd, &[]);
+    let spread = if ebpf {
+        "connections in turn (eBPF)"
+    } else {
+        "connections by the kernel's hash"
+    };
+    run.wait_stderr(spread, 1, SECS(30));
+    run
+}
+
+/// A worker killed with SIGKILL is restarted and, once ready, takes its share again: its
+/// socket, taken out of the group while the slot was empty, is back (in the eBPF map too).
+fn restarted_worker_gets_connections_again(ebpf: bool) {
+    require("node");
+    let dir = scratch("steer-rejoin");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        "require('http').createServer((q, r) => r.end(`${process.env.NODE_APP_INSTANCE} ${process.pid}\\n`))\n\
+           .listen(process.env.PORT);\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let args = socket_args(2, port, &["--", "node", server.to_str().unwrap()]);
+    let run = start_pool(ebpf, &args);
+    run.wait_stderr(" ready (pid", 2, SECS(30));
+    let victim = started_pids(&run.stderr())[1];
+    // SAFETY: kill(2) on a worker of this test's pool.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    // While slot 1 is away, slot 0 answers every request.
+    for i in 0..20 {
+        if let Err(err) = get_within(port, SECS(2)) {
+            panic!("request {i} while worker 1 restarts: {err}");
+        }
+    }
+    run.wait_stderr(" ready (pid", 3, SECS(30));
+    let mut slots = std::collections::HashSet::new();
+    for i in 0..30 {
+        let body = get_within(port, SECS(2)).unwrap_or_else(|e| panic!("request {i}: {e}"));
+        slots.insert(body.split(' ').next().unwrap().to_string());
+    }
+    let stderr = run.stderr();
+    assert_eq!(
+        slots.len(),
+        2,
+        "the restarted worker took no connection:\n{stderr}"
+    );
+    assert!(!stderr.contains("cannot "), "{stderr}");
+}
+
+#[test]
+fn restarted_worker_gets_connections_again_with_ebpf() {
+    restarted_worker_gets_connections_again(true);
+}
+
+#[test]
+fn restarted_worker_gets_connections_again_without_ebpf() {
+    restarted_worker_gets_connections_again(false);
+}
+
+#[test]
+fn crash_looping_slot_takes_no_connection_with_ebpf() {
+    crash_looping_slot_takes_no_connection(true);
+}
+
+#[test]
+fn crash_looping_slot_takes_no_connection_without_ebpf() {
+    crash_looping_slot_takes_no_connection(false);
+}
+
+/// Proxy mode: the workers' private ports lie below `net.ipv4.ip_local_port_range`, where no
+/// outgoing connection (the relay opens one per client) can take them between the moment
+/// corepool picks one and the moment the worker listens on it (a reload's replacement failed
+/// with EADDRINUSE that way).
+#[test]
+fn proxy_private_ports_are_outside_the_ephemeral_range() {
+    require("node");
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let start: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    let dir = scratch("steer-private-ports");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        "require('http').createServer((q, r) => r.end(`${process.env.PORT}\\n`))\n\
+           .listen(process.env.PORT, process.env.HOSTNAME, () => console.log('port', process.env.PORT));\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let mut run = Run::start(
+        &[
+            "-i",
+            "2",
+            "--balance",
+            "proxy",
+            "--host",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--",
+            "node",
+            server.to_str().unwrap(),
+        ],
+        &[],
+    );
+    run.wait_stdout("port ", 2, SECS(30));
+    // A reload gives each slot a new process and a new port, while the old ones still listen.
+    run.wait_stderr("ready", 2, SECS(30));
+    run.signal(libc::SIGHUP);
+    run.wait_stdout("port ", 4, SECS(30));
+    let ports: Vec<u16> = run
+        .stdout()
+        .lines()
+        .filter_map(|l| l.strip_prefix("port ")?.trim().parse().ok())
+        .collect();
+    assert_eq!(ports.len(), 4, "{}", run.stdout());
+    for p in &ports {
+        assert!(
+            *p < start && *p != port,
+            "private port {p} is inside the ephemeral range {range:?} (or the public port)"
+        );
+    }
+    let mut unique = ports.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), 4, "a private port was given twice: {ports:?}");
+    let body = get_within(port, SECS(10)).expect("the relay answers");
+    assert!(ports.contains(&body.trim().parse().unwrap()), "{body}");
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(30)), 0, "{}", run.stderr());
+}
+
+/// Proxy mode in a network namespace whose ephemeral range is 32 ports wide, so that the
+/// relay's outgoing connections reuse them constantly: five rolling reloads under load all
+/// complete, no replacement failing to listen on its private port (before, a port picked by
+/// binding port 0 came from that range, and an outgoing connection could take it first).
+#[test]
+fn proxy_reloads_under_load_with_a_narrow_ephemeral_range() {
+    require("node");
+    require("unshare");
+    require("ip");
+    let dir = scratch("steer-narrow-range");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        "require('http').createServer((q, r) => r.end('ok\\n'))\n\
+           .listen(process.env.PORT, process.env.HOSTNAME);\n",
+    )
+    .unwrap();
+    let port = 8080;
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--net",
+        "sh",
+        "-c",
+        "ip link set lo up && echo '40000 40031' > /proc/sys/net/ipv4/ip_local_port_range \
+         && exec \"$0\" \"$@\"",
+        bin(),
+        "-i",
+        "2",
+        "--balance",
+        "proxy",
+        "--host",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "--",
+        "node",
+        server.to_str().unwrap(),
+    ]);
+    let mut run = Run::from_command(cmd, &[]);
+    run.wait_stderr(" ready (pid", 2, SECS(30));
+    let netns = format!("/proc/{}/ns/net", run.pid());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (netns, stop) = (netns.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let ns = std::fs::File::open(&netns).expect("the pool's network namespace");
+                // SAFETY: setns(2) on this thread only, with an open namespace descriptor.
+                let ret = unsafe {
+                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET)
+                };
+                assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+                let (mut ok, mut failed) = (0u32, 0u32);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match get_within(port, SECS(5)) {
+                        Ok(_) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    for n in 1..=5 {
+        run.signal(libc::SIGHUP);
+        run.wait_for("a reload to end", SECS(60), |_, err| {
+            err.matches("rolling reload complete").count() >= n
+                || err.contains("rolling reload stopped")
+        });
+        let stderr = run.stderr();
+        assert!(
+            !stderr.contains("rolling reload stopped"),
+            "reload {n} stopped:\n{stderr}"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = clients
+        .into_iter()
+        .map(|c| c.join().unwrap())
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    let stderr = run.stderr();
+    assert!(ok > 100, "only {ok} requests answered:\n{stderr}");
+    assert!(!stderr.contains("EADDRINUSE"), "{stderr}");
+    eprintln!("{ok} requests answered, {failed} failed, 5 reloads");
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(30)), 0, "{stderr}");
+}
+
+/// Where net.ipv4.tcp_migrate_req is 0 and read-only (a fresh network namespace, /proc/sys
+/// mounted read-only as in a container) and no eBPF may be loaded, corepool says so, and a
+/// crash-looping slot's socket still leaves the group when nothing is queued on it: 100
+/// sequential requests on new connections are answered within 2 s each.
+#[test]
+fn crash_looping_slot_takes_no_connection_without_migration() {
+    require("node");
+    require("unshare");
+    require("setpriv");
+    require("ip");
+    let dir = scratch("steer-no-migrate");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        "if (process.env.NODE_APP_INSTANCE === '1') process.exit(1);\n\
+         require('http').createServer((q, r) => r.end(`${process.pid}\\n`))\n\
+           .listen(process.env.PORT);\n",
+    )
+    .unwrap();
+    let port = 8080;
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--net",
+        "--mount",
+        "sh",
+        "-c",
+        "ip link set lo up && mount --bind /proc/sys /proc/sys \
+         && mount -o remount,bind,ro /proc/sys && exec setpriv --inh-caps=-all \
+         --bounding-set=-bpf,-sys_admin,-net_admin \"$0\" \"$@\"",
+        bin(),
+    ]);
+    cmd.args(socket_args(
+        2,
+        port,
+        &["--", "node", server.to_str().unwrap()],
+    ));
+    let run = Run::from_command(cmd, &[]);
+    run.wait_stderr("worker 0 ready", 1, SECS(30));
+    let stderr = run.stderr();
+    assert!(
+        stderr.contains("connections by the kernel's hash")
+            && stderr.contains("tcp_migrate_req is 0"),
+        "{stderr}"
+    );
+    run.wait_for("slot 1 crash-looping", SECS(30), |_, err| {
+        err.matches("worker 1 restarts in").count() >= 2
+    });
+    let netns = format!("/proc/{}/ns/net", run.pid());
+    let slow = std::thread::spawn(move || {
+        let ns = std::fs::File::open(&netns).expect("the pool's network namespace");
+        // SAFETY: setns(2) on this thread only, with an open namespace descriptor.
+        let ret = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+        (0..100)
+            .filter_map(|i| {
+                get_within(port, SECS(2))
+                    .err()
+                    .map(|e| format!("request {i}: {e}"))
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap();
+    let stderr = run.stderr();
+    assert!(!stderr.contains("worker 1 given up"), "{stderr}");
+    assert!(
+        slow.is_empty(),
+        "{} of 100 requests not answered within 2 s:\n{}\n{stderr}",
+        slow.len(),
+        slow.join("\n")
+    );
+}
+
+/// As PID 1 the network namespace is the container's: corepool turns on
+/// net.ipv4.tcp_migrate_req there (a fresh namespace starts with 0). Not as PID 1 (every
+/// other test here) it leaves the host's setting alone.
+#[test]
+fn as_pid1_corepool_turns_on_request_migration_in_its_network_namespace() {
+    require("node");
+    require("ip");
+    let hello = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/server.js");
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--net",
+        "--pid",
+        "--fork",
+        "--mount-proc",
+        "--kill-child=SIGTERM",
+        "sh",
+        "-c",
+        "ip link set lo up && cat /proc/sys/net/ipv4/tcp_migrate_req && exec \"$0\" \"$@\"",
+        bin(),
+    ]);
+    cmd.args(socket_args(2, 8080, &["--", "node", hello]));
+    let mut run = Run::from_command(cmd, &[]);
+    run.wait_stderr(" ready (pid", 2, SECS(30));
+    assert_eq!(run.stdout().lines().next(), Some("0"), "a fresh namespace");
+    assert!(
+        run.stderr()
+            .contains("net.ipv4.tcp_migrate_req set to 1 in this network namespace"),
+        "{}",
+        run.stderr()
+    );
+    // unshare ignores SIGTERM: the stop goes to corepool, its child.
+    let corepool = children_of(run.pid());
+    assert_eq!(corepool.len(), 1, "{corepool:?}");
+    // SAFETY: kill(2) on the corepool this test started.
+    assert_eq!(unsafe { libc::kill(corepool[0].0, libc::SIGTERM) }, 0);
+    assert_eq!(run.exit_code(SECS(15)), 0, "{}", run.stderr());
+}
