@@ -205,8 +205,8 @@ function handDown(options, state) {
 // request on such a connection meanwhile gets a reset or an empty reply (20-25 lost requests
 // per reload under `wrk -c20`). So every server the app makes listen (http, https, http2,
 // net) is tracked, and when the stop signal (COREPOOL_STOP_SIGNAL, default SIGTERM) arrives:
-// - each server stops accepting (after the app's own handlers ran, so that their own
-//   `server.close(callback)` is the one that closes it and gets no "not running" error);
+// - if the app has no handler of its own for the signal, each server stops accepting; if it
+//   has one, the servers are the app's to close (or not: an app may ignore the signal);
 // - a response not yet started says `Connection: close` and its connection is closed after it,
 //   and so does every response on a request that arrives later on an open connection;
 // - a connection without a request in progress is closed after DRAIN_GRACE_MS if no request
@@ -233,6 +233,7 @@ function handDown(options, state) {
   let installed = false;
   let draining = false;
   let exitWhenDrained = false;
+  let closing = false; // the drain has stopped the servers
 
   // An upgraded socket (WebSocket) has left the HTTP parser: it is the app's business now.
   function isHttp(socket) {
@@ -333,30 +334,37 @@ function handDown(options, state) {
 
   function onStop() {
     // Every delivery asks again: a library like signal-exit removes its own handler and raises
-    // the signal again to die of it, which leaves the exit to the drain.
+    // the signal again to die of it, which leaves the exit (and the servers) to the drain.
     if (!process.listeners(signal).length) exitWhenDrained = true;
-    if (draining) {
-      checkSoon();
-      return;
-    }
-    draining = true;
-    for (const [socket, state] of conns) {
-      for (const res of state.active) if (!res.headersSent) res.shouldKeepAlive = false;
-      closeWhenIdle(socket, state);
-    }
-    for (const session of sessions) goaway(session);
-    setImmediate(() => {
-      for (const server of servers) {
-        if (!server.listening) continue;
-        server.once('close', checkSoon);
-        try {
-          server.close();
-        } catch (_) {
-          // Closed meanwhile.
-        }
+    if (!draining) {
+      draining = true;
+      for (const [socket, state] of conns) {
+        for (const res of state.active) if (!res.headersSent) res.shouldKeepAlive = false;
+        closeWhenIdle(socket, state);
       }
-      maybeDone();
-    });
+      for (const session of sessions) goaway(session);
+    }
+    // An app with a handler of its own decides whether and when its servers stop accepting
+    // (it may ignore the signal and serve on): the drain only makes its connections close
+    // politely. Without one, the drain stops the servers, as the signal would have.
+    if (exitWhenDrained && !closing) {
+      closing = true;
+      setImmediate(closeServers);
+    }
+    checkSoon();
+  }
+
+  function closeServers() {
+    for (const server of servers) {
+      if (!server.listening) continue;
+      server.once('close', checkSoon);
+      try {
+        server.close();
+      } catch (_) {
+        // Closed meanwhile.
+      }
+    }
+    maybeDone();
   }
 
   // The drain's listener is not the app's: `process.listeners()` does not show it, so that

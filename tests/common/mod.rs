@@ -249,10 +249,21 @@ pub fn scratch(name: &str) -> std::path::PathBuf {
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (tests run in parallel: never a fixed one).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    // The kernel may hand the same free port out twice once the probe is closed (two calls in
+    // a row for a pool's port and its metrics port collided on a busy machine): never give a
+    // port twice in one test process.
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Fails loudly when a prerequisite of a test is missing, instead of skipping the test.
