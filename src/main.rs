@@ -48,7 +48,16 @@ fn run() -> i32 {
     let config = match config::load(args) {
         Ok(Invocation::Run(config)) => config,
         Ok(Invocation::PrintConfig(config)) => {
-            let _ = std::io::stdout().write_all(config.to_toml().as_bytes());
+            let mut text = config.to_toml();
+            // What heap_share comes to here, as the pool would compute it at start.
+            text.push_str(&match heap_share(&config) {
+                Some((_, how)) => format!("# heap share: {how}\n"),
+                None if config.heap_share => "# heap share: none (no cgroup memory limit, or \
+                                              NODE_OPTIONS sets --max-old-space-size)\n"
+                    .to_string(),
+                None => "# heap share: off\n".to_string(),
+            });
+            let _ = std::io::stdout().write_all(text.as_bytes());
             return 0;
         }
         Err(ClapOrConfig::Clap(err)) => return clap_failure(err),

@@ -331,6 +331,13 @@ fn heap_share_under_a_real_memory_limit() {
         err.contains("memory limit 1024 MiB") && err.contains("--max-old-space-size=358"),
         "{err}"
     );
+    // --print-config shows what `auto` comes to under this limit.
+    let (printed, _) = run_in("--print-config", &[]);
+    assert!(
+        printed.contains("# heap share: memory limit 1024 MiB")
+            && printed.contains("--max-old-space-size=358"),
+        "{printed}"
+    );
     assert_eq!(
         out.matches("opts=--max-old-space-size=358 ").count(),
         2,
