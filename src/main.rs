@@ -416,8 +416,10 @@ fn client_reload(args: &[String]) -> i32 {
 /// `corepool health [--live] [ADDR]`: exit 0 when /readyz (or, with `--live`, /healthz) answers
 /// 200, else 1 (never 2, which Docker reserves).
 fn client_health(args: &[String]) -> i32 {
-    const USAGE: &str = "corepool health [--live] [ADDR]   (exit 0 when ADDR, default \
-                         $COREPOOL_METRICS, answers /readyz, or /healthz with --live; else 1)";
+    const USAGE: &str = "corepool health [--live] [ADDR | corepool's flags]   (exit 0 when the \
+                         metrics address (ADDR, else --metrics / COREPOOL_METRICS / the config \
+                         file's metrics, as corepool itself reads them) answers /readyz, or \
+                         /healthz with --live; else 1)";
     if wants_help(args) {
         return usage(USAGE);
     }
@@ -425,30 +427,42 @@ fn client_health(args: &[String]) -> i32 {
     const UNHEALTHY: i32 = 1;
     let live = args.iter().any(|a| a == "--live");
     let rest: Vec<&String> = args.iter().filter(|a| *a != "--live").collect();
-    let given = match rest[..] {
-        [] => match std::env::var_os("COREPOOL_METRICS").map(OsString::into_string) {
-            None => None,
-            Some(Ok(v)) => Some((v, "COREPOOL_METRICS")),
-            Some(Err(_)) => {
-                return fail(UNHEALTHY, "health: COREPOOL_METRICS is not valid UTF-8");
-            }
+    let addr = match rest[..] {
+        [addr] if !addr.starts_with('-') => match config::parse_metrics_addr(addr) {
+            Ok(Some(addr)) => addr,
+            Ok(None) => return fail(UNHEALTHY, "health: ADDR: off is no address"),
+            Err(why) => return fail(UNHEALTHY, format_args!("health: ADDR: {why}")),
         },
-        [addr] if !addr.starts_with('-') => Some((addr.clone(), "ADDR")),
-        _ => return fail(UNHEALTHY, format_args!("usage: {USAGE}")),
-    };
-    let addr = match given
-        .as_ref()
-        .map(|(text, from)| (config::parse_metrics_addr(text), from))
-    {
-        Some((Ok(Some(addr)), _)) => addr,
-        Some((Err(why), from)) => {
-            return fail(UNHEALTHY, format_args!("health: {from}: {why}"));
-        }
+        // The address the pool itself was given: flags, COREPOOL_METRICS, the config file.
         _ => {
-            return fail(
-                UNHEALTHY,
-                "health: no address: give one (corepool health :9100) or set COREPOOL_METRICS",
-            );
+            let flags = rest.iter().map(|a| OsString::from(a.as_str()));
+            let args = ["corepool", "--print-config"]
+                .into_iter()
+                .map(OsString::from)
+                .chain(flags);
+            match config::load(args) {
+                Ok(Invocation::PrintConfig(config) | Invocation::Run(config)) => {
+                    match config.metrics {
+                        Some(addr) => addr,
+                        None => {
+                            return fail(
+                                UNHEALTHY,
+                                "health: no metrics address: give one (corepool health :9100), \
+                                 or set --metrics, COREPOOL_METRICS or metrics in the config file",
+                            );
+                        }
+                    }
+                }
+                Err(ClapOrConfig::Clap(err)) => {
+                    let text = err.to_string();
+                    let first = text.lines().next().unwrap_or("invalid arguments");
+                    let first = first.strip_prefix("error: ").unwrap_or(first);
+                    return fail(UNHEALTHY, format_args!("health: {first} (usage: {USAGE})"));
+                }
+                Err(ClapOrConfig::Config(err)) => {
+                    return fail(UNHEALTHY, format_args!("health: {err}"));
+                }
+            }
         }
     };
     // A wildcard listen address is reached on loopback.

@@ -173,6 +173,36 @@ fn the_health_command() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "never 2: Docker reserves it");
+    // Without ADDR, the address the pool itself reads: a flag, the config file (named or
+    // ./corepool.toml), as corepool resolves them.
+    let dir = scratch("health-config");
+    let file = dir.join("corepool.toml");
+    std::fs::write(&file, format!("metrics = \"127.0.0.1:{mport}\"\n")).unwrap();
+    let health = |args: &[&str], cwd: &std::path::Path| {
+        let out = Command::new(bin())
+            .arg("health")
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("COREPOOL_METRICS")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let elsewhere = std::env::temp_dir();
+    assert_eq!(health(&[], &dir).0, Some(0), "./corepool.toml");
+    let named = file.to_str().unwrap();
+    assert_eq!(
+        health(&["-c", named], &elsewhere).0,
+        Some(0),
+        "--config FILE"
+    );
+    let flag = format!("127.0.0.1:{mport}");
+    assert_eq!(health(&["--metrics", &flag], &elsewhere).0, Some(0));
+    let (code, err) = health(&["--bogus"], &elsewhere);
+    assert_eq!(code, Some(1), "never 2, even for bad usage: {err}");
 }
 
 #[test]
