@@ -147,6 +147,9 @@ fn run() -> i32 {
         for warning in &config.unknown_env {
             tracing::warn!("{warning}");
         }
+        if let Some(warning) = grace_warning(&config) {
+            tracing::warn!("{warning}");
+        }
         if let Some(warning) = &preload_warning {
             tracing::warn!("{warning}");
         }
@@ -355,6 +358,25 @@ fn heap_share(config: &config::Config) -> Option<(String, String)> {
             config.instances
         ),
     ))
+}
+
+/// The longest stop corepool may take: the shutdown delay, then the kill timeout.
+/// Kubernetes' default grace period (`terminationGracePeriodSeconds`) is 30 s; after it the
+/// kubelet SIGKILLs the container, corepool's drain unfinished. corepool cannot read the pod's
+/// setting, so past the default it says what to check.
+fn grace_warning(config: &config::Config) -> Option<String> {
+    const KUBERNETES_DEFAULT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+    let stop = config.shutdown_delay + config.kill_timeout;
+    (stop >= KUBERNETES_DEFAULT_GRACE).then(|| {
+        format!(
+            "a stop may take {} (--shutdown-delay {} + --kill-timeout {}): the container's \
+             grace period must be longer (Kubernetes terminationGracePeriodSeconds, default 30s; \
+             docker stop -t, default 10s), or the runtime's SIGKILL ends the pool first",
+            config::format_duration(stop),
+            config::format_duration(config.shutdown_delay),
+            config::format_duration(config.kill_timeout)
+        )
+    })
 }
 
 /// `corepool SUBCOMMAND --help`: the usage line on stdout, exit 0.

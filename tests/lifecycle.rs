@@ -769,3 +769,30 @@ fn balance_none_with_port_increment_gives_each_worker_its_port() {
         "{err}"
     );
 }
+
+#[test]
+fn a_stop_longer_than_the_default_grace_period_is_warned_about() {
+    for (kill_timeout, warned) in [("10s", false), ("30s", true)] {
+        let mut run = Run::start(
+            &[
+                "-i",
+                "1",
+                "--kill-timeout",
+                kill_timeout,
+                "--",
+                "sleep",
+                "60",
+            ],
+            &[],
+        );
+        run.wait_stderr("started, pid", 1, SECS(5));
+        let err = run.stderr();
+        assert_eq!(
+            err.contains("a stop may take 30s") && err.contains("terminationGracePeriodSeconds"),
+            warned,
+            "{err}"
+        );
+        run.signal(libc::SIGTERM);
+        assert_eq!(run.exit_code(SECS(10)), 0, "{}", run.stderr());
+    }
+}
