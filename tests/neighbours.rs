@@ -200,14 +200,7 @@ fn the_public_port_stays_the_pools_alone() {
 
 /// corepool as PID 1 of a pid namespace, with COREPOOL_RUNTIME_DIR, running `rest`.
 fn pid1_pool(runtime: &std::path::Path, args: &[String]) -> Run {
-    let mut cmd = Command::new("unshare");
-    cmd.args([
-        "--pid",
-        "--fork",
-        "--mount-proc",
-        "--kill-child=SIGTERM",
-        bin(),
-    ]);
+    let mut cmd = as_pid1();
     cmd.args(args);
     Run::from_command(cmd, &[("COREPOOL_RUNTIME_DIR", runtime.to_str().unwrap())])
 }
