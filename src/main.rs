@@ -221,6 +221,11 @@ fn run() -> i32 {
                 return exit::STARTUP;
             }
         };
+        if let Err(err) = balancer.share_ports(config.ports.get(1..).unwrap_or_default()) {
+            tracing::error!("{err}");
+            output.finish(std::time::Duration::from_secs(1));
+            return exit::STARTUP;
+        }
         balancer.set_proxy_limits(proxy_limits.0);
         balancer.set_ready_on_message(config.ready_on == config::ReadyOn::Message);
         balancer.set_stop_signal(config.stop_signal);
