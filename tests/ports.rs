@@ -224,3 +224,40 @@ fn bad_port_lists_exit_2_naming_the_culprit() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains(&format!("{file}:1: port")), "{err}");
 }
+
+#[test]
+fn a_server_behind_a_launcher_gets_every_port() {
+    // A plain Node wrapper (as npm start is) that spawns the server with stdio inherited: the
+    // preload hands every port's descriptor down to it.
+    let dir = scratch("ports-launcher");
+    let wrapper = dir.join("wrap.js");
+    std::fs::write(
+        &wrapper,
+        "const { spawn } = require('child_process');\n\
+         const child = spawn(process.execPath, [process.argv[2]], { stdio: 'inherit' });\n\
+         child.on('exit', (code) => process.exit(code ?? 1));\n\
+         process.on('SIGTERM', () => child.kill('SIGTERM'));\n",
+    )
+    .unwrap();
+    let (main, admin) = (free_port(), free_port());
+    let admin_text = admin.to_string();
+    let list = format!("{main},{admin}");
+    let run = Run::start(
+        &[
+            "-i", "2", "--balance", "socket", "--host", "127.0.0.1", "-p", &list, "--", "node",
+            wrapper.to_str().unwrap(), APP,
+        ],
+        &[("ADMIN_PORT", &admin_text)],
+    );
+    run.wait_stderr(" ready (pid", 2, SECS(20));
+    run.wait_stdout("admin listening", 2, SECS(10));
+    let (on_admin, v) = workers_on(admin, 60);
+    assert_eq!(on_admin.len(), 2, "admin port {admin}: {on_admin:?}");
+    assert_eq!(workers_on(main, 60).0.len(), 2);
+    let launchers = started_pids(&run.stderr());
+    assert!(
+        !launchers.contains(&(v["pid"].as_i64().unwrap() as i32)),
+        "the launcher's child serves, not the launcher: {v}"
+    );
+    assert_eq!(v["listen_fdnames"], format!("port-{main}:port-{admin}"));
+}
