@@ -59,6 +59,15 @@
 //! their inode numbers (`COREPOOL_LISTEN_INODE`, `COREPOOL_READY_INODE`), and the preload uses a
 //! descriptor only when fstat shows a socket, or a pipe, with that inode.
 //!
+//! ## More than one port
+//! `--port 3000,4041`: each further port gets a group of its own (`share_ports`, one
+//! SO_REUSEPORT socket per slot, refused like the first when another process listens there),
+//! handed over after the first at fds 4.. (LISTEN_FDS, LISTEN_FDNAMES=port-3000:port-4041) and
+//! named to the preload as `COREPOOL_EXTRA_PORTS=port:fd:inode,...`; the readiness pipe comes
+//! after them. Readiness, the eBPF turn and the port watch concern the first port only; the
+//! kernel's hash spreads the others, whose sockets stay listening for the pool's lifetime (a
+//! given-up slot's are closed).
+//!
 //! ## The port is the pool's alone
 //! SO_REUSEPORT admits into the group any later listener of the same user on the same address:
 //! a second corepool started on the port would start without error and, loading its own eBPF
@@ -71,7 +80,7 @@
 //!
 //! ## Readiness
 //! A worker is ready when it accepts connections. The Node preload writes `READY=1` to a pipe
-//! (fd 4, `COREPOOL_READY_FD`) once its server is listening (with `--ready-on message`, once the
+//! (fd 4, or after the further ports' descriptors; `COREPOOL_READY_FD`) once its server is listening (with `--ready-on message`, once the
 //! app calls `process.send('ready')`, as under pm2's `wait_ready`); any other program may send
 //! `READY=1` to `NOTIFY_SOCKET` as systemd's sd_notify does (an abstract socket named by the
 //! kernel: unique in the network namespace, which a pod's containers share). In `none` mode a

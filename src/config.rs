@@ -1099,7 +1099,10 @@ fn resolve_from(
         [one] => one.to_string(),
         many => format!(
             "[{}]",
-            many.iter().map(u16::to_string).collect::<Vec<_>>().join(", ")
+            many.iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     })?;
     let Some(&port) = ports.first() else {
@@ -1481,5 +1484,25 @@ mod tests {
         );
         // The defaults, written back by --print-config, pass in any mode.
         assert!(resolve_args(&["--max-connections", "auto", "--idle-timeout", "1m", "x"]).is_ok());
+    }
+
+    #[test]
+    fn port_lists() {
+        assert_eq!(parse_ports("3000"), Ok(vec![3000]));
+        assert_eq!(parse_ports(" 3000 , 4041"), Ok(vec![3000, 4041]));
+        assert!(
+            parse_ports("3000,3000")
+                .unwrap_err()
+                .contains("listed twice")
+        );
+        assert!(parse_ports("3000,0").is_err());
+        assert!(parse_ports("3000,").is_err());
+        assert!(parse_ports("a").is_err());
+        let many: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
+        assert!(
+            parse_ports(&many.join(","))
+                .unwrap_err()
+                .contains("at most 16")
+        );
     }
 }

@@ -193,7 +193,12 @@ fn run() -> i32 {
             (Some(p), _) => tracing::info!(
                 "balance socket on {}:{}; Node preload via {}",
                 config.host,
-                config.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(","),
+                config
+                    .ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
                 p.how
             ),
             (None, Mode::Proxy) => tracing::info!(

@@ -7,6 +7,12 @@
 // same public listen. The socket is bound to the public address, so server.address() shows the
 // public port, and the kernel hands each worker real client connections.
 //
+// With `--port 3000,4041` the further ports' sockets follow at fd 4.. (COREPOOL_EXTRA_PORTS =
+// port:fd:inode,...), and a listen() on one of those ports gets that socket. A listen() on a
+// port corepool was not told about gets reusePort where Node has it (22.12+, 23.1+), so every
+// worker shares it; on older Node an EADDRINUSE there prints one line naming the --port list
+// that shares it (see shareUnlisted).
+//
 // When that server is listening, "READY=1" is written to the readiness pipe (COREPOOL_READY_FD),
 // which tells corepool this worker accepts connections; with COREPOOL_READY_ON=message, only
 // when the app calls process.send('ready') (pm2's wait_ready).

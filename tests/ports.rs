@@ -137,7 +137,10 @@ fn an_unlisted_port_gets_a_one_line_hint_and_no_restart_loop() {
 fn an_unlisted_port_is_shared_with_reuse_port_on_node_22() {
     require("npm");
     let cache = concat!(env!("CARGO_MANIFEST_DIR"), "/target/nodes");
-    let node = PathBuf::from(fixture("tests/fixtures/nodes/fetch.sh", &["22.23.3", cache]));
+    let node = PathBuf::from(fixture(
+        "tests/fixtures/nodes/fetch.sh",
+        &["22.23.3", cache],
+    ));
     let (main, admin) = (free_port(), free_port());
     let run = start_pool(node.to_str().unwrap(), &main.to_string(), admin, &[]);
     run.wait_stderr(" ready (pid", 2, SECS(20));
@@ -244,8 +247,18 @@ fn a_server_behind_a_launcher_gets_every_port() {
     let list = format!("{main},{admin}");
     let run = Run::start(
         &[
-            "-i", "2", "--balance", "socket", "--host", "127.0.0.1", "-p", &list, "--", "node",
-            wrapper.to_str().unwrap(), APP,
+            "-i",
+            "2",
+            "--balance",
+            "socket",
+            "--host",
+            "127.0.0.1",
+            "-p",
+            &list,
+            "--",
+            "node",
+            wrapper.to_str().unwrap(),
+            APP,
         ],
         &[("ADMIN_PORT", &admin_text)],
     );
