@@ -88,18 +88,19 @@
       state.adopted = true;
       return originalListen.apply(this, args);
     }
+    // listen({ fd: 3 }) on corepool's own descriptor (systemd socket activation): the public
+    // listen, as it is.
+    if (first !== null && typeof first === 'object' && first.fd === state.listenFd &&
+        !state.primaryTaken) {
+      state.adopted = true;
+      state.primaryTaken = true;
+      this.once('listening', () => listened(fs, state));
+      return originalListen.apply(this, args);
+    }
     if (state.primaryTaken || port !== state.port) {
       if (port !== state.port && Number.isInteger(port) && port > 0) {
         return shareUnlisted(this, args, port);
       }
-      return originalListen.apply(this, args);
-    }
-    // listen({ fd: 3 }) on corepool's own descriptor (systemd socket activation): the public
-    // listen, as it is.
-    if (first !== null && typeof first === 'object' && first.fd === state.listenFd) {
-      state.adopted = true;
-      state.primaryTaken = true;
-      this.once('listening', () => listened(fs, state));
       return originalListen.apply(this, args);
     }
     state.adopted = true;
