@@ -274,3 +274,41 @@ fn a_server_behind_a_launcher_gets_every_port() {
     );
     assert_eq!(v["listen_fdnames"], format!("port-{main}:port-{admin}"));
 }
+
+#[test]
+fn a_reload_loses_no_request_on_the_second_port() {
+    let (main, admin) = (free_port(), free_port());
+    let run = start_pool("node", &format!("{main},{admin}"), admin, &[]);
+    run.wait_stderr(" ready (pid", 2, SECS(15));
+    run.wait_stdout("admin listening", 2, SECS(10));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let client = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match get_json(admin) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    run.signal(libc::SIGHUP);
+    run.wait_stderr("rolling reload complete", 1, SECS(30));
+    run.wait_stdout("admin listening", 4, SECS(10));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = client.join().unwrap();
+    assert!(ok > 20, "only {ok} requests answered");
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    // Both replacements serve the second port.
+    assert_eq!(workers_on(admin, 60).0.len(), 2);
+}
