@@ -312,3 +312,33 @@ fn a_reload_loses_no_request_on_the_second_port() {
     // Both replacements serve the second port.
     assert_eq!(workers_on(admin, 60).0.len(), 2);
 }
+
+#[test]
+fn a_listed_port_in_use_fails_at_once_with_code_3() {
+    let (main, admin) = (free_port(), free_port());
+    let _stranger = std::net::TcpListener::bind(("127.0.0.1", admin)).unwrap();
+    let list = format!("{main},{admin}");
+    let (code, _, err) = run_to_end(
+        &[
+            "-i",
+            "2",
+            "--balance",
+            "socket",
+            "--host",
+            "127.0.0.1",
+            "-p",
+            &list,
+            "--",
+            "node",
+            APP,
+        ],
+        &[],
+        SECS(10),
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains(&format!("port {admin} is in use")),
+        "names the port: {err}"
+    );
+    assert!(!err.contains(" started, pid"), "no worker started: {err}");
+}
