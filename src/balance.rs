@@ -59,6 +59,15 @@
 //! their inode numbers (`COREPOOL_LISTEN_INODE`, `COREPOOL_READY_INODE`), and the preload uses a
 //! descriptor only when fstat shows a socket, or a pipe, with that inode.
 //!
+//! ## More than one port
+//! `--port 3000,4041`: each further port gets a group of its own (`share_ports`, one
+//! SO_REUSEPORT socket per slot, refused like the first when another process listens there),
+//! handed over after the first at fds 4.. (LISTEN_FDS, LISTEN_FDNAMES=port-3000:port-4041) and
+//! named to the preload as `COREPOOL_EXTRA_PORTS=port:fd:inode,...`; the readiness pipe comes
+//! after them. Readiness, the eBPF turn and the port watch concern the first port only; the
+//! kernel's hash spreads the others, whose sockets stay listening for the pool's lifetime (a
+//! given-up slot's are closed).
+//!
 //! ## The port is the pool's alone
 //! SO_REUSEPORT admits into the group any later listener of the same user on the same address:
 //! a second corepool started on the port would start without error and, loading its own eBPF
@@ -71,7 +80,7 @@
 //!
 //! ## Readiness
 //! A worker is ready when it accepts connections. The Node preload writes `READY=1` to a pipe
-//! (fd 4, `COREPOOL_READY_FD`) once its server is listening (with `--ready-on message`, once the
+//! (fd 4, or after the further ports' descriptors; `COREPOOL_READY_FD`) once its server is listening (with `--ready-on message`, once the
 //! app calls `process.send('ready')`, as under pm2's `wait_ready`); any other program may send
 //! `READY=1` to `NOTIFY_SOCKET` as systemd's sd_notify does (an abstract socket named by the
 //! kernel: unique in the network namespace, which a pod's containers share). In `none` mode a
@@ -768,6 +777,9 @@ pub struct Balancer {
     ready_on_message: bool,
     /// `--stop-signal`, named to the workers for the preload's drain.
     stop_signal: nix::sys::signal::Signal,
+    /// Socket mode: the ports after the first (`--port 3000,4041`), each with one SO_REUSEPORT
+    /// socket per slot, handed over at fds 4.. (spread by the kernel's hash, no steering).
+    extra_ports: Vec<(u16, Vec<Option<OwnedFd>>)>,
 }
 
 /// What a launch needs kept until the worker runs: the readiness pipe, the private port.
@@ -854,6 +866,7 @@ impl Balancer {
             proxy_limits: proxy::Limits::default(),
             ready_on_message: false,
             stop_signal: nix::sys::signal::Signal::SIGTERM,
+            extra_ports: Vec::new(),
         })
     }
 
@@ -881,6 +894,19 @@ impl Balancer {
     /// itself when it listens; another program gets it listening before it starts).
     pub fn set_node_workers(&mut self, node: bool) {
         self.node_workers = node;
+    }
+
+    /// Socket mode: binds a group of per-slot sockets on each further port of `--port` (the
+    /// first is bound by `new`), refusing a port another process listens on, as for the first.
+    pub fn share_ports(&mut self, extra: &[u16]) -> Result<(), String> {
+        if self.mode != Mode::Socket {
+            return Ok(());
+        }
+        for &port in extra {
+            let group = bind_group(self.host, port, self.slot_sockets.len())?;
+            self.extra_ports.push((port, group));
+        }
+        Ok(())
     }
 
     /// Whether a worker must report readiness (else it is ready once started).
@@ -927,8 +953,42 @@ impl Balancer {
                         self.with_slots(|table| self.relisten(table, slot));
                     }
                     io.fds.push((listener.as_raw_fd(), LISTEN_FD));
-                    io.env.push(("LISTEN_FDS".into(), "1".into()));
-                    io.env.push(("LISTEN_FDNAMES".into(), "corepool".into()));
+                    // The further ports follow at 4.. (systemd's order: LISTEN_FDS of them
+                    // from fd 3), named in COREPOOL_EXTRA_PORTS as port:fd:inode for the
+                    // preload; the readiness pipe comes after them.
+                    let mut extra = Vec::new();
+                    let mut next_fd = LISTEN_FD + 1;
+                    for (port, group) in &self.extra_ports {
+                        let Some(Some(socket)) = group.get(slot) else {
+                            continue;
+                        };
+                        let inode = nix::sys::stat::fstat(socket)
+                            .map_err(io::Error::from)?
+                            .st_ino;
+                        io.fds.push((socket.as_raw_fd(), next_fd));
+                        extra.push((*port, next_fd, inode));
+                        next_fd += 1;
+                    }
+                    let ready_fd = next_fd.max(READY_FD);
+                    io.env
+                        .push(("LISTEN_FDS".into(), (1 + extra.len()).to_string()));
+                    let names = if extra.is_empty() {
+                        "corepool".to_string()
+                    } else {
+                        std::iter::once(format!("port-{}", self.port))
+                            .chain(extra.iter().map(|(port, _, _)| format!("port-{port}")))
+                            .collect::<Vec<_>>()
+                            .join(":")
+                    };
+                    io.env.push(("LISTEN_FDNAMES".into(), names));
+                    if !extra.is_empty() {
+                        let text = extra
+                            .iter()
+                            .map(|(port, fd, inode)| format!("{port}:{fd}:{inode}"))
+                            .collect::<Vec<_>>()
+                            .join(",");
+                        io.env.push(("COREPOOL_EXTRA_PORTS".into(), text));
+                    }
                     io.env
                         .push(("COREPOOL_LISTEN_FD".into(), LISTEN_FD.to_string()));
                     io.env
@@ -938,9 +998,9 @@ impl Balancer {
                     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                         .map_err(io::Error::from)?;
                     let write = above_ten(write)?;
-                    io.fds.push((write.as_raw_fd(), READY_FD));
+                    io.fds.push((write.as_raw_fd(), ready_fd));
                     io.env
-                        .push(("COREPOOL_READY_FD".into(), READY_FD.to_string()));
+                        .push(("COREPOOL_READY_FD".into(), ready_fd.to_string()));
                     // The preload uses fd 3 and 4 only when they are these very objects (a
                     // launcher's child, a node:cluster worker has other things there).
                     for (name, fd) in [
@@ -1088,6 +1148,11 @@ impl Balancer {
     pub fn abandon(&mut self, slot: usize) {
         if let Some(socket) = self.slot_sockets.get_mut(slot) {
             *socket = None;
+        }
+        for (_, group) in &mut self.extra_ports {
+            if let Some(socket) = group.get_mut(slot) {
+                *socket = None;
+            }
         }
         self.with_slots(|table| {
             if let Some(state) = table.slots.get_mut(slot) {

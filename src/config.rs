@@ -175,9 +175,10 @@ pub const OPTIONS: &[OptSpec] = &[
         env: "COREPOOL_PORT",
         fallback_env: Some("PORT"),
         switch: false,
-        value_name: "PORT",
+        value_name: "PORT[,PORT...]",
         default: "3000",
-        help: "The public port every worker serves. Falls back to PORT",
+        help: "The public port every worker serves, or a list (3000,4041): each port is shared \
+               by all workers, the first is the one readiness waits for. Falls back to PORT",
     },
     OptSpec {
         key: "host",
@@ -471,6 +472,7 @@ pub struct Config {
     pub fail_fast: Duration,
     pub log_format: LogFormat,
     pub log_level: LevelFilter,
+    /// The primary port (the first of `ports`).
     pub port: u16,
     pub host: IpAddr,
     pub balance: Mode,
@@ -491,6 +493,8 @@ pub struct Config {
     /// When a worker counts as ready: listening, or (socket mode) after process.send('ready').
     pub ready_on: ReadyOn,
     pub cpu: CpuReport,
+    /// Every port the workers share (`--port 3000,4041`), the primary first.
+    pub ports: Vec<u16>,
     /// For `--print-config`: each key, its value as TOML, and a comment on where it came from.
     pub provenance: Vec<(String, String, String)>,
     /// `COREPOOL_*` variables corepool does not know (a misspelling, most likely), each with
@@ -521,6 +525,28 @@ pub fn parse_bool(text: &str) -> Result<bool, String> {
         "false" | "no" | "off" | "0" => Ok(false),
         other => Err(format!("'{other}' is not true or false")),
     }
+}
+
+/// The most ports one pool shares (each costs a socket per worker).
+pub const MAX_PORTS: usize = 16;
+
+/// A port or a comma-separated list of distinct ports (`3000,4041`), the first the primary.
+pub fn parse_ports(text: &str) -> Result<Vec<u16>, String> {
+    let mut ports = Vec::new();
+    for item in text.split(',') {
+        let port = parse_port(item)?;
+        if ports.contains(&port) {
+            return Err(format!("port {port} is listed twice"));
+        }
+        ports.push(port);
+    }
+    if ports.len() > MAX_PORTS {
+        return Err(format!(
+            "{} ports listed, at most {MAX_PORTS} can be shared",
+            ports.len()
+        ));
+    }
+    Ok(ports)
 }
 
 /// A TCP port, 1 to 65535.
@@ -778,6 +804,19 @@ impl ConfigFile {
             toml::Value::Integer(i) => i.to_string(),
             toml::Value::Float(f) => f.to_string(),
             toml::Value::Boolean(b) => b.to_string(),
+            // `port = [3000, 4041]`: the same text as `--port 3000,4041`.
+            toml::Value::Array(items) if key == "port" => items
+                .iter()
+                .map(|item| match item {
+                    toml::Value::Integer(i) => Ok(i.to_string()),
+                    toml::Value::String(s) => Ok(s.clone()),
+                    _ => Err(ConfigError(format!(
+                        "{}: expected port numbers, e.g. [3000, 4041]",
+                        source.culprit(key)
+                    ))),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+                .join(","),
             _ => {
                 return Err(ConfigError(format!(
                     "{}: expected a string or a number",
@@ -1056,7 +1095,22 @@ fn resolve_from(
         quoted(&l.to_string().to_lowercase())
     })?;
 
-    let (port, port_source) = r.get("port", parse_port, u16::to_string)?;
+    let (ports, port_source) = r.get("port", parse_ports, |p: &Vec<u16>| match p.as_slice() {
+        [one] => one.to_string(),
+        many => format!(
+            "[{}]",
+            many.iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    })?;
+    let Some(&port) = ports.first() else {
+        return Err(ConfigError(format!(
+            "invalid value for {}: no port",
+            port_source.culprit("port")
+        )));
+    };
     let (host, _) = r.get("host", parse_host, |h: &IpAddr| quoted(&h.to_string()))?;
     let (balance, _) = r.get("balance", Mode::parse, |m: &Mode| quoted(m.name()))?;
     let (ready_timeout, _) = r.get("ready_timeout", parse_positive_duration, dur)?;
@@ -1066,6 +1120,14 @@ fn resolve_from(
         return Err(ConfigError(format!(
             "invalid value for {}: port_increment needs --balance none (socket and proxy share one port)",
             source.culprit("port_increment")
+        )));
+    }
+    if ports.len() > 1 && balance != Mode::Socket {
+        return Err(ConfigError(format!(
+            "invalid value for {}: a list of ports needs --balance socket ({} mode serves one \
+             port)",
+            port_source.culprit("port"),
+            balance.name()
         )));
     }
     if port_increment && usize::from(port) + instances - 1 > usize::from(u16::MAX) {
@@ -1083,11 +1145,12 @@ fn resolve_from(
     })?;
     if let Some(addr) = metrics
         && balance != Mode::None
-        && addr.port() == port
+        && ports.contains(&addr.port())
         && (addr.ip() == host || addr.ip().is_unspecified() || host.is_unspecified())
     {
         return Err(ConfigError(format!(
-            "invalid value for {}: {addr} is the pool's own port ({host}:{port})",
+            "invalid value for {}: {addr} is the pool's own port ({host}:{})",
+            addr.port(),
             source.culprit("metrics")
         )));
     }
@@ -1176,6 +1239,7 @@ fn resolve_from(
         idle_timeout,
         ready_on,
         cpu,
+        ports,
         provenance: r.provenance,
         unknown_env: unknown_variables(std::env::vars_os().map(|(name, _)| name)),
     })
@@ -1196,6 +1260,7 @@ fn unknown_variables(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<Str
         "COREPOOL_READY_FD",
         "COREPOOL_LISTEN_INODE",
         "COREPOOL_READY_INODE",
+        "COREPOOL_EXTRA_PORTS",
     ];
     let known: Vec<&str> = OPTIONS
         .iter()
@@ -1419,5 +1484,25 @@ mod tests {
         );
         // The defaults, written back by --print-config, pass in any mode.
         assert!(resolve_args(&["--max-connections", "auto", "--idle-timeout", "1m", "x"]).is_ok());
+    }
+
+    #[test]
+    fn port_lists() {
+        assert_eq!(parse_ports("3000"), Ok(vec![3000]));
+        assert_eq!(parse_ports(" 3000 , 4041"), Ok(vec![3000, 4041]));
+        assert!(
+            parse_ports("3000,3000")
+                .unwrap_err()
+                .contains("listed twice")
+        );
+        assert!(parse_ports("3000,0").is_err());
+        assert!(parse_ports("3000,").is_err());
+        assert!(parse_ports("a").is_err());
+        let many: Vec<String> = (1..=17).map(|p| p.to_string()).collect();
+        assert!(
+            parse_ports(&many.join(","))
+                .unwrap_err()
+                .contains("at most 16")
+        );
     }
 }

@@ -193,7 +193,12 @@ fn run() -> i32 {
             (Some(p), _) => tracing::info!(
                 "balance socket on {}:{}; Node preload via {}",
                 config.host,
-                config.port,
+                config
+                    .ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
                 p.how
             ),
             (None, Mode::Proxy) => tracing::info!(
@@ -221,6 +226,11 @@ fn run() -> i32 {
                 return exit::STARTUP;
             }
         };
+        if let Err(err) = balancer.share_ports(config.ports.get(1..).unwrap_or_default()) {
+            tracing::error!("{err}");
+            output.finish(std::time::Duration::from_secs(1));
+            return exit::STARTUP;
+        }
         balancer.set_proxy_limits(proxy_limits.0);
         balancer.set_ready_on_message(config.ready_on == config::ReadyOn::Message);
         balancer.set_stop_signal(config.stop_signal);

@@ -7,6 +7,12 @@
 // same public listen. The socket is bound to the public address, so server.address() shows the
 // public port, and the kernel hands each worker real client connections.
 //
+// With `--port 3000,4041` the further ports' sockets follow at fd 4.. (COREPOOL_EXTRA_PORTS =
+// port:fd:inode,...), and a listen() on one of those ports gets that socket. A listen() on a
+// port corepool was not told about gets reusePort where Node has it (22.12+, 23.1+), so every
+// worker shares it; on older Node an EADDRINUSE there prints one line naming the --port list
+// that shares it (see shareUnlisted).
+//
 // When that server is listening, "READY=1" is written to the readiness pipe (COREPOOL_READY_FD),
 // which tells corepool this worker accepts connections; with COREPOOL_READY_ON=message, only
 // when the app calls process.send('ready') (pm2's wait_ready).
@@ -36,11 +42,17 @@
     listenFd: corepoolDescriptor(fs, env.COREPOOL_LISTEN_FD, env.COREPOOL_LISTEN_INODE, 'socket'),
     readyFd: corepoolDescriptor(fs, env.COREPOOL_READY_FD, env.COREPOOL_READY_INODE, 'fifo'),
     port: Number(env.COREPOOL_PUBLIC_PORT),
+    // The further ports of `--port 3000,4041`: port -> this process's verified descriptor.
+    extra: extraPorts(fs, env.COREPOOL_EXTRA_PORTS),
+    // Set once a listen() on the public port has been given corepool's socket.
+    primaryTaken: false,
     onMessage: env.COREPOOL_READY_ON === 'message',
     // Set once this process listens on the socket: it serves, so it launches nothing more.
     adopted: false,
     reported: false,
   };
+  state.listedExtra = [...state.extra.keys()];
+  state.extraFds = new Set(state.extra.values());
   claimSocketActivation(env, state);
   installProcessSend(fs, state);
   if (state.listenFd < 0 || !(state.port > 0)) return;
@@ -62,25 +74,122 @@
   }
 
   net.Server.prototype.listen = function corepoolListen(...args) {
-    if (state.adopted) return originalListen.apply(this, args);
     const first = args[0];
+    const port = portOf(args);
+    // A further port of the list: this listen takes that port's descriptor (once).
+    if (typeof port === 'number' && state.extra.has(port)) {
+      const fd = state.extra.get(port);
+      state.extra.delete(port);
+      state.adopted = true;
+      return listenOnFd(this, fd, args);
+    }
+    if (first !== null && typeof first === 'object' && typeof first.fd === 'number' &&
+        [...state.extraFds].includes(first.fd)) {
+      state.adopted = true;
+      return originalListen.apply(this, args);
+    }
     // listen({ fd: 3 }) on corepool's own descriptor (systemd socket activation): the public
     // listen, as it is.
-    if (first !== null && typeof first === 'object' && first.fd === state.listenFd) {
+    if (first !== null && typeof first === 'object' && first.fd === state.listenFd &&
+        !state.primaryTaken) {
       state.adopted = true;
+      state.primaryTaken = true;
       this.once('listening', () => listened(fs, state));
       return originalListen.apply(this, args);
     }
-    if (portOf(args) !== state.port) return originalListen.apply(this, args);
+    if (state.primaryTaken || port !== state.port) {
+      if (port !== state.port && Number.isInteger(port) && port > 0) {
+        return shareUnlisted(this, args, port);
+      }
+      return originalListen.apply(this, args);
+    }
     state.adopted = true;
-    const callback = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
+    state.primaryTaken = true;
     this.once('listening', () => listened(fs, state));
-    const fd = state.listenFd;
-    return callback
-      ? originalListen.call(this, { fd }, callback)
-      : originalListen.call(this, { fd });
+    return listenOnFd(this, state.listenFd, args);
   };
+
+  function listenOnFd(server, fd, args) {
+    const callback = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
+    return callback
+      ? originalListen.call(server, { fd }, callback)
+      : originalListen.call(server, { fd });
+  }
+
+  // A port corepool was not told about. Where Node's listen() takes reusePort (22.12+, 23.1+)
+  // every worker binds it with SO_REUSEPORT, so they all share it as Node's cluster would.
+  // Elsewhere the second worker's bind fails with EADDRINUSE: one line on stderr names the
+  // port and the --port list that shares it, and if the app has no 'error' handler of its own
+  // (the error would kill the worker, and every restart would fail the same way) this worker
+  // serves on without that listener instead of crashing.
+  function shareUnlisted(server, args, port) {
+    if (reusePortSupported()) {
+      const options = listenOptions(args);
+      if (options) {
+        options.opts.reusePort = true;
+        return options.callback
+          ? originalListen.call(server, options.opts, options.callback)
+          : originalListen.call(server, options.opts);
+      }
+    }
+    const emit = server.emit;
+    server.emit = function corepoolEmit(name, error, ...rest) {
+      if (name === 'error' && error && error.code === 'EADDRINUSE') {
+        server.emit = emit;
+        const listed = [state.port, ...state.listedExtra, port].join(',');
+        const node = process.versions.node;
+        try {
+          fs.writeSync(2, `corepool: worker ${env.COREPOOL_WORKER || '?'}: port ${port} is not ` +
+            `shared by the pool (EADDRINUSE; Node ${node} has no reusePort): list it, ` +
+            `--port ${listed}` +
+            (server.listenerCount('error') === 0 ? '; serving on without it\n' : '\n'));
+        } catch (_) {
+          // No stderr.
+        }
+        if (server.listenerCount('error') === 0) return true;
+      } else if (name === 'listening') {
+        server.emit = emit;
+      }
+      return emit.call(this, name, error, ...rest);
+    };
+    return originalListen.apply(server, args);
+  }
+
+  // listen()'s arguments as one options object and a callback, or undefined.
+  function listenOptions(args) {
+    const callback = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
+    const rest = callback ? args.slice(0, -1) : args.slice();
+    if (rest[0] !== null && typeof rest[0] === 'object') {
+      return { opts: Object.assign({}, rest[0]), callback };
+    }
+    const opts = { port: rest[0] };
+    let i = 1;
+    if (typeof rest[i] === 'string' || rest[i] === null) {
+      if (rest[i] !== null) opts.host = rest[i];
+      i += 1;
+    }
+    if (typeof rest[i] === 'number') opts.backlog = rest[i];
+    return { opts, callback };
+  }
 })();
+
+// Whether net.Server's listen() takes reusePort (Node 22.12+, 23.1+).
+function reusePortSupported() {
+  const [major, minor] = process.versions.node.split('.').map(Number);
+  return major > 23 || (major === 23 && minor >= 1) || (major === 22 && minor >= 12);
+}
+
+// COREPOOL_EXTRA_PORTS ("4041:4:INODE,...") as a Map port -> fd of the descriptors that are
+// provably corepool's.
+function extraPorts(fs, text) {
+  const map = new Map();
+  for (const item of (text || '').split(',')) {
+    const [port, fd, inode] = item.split(':');
+    const verified = corepoolDescriptor(fs, fd, inode, 'socket');
+    if (Number(port) > 0 && verified >= 0) map.set(Number(port), verified);
+  }
+  return map;
+}
 
 // `fdText` as a descriptor number if that descriptor is corepool's: of the kind expected and
 // with the inode corepool named; else -1. Never throws.
@@ -101,7 +210,10 @@ function corepoolDescriptor(fs, fdText, inodeText, kind) {
 // process's now, so a socket-activated server (adapter-node checks LISTEN_PID === process.pid)
 // takes it.
 function claimSocketActivation(env, state) {
-  if (state.listenFd === 3 && env.LISTEN_FDS === '1' && env.LISTEN_PID !== String(process.pid)) {
+  const extra = [...state.extra.values()];
+  const inOrder = extra.every((fd, i) => fd === 4 + i);
+  if (state.listenFd === 3 && inOrder && env.LISTEN_FDS === String(1 + extra.length) &&
+      env.LISTEN_PID !== String(process.pid)) {
     env.LISTEN_PID = String(process.pid);
   }
 }
@@ -189,13 +301,29 @@ function handDown(options, state) {
   };
   const listenAt = take(3);
   stdio[listenAt] = state.listenFd;
-  const readyAt = state.readyFd < 0 ? -1 : take(Math.max(4, listenAt + 1));
+  // The further ports next (at 4.. when free, as corepool places them), then the pipe.
+  let last = listenAt;
+  const extra = [];
+  for (const [port, fd] of state.extra) {
+    last = take(last + 1);
+    stdio[last] = fd;
+    extra.push({ port, at: last, fd });
+  }
+  const readyAt = state.readyFd < 0 ? -1 : take(Math.max(4, last + 1));
   if (readyAt >= 0) stdio[readyAt] = state.readyFd;
   for (let i = 3; i < stdio.length; i++) if (stdio[i] === undefined) stdio[i] = 'ignore';
   options.stdio = stdio;
   setEnv('COREPOOL_LISTEN_FD', String(listenAt));
   setEnv('COREPOOL_READY_FD', readyAt >= 0 ? String(readyAt) : undefined);
-  if (listenAt !== 3) SOCKET_ACTIVATION.forEach((name) => setEnv(name, undefined));
+  if (extra.length > 0) {
+    // The inodes stay those corepool named: the child verifies the same sockets.
+    const inodes = new Map((value('COREPOOL_EXTRA_PORTS') || '').split(',')
+      .map((item) => item.split(':')).map(([port, , inode]) => [Number(port), inode]));
+    setEnv('COREPOOL_EXTRA_PORTS',
+      extra.map(({ port, at }) => `${port}:${at}:${inodes.get(port)}`).join(','));
+  }
+  const inOrder = listenAt === 3 && extra.every(({ at }, i) => at === 4 + i);
+  if (!inOrder) SOCKET_ACTIVATION.forEach((name) => setEnv(name, undefined));
 }
 
 // ---- Drain on the stop signal -------------------------------------------------------------
