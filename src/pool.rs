@@ -24,7 +24,7 @@ use crate::reaper::{self, Exit, ExitStatus};
 use crate::reserve;
 use crate::signals::{Action, SignalStream};
 use crate::units::format_duration as human;
-use crate::worker::{AfterExit, Next, RestartRules, State, Worker};
+use crate::worker::{AfterExit, RestartRules, State, Worker};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -294,7 +294,7 @@ impl Pool {
     }
 
     fn start(&mut self, i: usize, now: Instant) {
-        let slot = self.workers[i].slot;
+        let slot = self.workers[i].slot();
         match self.spawn(slot) {
             Ok(pid) => {
                 self.launched_once = true;
@@ -337,8 +337,7 @@ impl Pool {
                 }
                 // It started before: it vanished or became unusable since.
                 tracing::error!("worker {slot}: cannot start {program}: {err}");
-                self.workers[i].started(Pid::from_raw(0), now, false);
-                self.after_exit(i, ExitStatus::Code(code), now);
+                self.after_exit(i, ExitStatus::Code(code), now, true);
             }
         }
     }
@@ -357,22 +356,24 @@ impl Pool {
         if let Some(i) = self
             .workers
             .iter()
-            .position(|w| w.next.map(|n| n.pid) == Some(exit.pid))
+            .position(|w| w.next().map(|n| n.pid) == Some(exit.pid))
         {
-            self.workers[i].next = None;
+            self.workers[i].drop_replacement();
             self.abort_reload(&format!(
                 "the replacement of worker {} (pid {}) exited before it was ready: {}",
-                self.workers[i].slot, exit.pid, exit.status
+                self.workers[i].slot(),
+                exit.pid,
+                exit.status
             ));
-            self.drain_leftovers(self.workers[i].slot, exit.pid);
+            self.drain_leftovers(self.workers[i].slot(), exit.pid);
             return;
         }
         let Some(i) = self.workers.iter().position(|w| w.pid() == Some(exit.pid)) else {
             tracing::debug!("reaped orphan pid {} ({})", exit.pid, exit.status);
             return;
         };
-        let slot = self.workers[i].slot;
-        if self.workers[i].next.is_some() && self.ending.is_none() {
+        let slot = self.workers[i].slot();
+        if self.workers[i].next().is_some() && self.ending.is_none() {
             // The old process died during its reload: the replacement takes over at once.
             tracing::warn!(
                 "worker {slot} (pid {}) exited during its reload: {}; its replacement takes over",
@@ -384,14 +385,14 @@ impl Pool {
             self.drain_leftovers(slot, exit.pid);
             return;
         }
-        let was_stopping = matches!(self.workers[i].state, State::Stopping { .. });
+        let was_stopping = matches!(self.workers[i].state(), State::Stopping { .. });
         if was_stopping || self.ending.is_some() {
             tracing::info!("worker {slot} (pid {}) exited: {}", exit.pid, exit.status);
         } else {
             tracing::warn!("worker {slot} (pid {}) exited: {}", exit.pid, exit.status);
             self.drain_leftovers(slot, exit.pid);
         }
-        self.after_exit(i, exit.status, Instant::now());
+        self.after_exit(i, exit.status, Instant::now(), false);
     }
 
     /// Whatever a dead leader left behind in its group must not linger (it may hold the port
@@ -404,7 +405,7 @@ impl Pool {
         }
     }
 
-    fn after_exit(&mut self, i: usize, status: ExitStatus, now: Instant) {
+    fn after_exit(&mut self, i: usize, status: ExitStatus, now: Instant, start_failed: bool) {
         self.last_status = Some(status);
         let stopping = self.ending.is_some();
         self.served |= self.workers[i].serving_for(now) >= Some(self.rules.min_uptime);
@@ -412,35 +413,40 @@ impl Pool {
             && !self.rules.fail_fast.is_zero()
             && now.saturating_duration_since(self.started_at) >= self.rules.fail_fast;
         let worker = &mut self.workers[i];
-        match worker.exited(status, now, &self.rules, stopping, fail_fast) {
+        let after = if start_failed {
+            worker.start_failed(status, now, &self.rules, stopping, fail_fast)
+        } else {
+            worker.exited(status, now, &self.rules, stopping, fail_fast)
+        };
+        match after {
             AfterExit::RestartAt(at) => tracing::info!(
                 "worker {} restarts in {} (restart {}, {} short-lived exits in a row)",
-                worker.slot,
+                worker.slot(),
                 human(at.saturating_duration_since(now)),
-                worker.restarts,
-                worker.failures
+                worker.restarts(),
+                worker.failures()
             ),
             AfterExit::GaveUp => {
                 let by_count =
-                    self.rules.max_restarts > 0 && worker.failures >= self.rules.max_restarts;
+                    self.rules.max_restarts > 0 && worker.failures() >= self.rules.max_restarts;
                 if by_count {
                     tracing::error!(
                         "worker {} given up after {} failed runs in a row (each exited within \
                          {} of its start, or before it was ready)",
-                        worker.slot,
-                        worker.failures,
+                        worker.slot(),
+                        worker.failures(),
                         human(self.rules.min_uptime)
                     );
                 } else {
                     tracing::error!(
                         "worker {} given up ({status}): no worker has served in the {} since \
                          start (--fail-fast), and it failed {} times in a row",
-                        worker.slot,
+                        worker.slot(),
                         human(self.rules.fail_fast),
-                        worker.failures,
+                        worker.failures(),
                     );
                 }
-                let slot = worker.slot;
+                let slot = worker.slot();
                 self.balancer.abandon(slot);
             }
             AfterExit::Finished => {}
@@ -498,7 +504,7 @@ impl Pool {
             },
             Action::Forward(sig) => {
                 let current = self.workers.iter().filter_map(Worker::pid);
-                let next = self.workers.iter().filter_map(|w| w.next.map(|n| n.pid));
+                let next = self.workers.iter().filter_map(|w| w.next().map(|n| n.pid));
                 let retiring = self.retiring.iter().map(|&(_, pid)| pid);
                 for pid in current.chain(next).chain(retiring) {
                     Target::Group(pid).signal_raw(sig);
@@ -517,7 +523,7 @@ impl Pool {
     /// Worker processes alive: current ones, reload replacements and retiring old ones.
     fn live_workers(&self) -> usize {
         let current = self.workers.iter().filter(|w| w.pid().is_some()).count();
-        let next = self.workers.iter().filter(|w| w.next.is_some()).count();
+        let next = self.workers.iter().filter(|w| w.next().is_some()).count();
         current + next + self.retiring.len()
     }
 
@@ -535,9 +541,9 @@ impl Pool {
             if let Some(pid) = self.workers[i].pid() {
                 self.drain(Target::Group(pid));
             }
-            if let Some(next) = self.workers[i].next.take() {
+            if let Some(next) = self.workers[i].drop_replacement() {
                 self.drain(Target::Group(next.pid));
-                self.retiring.push((self.workers[i].slot, next.pid));
+                self.retiring.push((self.workers[i].slot(), next.pid));
             }
             self.workers[i].stopping();
         }
@@ -570,11 +576,11 @@ impl Pool {
         if let Some(i) = self
             .workers
             .iter()
-            .position(|w| w.next.map(|n| n.pid) == Some(pid))
+            .position(|w| w.next().map(|n| n.pid) == Some(pid))
         {
-            let slot = self.workers[i].slot;
+            let slot = self.workers[i].slot();
             let took = self.workers[i]
-                .next
+                .next()
                 .map(|n| now.saturating_duration_since(n.since));
             if let Some(old) = self.workers[i].promote() {
                 tracing::info!(
@@ -598,7 +604,7 @@ impl Pool {
         {
             tracing::info!(
                 "worker {} ready (pid {pid}) after {}",
-                worker.slot,
+                worker.slot(),
                 human(took)
             );
         }
@@ -637,17 +643,17 @@ impl Pool {
                 };
                 tracing::warn!(
                     "worker {} (pid {pid}) not ready after {}: restarting it ({how})",
-                    self.workers[i].slot,
+                    self.workers[i].slot(),
                     human(timeout)
                 );
                 self.drain(Target::Group(pid));
                 self.workers[i].restarting();
             }
-            if let Some(next) = self.workers[i].next
+            if let Some(next) = self.workers[i].next()
                 && now.saturating_duration_since(next.since) >= timeout
             {
-                let slot = self.workers[i].slot;
-                self.workers[i].next = None;
+                let slot = self.workers[i].slot();
+                self.workers[i].drop_replacement();
                 self.drain(Target::Group(next.pid));
                 self.retiring.push((slot, next.pid));
                 self.abort_reload(&format!(
@@ -687,7 +693,7 @@ impl Pool {
             return;
         }
         let slots: VecDeque<usize> = (0..self.workers.len())
-            .filter(|&i| matches!(self.workers[i].state, State::Running { .. }))
+            .filter(|&i| self.workers[i].is_running())
             .collect();
         tracing::info!(
             "rolling reload of {} workers, {} at a time",
@@ -700,7 +706,7 @@ impl Pool {
 
     /// Starts the next batch of replacements once the current one is done.
     fn advance_reload(&mut self, now: Instant) {
-        if self.workers.iter().any(|w| w.next.is_some()) {
+        if self.workers.iter().any(|w| w.next().is_some()) {
             return;
         }
         if self.reload.is_none() && std::mem::take(&mut self.reload_pending) {
@@ -719,14 +725,14 @@ impl Pool {
             .collect();
         for i in batch {
             // A slot that is restarting anyway gets new code by itself.
-            if !matches!(self.workers[i].state, State::Running { .. }) {
+            if !self.workers[i].is_running() {
                 continue;
             }
-            let slot = self.workers[i].slot;
+            let slot = self.workers[i].slot();
             match self.spawn(slot) {
                 Ok(pid) => {
                     tracing::info!("worker {slot}: replacement started, pid {pid}");
-                    self.workers[i].next = Some(Next { pid, since: now });
+                    self.workers[i].replacing(pid, now);
                     if !self.balancer.needs_ready() {
                         self.on_ready(Ready { pid: pid.as_raw() });
                     }
@@ -780,12 +786,12 @@ impl Pool {
         let groups: Vec<i32> = self
             .workers
             .iter()
-            .filter(|w| w.is_ready() && w.next.is_none())
+            .filter(|w| w.is_ready() && w.next().is_none())
             .filter_map(|w| w.pid().map(Pid::as_raw))
             .collect();
         let usage = group_usage(&groups);
         for i in 0..self.workers.len() {
-            let slot = self.workers[i].slot;
+            let slot = self.workers[i].slot();
             let rss = self.workers[i]
                 .pid()
                 .and_then(|p| usage.get(&p.as_raw()))
@@ -821,7 +827,7 @@ impl Pool {
             .workers
             .iter()
             .map(|w| {
-                let (state, uptime) = match w.state {
+                let (state, uptime) = match w.state() {
                     State::Waiting { .. } => ("waiting", None),
                     State::Running { since, .. } => {
                         ("running", Some(now.saturating_duration_since(since)))
@@ -833,11 +839,11 @@ impl Pool {
                     State::GivenUp { .. } => ("given-up", None),
                 };
                 SlotView {
-                    slot: w.slot,
+                    slot: w.slot(),
                     pid: w.pid().map(Pid::as_raw),
                     state,
                     ready: w.is_ready() && self.ending.is_none(),
-                    restarts: w.restarts,
+                    restarts: w.restarts(),
                     uptime,
                 }
             })
@@ -938,7 +944,7 @@ impl Pool {
         let starts = self.workers.iter().filter_map(Worker::due);
         let timeout = self.config.ready_timeout;
         let readiness = self.workers.iter().flat_map(|w| {
-            let current = match w.state {
+            let current = match w.state() {
                 State::Running {
                     since,
                     ready: false,
@@ -946,7 +952,9 @@ impl Pool {
                 } => Some(since + timeout),
                 _ => None,
             };
-            current.into_iter().chain(w.next.map(|n| n.since + timeout))
+            current
+                .into_iter()
+                .chain(w.next().map(|n| n.since + timeout))
         });
         for at in deadlines.chain(starts).chain(readiness) {
             next = next.min(at);

@@ -116,14 +116,14 @@ pub enum AfterExit {
 /// One slot of the pool.
 #[derive(Debug)]
 pub struct Worker {
-    pub slot: usize,
-    pub state: State,
+    slot: usize,
+    state: State,
     /// Consecutive exits that came sooner than `min_uptime`.
-    pub failures: u32,
+    failures: u32,
     /// How many times this slot was started again.
-    pub restarts: u64,
+    restarts: u64,
     /// The replacement started by a rolling reload, until it is ready.
-    pub next: Option<Next>,
+    next: Option<Next>,
 }
 
 /// A replacement process of a rolling reload.
@@ -142,6 +142,47 @@ impl Worker {
             restarts: 0,
             next: None,
         }
+    }
+
+    /// The slot number.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// Where the slot is in its life.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Consecutive exits that came sooner than `min_uptime`.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// How many times this slot was started again.
+    pub fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
+    /// Whether the slot runs a process (not waiting, stopping or over).
+    pub fn is_running(&self) -> bool {
+        matches!(self.state, State::Running { .. })
+    }
+
+    /// The replacement of a rolling reload, until it is ready.
+    pub fn next(&self) -> Option<Next> {
+        self.next
+    }
+
+    /// Verb `replace`: a rolling reload started `pid` to take this slot's place once ready.
+    pub fn replacing(&mut self, pid: Pid, now: Instant) {
+        self.next = Some(Next { pid, since: now });
+    }
+
+    /// Verb `abandon_replacement`: the reload's replacement exited, timed out or is being
+    /// stopped; the current process keeps the slot. Returns the replacement, if there was one.
+    pub fn drop_replacement(&mut self) -> Option<Next> {
+        self.next.take()
     }
 
     /// The live process of this slot, if any.
@@ -273,6 +314,23 @@ impl Worker {
         }
     }
 
+    /// Verb `start_failed`: spawning the slot's process failed after the pool had started
+    /// others (the program vanished or became unusable since). It counts as a run that failed
+    /// before it was ready, with `status` (126 or 127, as a shell would say).
+    pub fn start_failed(
+        &mut self,
+        status: ExitStatus,
+        now: Instant,
+        rules: &RestartRules,
+        pool_stopping: bool,
+        fail_fast: bool,
+    ) -> AfterExit {
+        if !matches!(self.state, State::Waiting { .. }) {
+            return AfterExit::Finished;
+        }
+        self.after_run(now, true, status, now, rules, pool_stopping, fail_fast)
+    }
+
     /// Verb `exited`: the kernel reported the leader's exit. `pool_stopping` overrides the
     /// restart policy; `fail_fast` says the pool has never served and its start-up window is
     /// over, so a failure gives the slot up at once.
@@ -297,6 +355,22 @@ impl Worker {
             }
             _ => return AfterExit::Finished,
         };
+        self.after_run(since, forced, status, now, rules, pool_stopping, fail_fast)
+    }
+
+    /// What follows a run that began at `since` and ended with `status` (`forced`: it counts
+    /// as a failure whatever its age).
+    #[allow(clippy::too_many_arguments)]
+    fn after_run(
+        &mut self,
+        since: Instant,
+        forced: bool,
+        status: ExitStatus,
+        now: Instant,
+        rules: &RestartRules,
+        pool_stopping: bool,
+        fail_fast: bool,
+    ) -> AfterExit {
         // A worker stopped for never becoming ready counts as a failure, whatever its age.
         let short_lived = forced || now.saturating_duration_since(since) < rules.min_uptime;
         self.failures = if short_lived { self.failures + 1 } else { 0 };
@@ -514,5 +588,32 @@ mod tests {
             w.exited(ExitStatus::Code(1), later, &r, false, true),
             AfterExit::RestartAt(_)
         ));
+    }
+
+    #[test]
+    fn a_failed_start_is_a_failure_without_a_process() {
+        let r = rules(RestartPolicy::Always);
+        let t0 = Instant::now();
+        let mut w = running(t0);
+        w.exited(ExitStatus::Code(1), t0, &r, false, false);
+        assert_eq!(w.pid(), None);
+        let gone = ExitStatus::Code(127);
+        assert!(matches!(
+            w.start_failed(gone, t0, &r, false, false),
+            AfterExit::RestartAt(_)
+        ));
+        assert_eq!((w.failures(), w.restarts(), w.pid()), (2, 2, None));
+        assert_eq!(
+            w.start_failed(gone, t0, &r, false, false),
+            AfterExit::GaveUp
+        );
+        assert_eq!(w.state(), State::GivenUp { status: gone });
+        // Only a waiting slot can fail to start.
+        let mut w = running(t0);
+        assert_eq!(
+            w.start_failed(gone, t0, &r, false, false),
+            AfterExit::Finished
+        );
+        assert!(w.is_running());
     }
 }
