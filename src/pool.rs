@@ -16,17 +16,18 @@
 use crate::balance::{Balancer, Ready};
 use crate::config::Config;
 use crate::control::{Command, ReloadAnswer};
+use crate::drain::Drains;
+use crate::ending::{Ending, Shutdown, StopStep, pool_death_code};
 use crate::exit;
 use crate::launch::LaunchSpec;
 use crate::logs::{Output, PumpHandle, Stream};
-use crate::metrics::{Shared, SlotView, Snapshot, group_usage};
+use crate::metrics::{Shared, SlotView, Snapshot};
+use crate::os::{Os, RealOs, Target};
 use crate::reaper::{self, Exit, ExitStatus};
 use crate::reserve;
 use crate::signals::{Action, SignalStream};
 use crate::units::format_duration as human;
 use crate::worker::{AfterExit, RestartRules, State, Worker};
-use nix::errno::Errno;
-use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -49,77 +50,13 @@ const PIPE_GRACE: Duration = Duration::from_secs(2);
 /// A start that failed for corepool's own lack of resources is tried again after this long.
 const RESOURCE_RETRY: Duration = Duration::from_secs(1);
 
-/// Something corepool signalled and waits to see gone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
-    /// A worker's process group (`kill(-pgid)`).
-    Group(Pid),
-    /// A lone process that left its group (setsid) but is still our child.
-    Process(Pid),
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Group(pgid) => write!(f, "process group {pgid}"),
-            Target::Process(pid) => write!(f, "process {pid}"),
-        }
-    }
-}
-
-impl Target {
-    fn raw(self) -> Pid {
-        match self {
-            Target::Group(pgid) => Pid::from_raw(-pgid.as_raw()),
-            Target::Process(pid) => pid,
-        }
-    }
-
-    fn signal(self, sig: Signal) {
-        match kill(self.raw(), sig) {
-            Ok(()) | Err(Errno::ESRCH) => {}
-            Err(err) => tracing::warn!("kill({}, {sig}) failed: {err}", self.raw()),
-        }
-    }
-
-    /// Sends a signal by its raw number (real-time ones included) with kill(2).
-    fn signal_raw(self, signo: i32) {
-        // SAFETY: kill(2) has no memory effects.
-        if unsafe { libc::kill(self.raw().as_raw(), signo) } != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ESRCH) {
-                tracing::warn!(
-                    "kill({}, {}) failed: {err}",
-                    self.raw(),
-                    reaper::signal_name(signo)
-                );
-            }
-        }
-    }
-
-    /// Whether anything is left to signal (zombies count until reaped).
-    fn alive(self) -> bool {
-        !matches!(kill(self.raw(), None), Err(Errno::ESRCH))
-    }
-}
-
-/// A target that was sent the stop signal and has until `deadline` before SIGKILL.
-#[derive(Debug)]
-struct Drain {
-    target: Target,
-    /// When the stop signal is due, until it is sent (then None).
-    signal_at: Option<Instant>,
-    deadline: Instant,
-    killed: bool,
-}
-
-/// Why the pool is ending.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
-    /// A stop signal: exit 0, or 1 if some group needed SIGKILL.
-    Stop(Signal),
-    /// Every slot is finished or given up: exit with the last worker's status.
-    PoolDied(i32),
+/// What woke the loop.
+enum Event {
+    /// A deadline, the safety tick, or the first turn.
+    Tick,
+    Signal(Action),
+    Ready(Ready),
+    Reload(tokio::sync::oneshot::Sender<ReloadAnswer>),
 }
 
 /// The supervisor's whole state.
@@ -141,26 +78,21 @@ pub struct Pool {
     commands: mpsc::UnboundedReceiver<Command>,
     reloads: u64,
     memory_restarts: u64,
-    /// SIGTERM under --shutdown-delay: not ready any more, the stop begins at this time.
-    stop_at: Option<(Instant, Signal)>,
     /// Consecutive memory checks each slot spent above --max-memory, and when we last looked.
     memory_strikes: HashMap<usize, u32>,
     memory_checked: Instant,
     workers: Vec<Worker>,
     pumps: Vec<PumpHandle>,
-    drains: Vec<Drain>,
-    ending: Option<Ending>,
+    drains: Drains,
+    /// The shutdown delay, the stop and the exit code.
+    shutdown: Shutdown,
+    /// Signals, liveness, reaping, children and usage.
+    os: RealOs,
     /// Some worker process has been started: from then on a start that fails is a crash of
     /// that slot (restarted with backoff); before, it is the command that cannot run at all.
     launched_once: bool,
     /// The last worker exit, for the pool-death status.
     last_status: Option<ExitStatus>,
-    /// Some group needed SIGKILL.
-    any_killed: bool,
-    /// Once a stop has begun: when its kill timeout runs out. Everything drained during the
-    /// stop shares it, so a chain of setsid'd processes that each appear only when the one
-    /// above is killed costs one kill timeout, not one per level.
-    stop_deadline: Option<Instant>,
     /// When the pool started, for `--fail-fast`.
     started_at: Instant,
     /// Some worker has served: been ready for `--min-uptime`. Until then `--fail-fast` holds.
@@ -189,6 +121,8 @@ impl Pool {
         let workers = (0..config.instances)
             .map(|slot| Worker::new(slot, now))
             .collect();
+        let drains = Drains::new(config.stop_signal, config.kill_timeout);
+        let shutdown = Shutdown::new(config.shutdown_delay);
         Pool {
             config,
             rules,
@@ -203,61 +137,70 @@ impl Pool {
             commands,
             reloads: 0,
             memory_restarts: 0,
-            stop_at: None,
             launched_once: false,
             memory_strikes: HashMap::new(),
             memory_checked: now,
             workers,
             pumps: Vec::new(),
-            drains: Vec::new(),
-            ending: None,
+            drains,
+            shutdown,
+            os: RealOs,
             last_status: None,
-            any_killed: false,
-            stop_deadline: None,
             started_at: now,
             served: false,
         }
     }
 
     /// Runs the pool until it is finished; returns corepool's exit code.
+    ///
+    /// The clock is read once per turn, at the top; every step below is given that time.
     pub async fn run(mut self, mut signals: SignalStream) -> i32 {
         self.balancer.start();
         reserve::refill();
+        let mut event = Event::Tick;
         loop {
             let now = Instant::now();
+            match event {
+                Event::Tick => {}
+                Event::Signal(action) => self.on_signal(action, now),
+                Event::Ready(ready) => self.on_ready(ready, now),
+                Event::Reload(reply) => {
+                    let _ = reply.send(self.reload_answer());
+                    self.begin_reload();
+                }
+            }
+            // A reap after every wake, whatever woke us.
+            for exit in self.os.reap() {
+                self.on_exit(exit, now);
+            }
             self.start_due(now);
             self.check_readiness(now);
             self.check_memory(now);
             self.advance_reload(now);
             self.check_shutdown_delay(now);
-            self.escalate(now);
+            self.drains
+                .escalate(&mut self.os, now, self.shutdown.is_ending());
             self.publish(now);
-            if let Some(code) = self.outcome() {
+            if let Some(code) = self.outcome(now) {
                 return self.finish(code).await;
             }
             let wake = self.next_deadline(now);
-            tokio::select! {
-                action = signals.next() => self.on_signal(action),
-                Some(ready) = self.ready_rx.recv() => self.on_ready(ready),
-                Some(Command::Reload(reply)) = self.commands.recv() => {
-                    let _ = reply.send(self.reload_answer());
-                    self.begin_reload();
-                }
-                _ = tokio::time::sleep_until(wake.into()) => {}
-            }
-            for exit in reaper::reap_all() {
-                self.on_exit(exit);
-            }
+            event = tokio::select! {
+                action = signals.next() => Event::Signal(action),
+                Some(ready) = self.ready_rx.recv() => Event::Ready(ready),
+                Some(Command::Reload(reply)) = self.commands.recv() => Event::Reload(reply),
+                _ = tokio::time::sleep_until(wake.into()) => Event::Tick,
+            };
         }
     }
 
     /// Starts every slot whose time has come.
     fn start_due(&mut self, now: Instant) {
-        if self.ending.is_some() {
+        if self.shutdown.is_ending() {
             return;
         }
         for i in 0..self.workers.len() {
-            if self.ending.is_none() && self.workers[i].due().is_some_and(|at| at <= now) {
+            if !self.shutdown.is_ending() && self.workers[i].due().is_some_and(|at| at <= now) {
                 self.start(i, now);
             }
         }
@@ -322,7 +265,7 @@ impl Pool {
                         _ => "",
                     };
                     tracing::error!("cannot run {program}: {err}{hint}");
-                    self.begin_stop(Ending::PoolDied(code));
+                    self.begin_stop(Ending::PoolDied(code), now);
                     return;
                 }
                 if reserve::is_resource_shortage(&err) {
@@ -343,7 +286,7 @@ impl Pool {
     }
 
     /// Applies one reaped exit: a worker's, or an orphan's.
-    fn on_exit(&mut self, exit: Exit) {
+    fn on_exit(&mut self, exit: Exit, now: Instant) {
         self.balancer.exited(exit.pid.as_raw());
         if let Some(k) = self.retiring.iter().position(|&(_, pid)| pid == exit.pid) {
             let (slot, pid) = self.retiring.remove(k);
@@ -365,7 +308,7 @@ impl Pool {
                 exit.pid,
                 exit.status
             ));
-            self.drain_leftovers(self.workers[i].slot(), exit.pid);
+            self.drain_leftovers(self.workers[i].slot(), exit.pid, now);
             return;
         }
         let Some(i) = self.workers.iter().position(|w| w.pid() == Some(exit.pid)) else {
@@ -373,7 +316,7 @@ impl Pool {
             return;
         };
         let slot = self.workers[i].slot();
-        if self.workers[i].next().is_some() && self.ending.is_none() {
+        if self.workers[i].next().is_some() && !self.shutdown.is_ending() {
             // The old process died during its reload: the replacement takes over at once.
             tracing::warn!(
                 "worker {slot} (pid {}) exited during its reload: {}; its replacement takes over",
@@ -382,32 +325,32 @@ impl Pool {
             );
             self.workers[i].take_over();
             self.last_status = Some(exit.status);
-            self.drain_leftovers(slot, exit.pid);
+            self.drain_leftovers(slot, exit.pid, now);
             return;
         }
         let was_stopping = matches!(self.workers[i].state(), State::Stopping { .. });
-        if was_stopping || self.ending.is_some() {
+        if was_stopping || self.shutdown.is_ending() {
             tracing::info!("worker {slot} (pid {}) exited: {}", exit.pid, exit.status);
         } else {
             tracing::warn!("worker {slot} (pid {}) exited: {}", exit.pid, exit.status);
-            self.drain_leftovers(slot, exit.pid);
+            self.drain_leftovers(slot, exit.pid, now);
         }
-        self.after_exit(i, exit.status, Instant::now(), false);
+        self.after_exit(i, exit.status, now, false);
     }
 
     /// Whatever a dead leader left behind in its group must not linger (it may hold the port
     /// or a lock): it gets the stop signal and the kill timeout, like a stop.
-    fn drain_leftovers(&mut self, slot: usize, leader: Pid) {
+    fn drain_leftovers(&mut self, slot: usize, leader: Pid, now: Instant) {
         let group = Target::Group(leader);
-        if group.alive() {
+        if self.os.alive(group) {
             tracing::info!("worker {slot}: stopping what is left of process group {leader}");
-            self.drain(group);
+            self.drain(group, now);
         }
     }
 
     fn after_exit(&mut self, i: usize, status: ExitStatus, now: Instant, start_failed: bool) {
         self.last_status = Some(status);
-        let stopping = self.ending.is_some();
+        let stopping = self.shutdown.is_ending();
         self.served |= self.workers[i].serving_for(now) >= Some(self.rules.min_uptime);
         let fail_fast = !self.served
             && !self.rules.fail_fast.is_zero()
@@ -451,55 +394,35 @@ impl Pool {
             }
             AfterExit::Finished => {}
         }
-        if self.ending.is_none() && self.workers.iter().all(Worker::is_over) {
-            let mut code = status.shell_code();
-            if code == 0 && self.rules.policy == crate::worker::RestartPolicy::Always {
-                code = 1;
-            }
+        if !self.shutdown.is_ending() && self.workers.iter().all(Worker::is_over) {
+            let code = pool_death_code(status, self.rules.policy);
             tracing::error!("every worker slot is finished: the pool is dead (exit {code})");
-            self.begin_stop(Ending::PoolDied(code));
+            self.begin_stop(Ending::PoolDied(code), now);
         }
     }
 
-    fn on_signal(&mut self, action: Action) {
+    fn on_signal(&mut self, action: Action, now: Instant) {
         match action {
             Action::Reap => {}
-            Action::Stop(sig)
-                if sig == Signal::SIGTERM
-                    && self.ending.is_none()
-                    && self.stop_at.is_none()
-                    && !self.config.shutdown_delay.is_zero() =>
-            {
-                let delay = self.config.shutdown_delay;
-                tracing::info!(
+            Action::Stop(sig) => match self.shutdown.on_stop_signal(sig, now) {
+                StopStep::Delay(delay) => tracing::info!(
                     "SIGTERM: not ready any more (/readyz fails); workers keep serving for the \
                      shutdown delay of {}, then stop",
                     human(delay)
-                );
-                self.stop_at = Some((Instant::now() + delay, sig));
-            }
-            Action::Stop(sig) if self.ending.is_none() && self.stop_at.is_some() => {
-                tracing::info!("{sig} during the shutdown delay: stopping now");
-                self.stop_at = Some((Instant::now(), sig));
-            }
-            Action::Stop(sig) => match self.ending {
-                None => {
+                ),
+                StopStep::Hurry => tracing::info!("{sig} during the shutdown delay: stopping now"),
+                StopStep::Begin => {
                     tracing::info!(
                         "{sig}: stopping {} workers with {}, kill timeout {}",
                         self.live_workers(),
                         self.config.stop_signal,
                         human(self.config.kill_timeout)
                     );
-                    self.begin_stop(Ending::Stop(sig));
+                    self.begin_stop(Ending::Stop(sig), now);
                 }
-                Some(_) => {
+                StopStep::KillNow => {
                     tracing::warn!("{sig} again: killing every remaining process group now");
-                    let now = Instant::now();
-                    self.stop_deadline = Some(now);
-                    for drain in &mut self.drains {
-                        drain.deadline = drain.deadline.min(now);
-                        drain.signal_at = drain.signal_at.map(|at| at.min(now));
-                    }
+                    self.drains.hurry(now);
                 }
             },
             Action::Forward(sig) => {
@@ -507,7 +430,7 @@ impl Pool {
                 let next = self.workers.iter().filter_map(|w| w.next().map(|n| n.pid));
                 let retiring = self.retiring.iter().map(|&(_, pid)| pid);
                 for pid in current.chain(next).chain(retiring) {
-                    Target::Group(pid).signal_raw(sig);
+                    self.os.signal_raw(Target::Group(pid), sig);
                 }
                 tracing::debug!(
                     "{} forwarded to {} workers",
@@ -529,9 +452,9 @@ impl Pool {
 
     /// Sends the stop signal to every live worker group and to any other child of ours, and
     /// starts draining them.
-    fn begin_stop(&mut self, ending: Ending) {
-        self.ending = Some(ending);
-        self.stop_deadline = Some(Instant::now() + self.config.kill_timeout);
+    fn begin_stop(&mut self, ending: Ending, now: Instant) {
+        self.shutdown.begin(ending);
+        self.drains.begin_stop(now);
         self.balancer.close();
         self.reload_pending = false;
         if self.reload.take().is_some() {
@@ -539,40 +462,35 @@ impl Pool {
         }
         for i in 0..self.workers.len() {
             if let Some(pid) = self.workers[i].pid() {
-                self.drain(Target::Group(pid));
+                self.drain(Target::Group(pid), now);
             }
             if let Some(next) = self.workers[i].drop_replacement() {
-                self.drain(Target::Group(next.pid));
+                self.drain(Target::Group(next.pid), now);
                 self.retiring.push((self.workers[i].slot(), next.pid));
             }
             self.workers[i].stopping();
         }
-        self.sweep_strays();
+        self.sweep_strays(now);
     }
 
     /// Children of ours outside every known group (they called setsid, or are orphans of a
     /// worker's children that did): stop them too, so nothing outlives the pool unasked.
-    fn sweep_strays(&mut self) {
-        for pid in reaper::direct_children() {
-            let known = self.drains.iter().any(|d| match d.target {
-                Target::Group(pgid) => nix::unistd::getpgid(Some(pid)) == Ok(pgid),
-                Target::Process(p) => p == pid,
-            });
-            if !known && !is_zombie(pid) {
-                tracing::info!("stopping stray process {pid}");
-                self.drain(Target::Process(pid));
+    fn sweep_strays(&mut self, now: Instant) {
+        for child in self.os.children() {
+            if !self.drains.covers(child.pid, child.pgid) && !child.zombie {
+                tracing::info!("stopping stray process {}", child.pid);
+                self.drain(Target::Process(child.pid), now);
             }
         }
     }
 
     /// Readiness news: a worker (or a reload's replacement) accepts connections.
-    fn on_ready(&mut self, ready: Ready) {
+    fn on_ready(&mut self, ready: Ready, now: Instant) {
         let pid = Pid::from_raw(ready.pid);
-        if self.ending.is_some() {
+        if self.shutdown.is_ending() {
             return;
         }
         self.balancer.worker_ready(ready.pid);
-        let now = Instant::now();
         if let Some(i) = self
             .workers
             .iter()
@@ -594,7 +512,7 @@ impl Pool {
                     crate::balance::Mode::Proxy => PROXY_HANDOFF,
                     _ => Duration::ZERO,
                 };
-                self.drain_after(Target::Group(old), handoff);
+                self.drain_after(Target::Group(old), handoff, now);
                 self.retiring.push((slot, old));
             }
             return;
@@ -613,7 +531,7 @@ impl Pool {
     /// Restarts workers that did not become ready in time; ends a reload whose replacement
     /// did not either.
     fn check_readiness(&mut self, now: Instant) {
-        if self.ending.is_some() {
+        if self.shutdown.is_ending() {
             return;
         }
         if !self.served {
@@ -646,7 +564,7 @@ impl Pool {
                     self.workers[i].slot(),
                     human(timeout)
                 );
-                self.drain(Target::Group(pid));
+                self.drain(Target::Group(pid), now);
                 self.workers[i].restarting();
             }
             if let Some(next) = self.workers[i].next()
@@ -654,7 +572,7 @@ impl Pool {
             {
                 let slot = self.workers[i].slot();
                 self.workers[i].drop_replacement();
-                self.drain(Target::Group(next.pid));
+                self.drain(Target::Group(next.pid), now);
                 self.retiring.push((slot, next.pid));
                 self.abort_reload(&format!(
                     "the replacement of worker {slot} (pid {}) was not ready after {}",
@@ -667,7 +585,7 @@ impl Pool {
 
     /// What `begin_reload` is about to do, for the client that asked.
     fn reload_answer(&self) -> ReloadAnswer {
-        if self.ending.is_some() {
+        if self.shutdown.is_ending() {
             ReloadAnswer::Stopping
         } else if self.reload.is_some() {
             ReloadAnswer::Follows
@@ -678,7 +596,7 @@ impl Pool {
 
     /// SIGHUP: replace every running worker, `reload_batch` at a time.
     fn begin_reload(&mut self) {
-        if self.ending.is_some() {
+        if self.shutdown.is_ending() {
             tracing::info!("reload requested during the stop: ignored");
             return;
         }
@@ -734,7 +652,7 @@ impl Pool {
                     tracing::info!("worker {slot}: replacement started, pid {pid}");
                     self.workers[i].replacing(pid, now);
                     if !self.balancer.needs_ready() {
-                        self.on_ready(Ready { pid: pid.as_raw() });
+                        self.on_ready(Ready { pid: pid.as_raw() }, now);
                     }
                 }
                 Err(err) => {
@@ -757,17 +675,14 @@ impl Pool {
 
     /// The shutdown delay is over: begin the stop.
     fn check_shutdown_delay(&mut self, now: Instant) {
-        if let Some((at, sig)) = self.stop_at
-            && at <= now
-            && self.ending.is_none()
-        {
+        if let Some(sig) = self.shutdown.delay_over(now) {
             tracing::info!(
                 "shutdown delay over: stopping {} workers with {}, kill timeout {}",
                 self.live_workers(),
                 self.config.stop_signal,
                 human(self.config.kill_timeout)
             );
-            self.begin_stop(Ending::Stop(sig));
+            self.begin_stop(Ending::Stop(sig), now);
         }
     }
 
@@ -777,7 +692,7 @@ impl Pool {
         let Some(limit) = self.config.max_memory else {
             return;
         };
-        if self.ending.is_some()
+        if self.shutdown.is_ending()
             || now.saturating_duration_since(self.memory_checked) < MEMORY_CHECK
         {
             return;
@@ -789,7 +704,7 @@ impl Pool {
             .filter(|w| w.is_ready() && w.next().is_none())
             .filter_map(|w| w.pid().map(Pid::as_raw))
             .collect();
-        let usage = group_usage(&groups);
+        let usage = self.os.usage(&groups);
         for i in 0..self.workers.len() {
             let slot = self.workers[i].slot();
             let rss = self.workers[i]
@@ -842,7 +757,7 @@ impl Pool {
                     slot: w.slot(),
                     pid: w.pid().map(Pid::as_raw),
                     state,
-                    ready: w.is_ready() && self.ending.is_none(),
+                    ready: w.is_ready() && !self.shutdown.is_ending(),
                     restarts: w.restarts(),
                     uptime,
                 }
@@ -852,7 +767,7 @@ impl Pool {
         self.shared.publish(Snapshot {
             heartbeat: now,
             slots,
-            stopping: self.ending.is_some() || self.stop_at.is_some(),
+            stopping: self.shutdown.is_announced(),
             reloads: self.reloads,
             memory_restarts: self.memory_restarts,
             open_connections: open,
@@ -861,76 +776,30 @@ impl Pool {
         });
     }
 
-    fn drain(&mut self, target: Target) {
-        self.drain_after(target, Duration::ZERO);
+    fn drain(&mut self, target: Target, now: Instant) {
+        self.drain_after(target, Duration::ZERO, now);
     }
 
     /// Stops routing to `target` at once, sends it the stop signal after `delay`, and SIGKILL
     /// after the kill timeout on top.
-    fn drain_after(&mut self, target: Target, delay: Duration) {
+    fn drain_after(&mut self, target: Target, delay: Duration, now: Instant) {
         if let Target::Group(pgid) = target {
             self.balancer.forget(pgid.as_raw());
         }
-        if self.drains.iter().any(|d| d.target == target) {
-            return;
-        }
-        let now = Instant::now();
-        let signal_at = if delay.is_zero() {
-            target.signal(self.config.stop_signal);
-            None
-        } else {
-            Some(now + delay)
-        };
-        let mut deadline = now + delay + self.config.kill_timeout;
-        if let Some(stop) = self.stop_deadline {
-            deadline = deadline.min(stop);
-        }
-        self.drains.push(Drain {
-            target,
-            signal_at,
-            deadline,
-            killed: false,
-        });
-    }
-
-    /// Forgets drained targets that are gone; SIGKILLs those past their deadline.
-    fn escalate(&mut self, now: Instant) {
-        self.drains.retain(|d| d.target.alive());
-        for drain in &mut self.drains {
-            if drain.signal_at.is_some_and(|at| at <= now) {
-                drain.target.signal(self.config.stop_signal);
-                drain.signal_at = None;
-            }
-            if !drain.killed && drain.deadline <= now {
-                tracing::warn!(
-                    "{} still alive after the kill timeout: SIGKILL",
-                    drain.target
-                );
-                drain.target.signal(Signal::SIGKILL);
-                drain.killed = true;
-                // Only a kill the stop needed makes the stop unclean (exit 1); leftovers of a
-                // crash or a reload killed earlier are not part of it.
-                self.any_killed |= self.ending.is_some();
-            }
-        }
+        self.drains.add(&mut self.os, target, delay, now);
     }
 
     /// The exit code, once the pool is ending and nothing of it is left.
-    fn outcome(&mut self) -> Option<i32> {
-        let ending = self.ending?;
-        if self.live_workers() > 0 || !self.drains.is_empty() {
+    fn outcome(&mut self, now: Instant) -> Option<i32> {
+        if !self.shutdown.is_ending() || self.live_workers() > 0 || !self.drains.is_empty() {
             return None;
         }
         // Processes that appeared since the stop began (forked by dying workers) get a turn too.
-        self.sweep_strays();
+        self.sweep_strays(now);
         if !self.drains.is_empty() {
             return None;
         }
-        Some(match ending {
-            Ending::Stop(_) if self.any_killed => exit::KILLED,
-            Ending::Stop(_) => exit::STOPPED,
-            Ending::PoolDied(code) => code,
-        })
+        self.shutdown.exit_code(self.drains.any_killed())
     }
 
     fn next_deadline(&self, now: Instant) -> Instant {
@@ -938,9 +807,8 @@ impl Pool {
         if !self.drains.is_empty() {
             next = next.min(now + DRAIN_POLL);
         }
-        let deadlines = self.drains.iter().filter(|d| !d.killed).map(|d| d.deadline);
-        let deadlines = deadlines.chain(self.drains.iter().filter_map(|d| d.signal_at));
-        let deadlines = deadlines.chain(self.stop_at.map(|(at, _)| at));
+        let deadlines = self.drains.next_deadline().into_iter();
+        let deadlines = deadlines.chain(self.shutdown.next_deadline());
         let starts = self.workers.iter().filter_map(Worker::due);
         let timeout = self.config.ready_timeout;
         let readiness = self.workers.iter().flat_map(|w| {
@@ -975,14 +843,4 @@ impl Pool {
         self.output.finish(PIPE_GRACE);
         code
     }
-}
-
-fn is_zombie(pid: Pid) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let after = stat.rsplit_once(')')?.1;
-            after.split_whitespace().next().map(|s| s == "Z")
-        })
-        .unwrap_or(false)
 }
