@@ -5,8 +5,12 @@
 //! [`fake::FakeOs`] (tests only) records the signals and answers from a table, so that the
 //! decisions of the core (drains, the ending) are unit-tested without processes.
 
+use crate::balance::Balancer;
+use crate::launch::LaunchSpec;
+use crate::logs::{Output, PumpHandle, Stream};
 use crate::metrics::{Usage, group_usage};
 use crate::reaper::{self, Exit};
+use crate::reserve;
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -54,6 +58,19 @@ pub trait Os {
     fn children(&self) -> Vec<Child>;
     /// Resident memory and CPU of each process group.
     fn usage(&self, groups: &[i32]) -> HashMap<i32, Usage>;
+    /// Starts a worker process for `slot` (of `instances`) with its share of the port, in a
+    /// process group of its own.
+    fn spawn(&mut self, slot: usize, instances: usize) -> std::io::Result<Pid>;
+    /// Routing: the worker `pid` accepts connections.
+    fn route_ready(&mut self, pid: Pid);
+    /// Routing: the worker `pid` is stopping: send it nothing new.
+    fn unroute(&mut self, pid: Pid);
+    /// Routing: the worker `pid` exited.
+    fn route_exited(&mut self, pid: Pid);
+    /// Routing: `slot` is given up for good.
+    fn abandon(&mut self, slot: usize);
+    /// Routing: the pool stops; accept nothing more.
+    fn close(&mut self);
 }
 
 /// A direct child of corepool, as the stray sweep sees it.
@@ -64,9 +81,30 @@ pub struct Child {
     pub zombie: bool,
 }
 
-/// The operating system itself.
-#[derive(Debug, Default)]
-pub struct RealOs;
+/// The operating system itself, with the launcher, the balancer and the output pumps that a
+/// worker start and the routing go through.
+pub struct RealOs {
+    pub launch: LaunchSpec,
+    pub balancer: Balancer,
+    pub output: Output,
+    pub pumps: Vec<PumpHandle>,
+}
+
+impl RealOs {
+    /// `spawn` once, without the descriptor reserve.
+    fn spawn_once(&mut self, slot: usize, instances: usize) -> std::io::Result<Pid> {
+        let handover = self.balancer.handover(slot, instances)?;
+        let launched = self.launch.launch(&handover.io)?;
+        let pid = launched.pid.as_raw();
+        self.balancer.watch(handover, pid);
+        self.pumps
+            .push(self.output.pump(launched.stdout, Stream::Stdout, slot, pid));
+        self.pumps
+            .push(self.output.pump(launched.stderr, Stream::Stderr, slot, pid));
+        self.pumps.retain(|p| !p.is_finished());
+        Ok(launched.pid)
+    }
+}
 
 impl Os for RealOs {
     fn signal(&mut self, target: Target, sig: Signal) {
@@ -112,6 +150,42 @@ impl Os for RealOs {
     fn usage(&self, groups: &[i32]) -> HashMap<i32, Usage> {
         group_usage(groups)
     }
+
+    /// Launches, and once more with the descriptor reserve released if the table was full.
+    fn spawn(&mut self, slot: usize, instances: usize) -> std::io::Result<Pid> {
+        let result = match self.spawn_once(slot, instances) {
+            Err(err) if reserve::is_fd_shortage(&err) => {
+                let freed = reserve::release();
+                tracing::warn!(
+                    "worker {slot}: no descriptor left ({err}): using the {freed} held in reserve"
+                );
+                self.spawn_once(slot, instances)
+            }
+            other => other,
+        };
+        reserve::refill();
+        result
+    }
+
+    fn route_ready(&mut self, pid: Pid) {
+        self.balancer.worker_ready(pid.as_raw());
+    }
+
+    fn unroute(&mut self, pid: Pid) {
+        self.balancer.forget(pid.as_raw());
+    }
+
+    fn route_exited(&mut self, pid: Pid) {
+        self.balancer.exited(pid.as_raw());
+    }
+
+    fn abandon(&mut self, slot: usize) {
+        self.balancer.abandon(slot);
+    }
+
+    fn close(&mut self) {
+        self.balancer.close();
+    }
 }
 
 fn is_zombie(pid: Pid) -> bool {
@@ -142,12 +216,28 @@ pub mod fake {
         pub exits: Vec<Exit>,
         pub children: Vec<Child>,
         pub usage: HashMap<i32, Usage>,
+        /// The next pid a spawn returns.
+        pub next_pid: i32,
+        /// Spawns, in order: (slot, pid).
+        pub spawned: Vec<(usize, Pid)>,
+        /// The next spawns fail with these errors, in order.
+        pub spawn_errors: Vec<std::io::Error>,
+        /// Routing calls, in order, as words.
+        pub routing: Vec<String>,
     }
 
     impl FakeOs {
         /// The target is gone (its group emptied, the process reaped).
         pub fn vanish(&mut self, target: Target) {
             self.gone.insert(target);
+        }
+
+        /// The process `pid` exits with `status`: the next reap reports it, and its group is
+        /// gone.
+        pub fn exit(&mut self, pid: Pid, status: crate::reaper::ExitStatus) {
+            self.exits.push(Exit { pid, status });
+            self.gone.insert(Target::Group(pid));
+            self.gone.insert(Target::Process(pid));
         }
 
         /// The signals `target` received.
@@ -179,8 +269,32 @@ pub mod fake {
         fn usage(&self, groups: &[i32]) -> HashMap<i32, Usage> {
             groups
                 .iter()
-                .filter_map(|g| self.usage.get(g).map(|u| (*g, u.clone())))
+                .filter_map(|g| self.usage.get(g).map(|u| (*g, *u)))
                 .collect()
+        }
+        fn spawn(&mut self, slot: usize, _instances: usize) -> std::io::Result<Pid> {
+            if !self.spawn_errors.is_empty() {
+                return Err(self.spawn_errors.remove(0));
+            }
+            self.next_pid = self.next_pid.max(100) + 1;
+            let pid = Pid::from_raw(self.next_pid);
+            self.spawned.push((slot, pid));
+            Ok(pid)
+        }
+        fn route_ready(&mut self, pid: Pid) {
+            self.routing.push(format!("ready {pid}"));
+        }
+        fn unroute(&mut self, pid: Pid) {
+            self.routing.push(format!("forget {pid}"));
+        }
+        fn route_exited(&mut self, pid: Pid) {
+            self.routing.push(format!("exited {pid}"));
+        }
+        fn abandon(&mut self, slot: usize) {
+            self.routing.push(format!("abandon {slot}"));
+        }
+        fn close(&mut self) {
+            self.routing.push("close".into());
         }
     }
 }
