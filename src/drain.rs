@@ -58,9 +58,13 @@ impl Drains {
         }
     }
 
-    /// Sends `target` the stop signal after `delay` (at once when zero) and SIGKILL after the
-    /// kill timeout on top. A target already draining keeps its drain.
+    /// Stops routing to `target` at once, sends it the stop signal after `delay` (at once
+    /// when zero) and SIGKILL after the kill timeout on top. A target already draining keeps
+    /// its drain.
     pub fn add(&mut self, os: &mut dyn Os, target: Target, delay: Duration, now: Instant) {
+        if let Target::Group(pgid) = target {
+            os.unroute(pgid);
+        }
         if self.list.iter().any(|d| d.target == target) {
             return;
         }

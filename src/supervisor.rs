@@ -12,18 +12,17 @@
 use crate::drain::Drains;
 use crate::ending::{Ending, Shutdown, StopStep, pool_death_code};
 use crate::exit;
-use crate::memory::MemoryWatch;
 use crate::metrics::SlotView;
 use crate::os::{Os, Target};
 use crate::reaper::{self, Exit, ExitStatus};
-use crate::reload::Reload;
+use crate::replace::Replacements;
 use crate::reserve;
 use crate::signals::Action;
+use crate::slots::{Role, Slots};
 use crate::units::format_duration as human;
-use crate::worker::{AfterExit, RestartRules, State, Worker};
+use crate::worker::{AfterExit, RestartRules, State};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// How often liveness of draining groups is checked while a drain is under way.
@@ -52,32 +51,12 @@ pub struct Settings {
     pub program: String,
 }
 
-/// Why a slot got a replacement process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
-    Reload,
-    Memory,
-}
-
-/// Who a pid is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// The current process of slot i.
-    Current(usize),
-    /// A replacement for slot i, not ready yet.
-    Replacement(usize, Cause),
-    /// An old process of slot i, replaced, being stopped.
-    Retiring(usize),
-}
-
 /// The core's whole state.
 #[derive(Debug)]
 pub struct Supervisor {
     s: Settings,
-    workers: Vec<Worker>,
-    roles: HashMap<Pid, Role>,
-    reload: Reload,
-    memory: MemoryWatch,
+    slots: Slots,
+    replacements: Replacements,
     drains: Drains,
     shutdown: Shutdown,
     /// Some worker process has been started: from then on a start that fails is a crash of
@@ -92,12 +71,14 @@ pub struct Supervisor {
 impl Supervisor {
     pub fn new(s: Settings, now: Instant) -> Supervisor {
         Supervisor {
-            workers: (0..s.instances)
-                .map(|slot| Worker::new(slot, now))
-                .collect(),
-            roles: HashMap::new(),
-            reload: Reload::new(s.reload_batch),
-            memory: MemoryWatch::new(s.max_memory, now),
+            slots: Slots::new(s.instances, now),
+            replacements: Replacements::new(
+                s.reload_batch,
+                s.max_memory,
+                s.handoff,
+                s.needs_ready,
+                now,
+            ),
             drains: Drains::new(s.stop_signal, s.kill_timeout),
             shutdown: Shutdown::new(s.shutdown_delay),
             launched_once: false,
@@ -112,8 +93,11 @@ impl Supervisor {
     pub fn step(&mut self, now: Instant, os: &mut dyn Os) {
         self.start_due(now, os);
         self.check_readiness(now, os);
-        self.check_memory(now, os);
-        self.advance_replacements(now, os);
+        if !self.shutdown.is_ending() {
+            let (slots, drains) = (&mut self.slots, &mut self.drains);
+            self.replacements.check_memory(slots, now, os);
+            self.replacements.advance(slots, drains, now, os);
+        }
         if let Some(sig) = self.shutdown.delay_over(now) {
             tracing::info!(
                 "shutdown delay over: stopping {} workers with {}, kill timeout {}",
@@ -127,33 +111,27 @@ impl Supervisor {
     }
 
     fn start_due(&mut self, now: Instant, os: &mut dyn Os) {
-        for i in 0..self.workers.len() {
-            if !self.shutdown.is_ending() && self.workers[i].due().is_some_and(|at| at <= now) {
+        for i in 0..self.slots.len() {
+            if !self.shutdown.is_ending() && self.slots.worker(i).due().is_some_and(|at| at <= now)
+            {
                 self.start(i, now, os);
             }
         }
     }
 
     fn start(&mut self, i: usize, now: Instant, os: &mut dyn Os) {
-        let slot = self.workers[i].slot();
-        let err = match os.spawn(slot, self.workers.len()) {
+        let slot = self.slots.worker(i).slot();
+        let err = match os.spawn(slot, self.slots.len()) {
             Ok(pid) => {
                 self.launched_once = true;
-                self.workers[i].started(pid, now, !self.s.needs_ready);
-                self.roles.insert(pid, Role::Current(i));
+                self.slots.started(i, pid, now, !self.s.needs_ready);
                 tracing::info!("worker {slot} started, pid {pid}");
                 return;
             }
             Err(err) => err,
         };
         let program = &self.s.program;
-        let code = match (err.kind(), err.raw_os_error()) {
-            (std::io::ErrorKind::NotFound, _) => exit::NOT_FOUND,
-            (std::io::ErrorKind::PermissionDenied, _) => exit::NOT_EXECUTABLE,
-            (_, Some(libc::ENOEXEC | libc::EISDIR | libc::ETXTBSY)) => exit::NOT_EXECUTABLE,
-            // fork or pipe failures (EAGAIN, EMFILE): corepool's own trouble.
-            _ => exit::STARTUP,
-        };
+        let code = start_error_code(&err);
         if !self.launched_once {
             // The file exists and is executable (checked before), so ENOENT from execve
             // means what it names to run it is missing.
@@ -173,7 +151,7 @@ impl Supervisor {
                  resources; not counted as a failure of the worker): retrying in {}",
                 human(RESOURCE_RETRY)
             );
-            self.workers[i].retry_at(now + RESOURCE_RETRY);
+            self.slots.worker_mut(i).retry_at(now + RESOURCE_RETRY);
             return;
         }
         // It started before: it vanished or became unusable since.
@@ -185,7 +163,7 @@ impl Supervisor {
     pub fn on_exit(&mut self, exit: Exit, now: Instant, os: &mut dyn Os) {
         os.route_exited(exit.pid);
         let (pid, status) = (exit.pid, exit.status);
-        let i = match self.roles.remove(&pid) {
+        let i = match self.slots.exited(pid) {
             None => {
                 tracing::debug!("reaped orphan pid {pid} ({status})");
                 return;
@@ -197,9 +175,9 @@ impl Supervisor {
                 return;
             }
             Some(Role::Replacement(i, cause)) => {
-                let slot = self.workers[i].slot();
-                self.workers[i].drop_replacement();
-                self.replacement_failed(
+                let slot = self.slots.worker(i).slot();
+                self.slots.forget_replacement(i);
+                self.replacements.failed(
                     cause,
                     &format!(
                         "the replacement of worker {slot} (pid {pid}) exited before it was \
@@ -211,21 +189,18 @@ impl Supervisor {
             }
             Some(Role::Current(i)) => i,
         };
-        let slot = self.workers[i].slot();
-        if let Some(next) = self.workers[i].next()
-            && !self.shutdown.is_ending()
-        {
+        let slot = self.slots.worker(i).slot();
+        if self.slots.worker(i).next().is_some() && !self.shutdown.is_ending() {
             // The old process died during its reload: the replacement takes over at once.
             tracing::warn!(
                 "worker {slot} (pid {pid}) exited during its reload: {status}; its replacement \
                  takes over"
             );
-            self.workers[i].take_over();
-            self.roles.insert(next.pid, Role::Current(i));
+            self.slots.take_over(i);
             self.drain_leftovers(slot, pid, now, os);
             return;
         }
-        let was_stopping = matches!(self.workers[i].state(), State::Stopping { .. });
+        let was_stopping = matches!(self.slots.worker(i).state(), State::Stopping { .. });
         if was_stopping || self.shutdown.is_ending() {
             tracing::info!("worker {slot} (pid {pid}) exited: {status}");
         } else {
@@ -241,7 +216,7 @@ impl Supervisor {
         let group = Target::Group(leader);
         if os.alive(group) {
             tracing::info!("worker {slot}: stopping what is left of process group {leader}");
-            self.drain(group, Duration::ZERO, now, os);
+            self.drains.add(os, group, Duration::ZERO, now);
         }
     }
 
@@ -257,11 +232,11 @@ impl Supervisor {
     ) {
         let rules = self.s.rules;
         let stopping = self.shutdown.is_ending();
-        self.served |= self.workers[i].serving_for(now) >= Some(rules.min_uptime);
+        self.served |= self.slots.worker(i).serving_for(now) >= Some(rules.min_uptime);
         let fail_fast = !self.served
             && !rules.fail_fast.is_zero()
             && now.saturating_duration_since(self.started_at) >= rules.fail_fast;
-        let worker = &mut self.workers[i];
+        let worker = self.slots.worker_mut(i);
         let after = if start_failed {
             worker.start_failed(status, now, &rules, stopping, fail_fast)
         } else {
@@ -292,7 +267,7 @@ impl Supervisor {
             }
             AfterExit::Finished => {}
         }
-        if !self.shutdown.is_ending() && self.workers.iter().all(Worker::is_over) {
+        if !self.shutdown.is_ending() && self.slots.all_over() {
             let code = pool_death_code(status, rules.policy);
             tracing::error!("every worker slot is finished: the pool is dead (exit {code})");
             self.begin_stop(Ending::PoolDied(code), now, os);
@@ -325,7 +300,7 @@ impl Supervisor {
                 }
             },
             Action::Forward(sig) => {
-                for &pid in self.roles.keys() {
+                for pid in self.slots.pids() {
                     os.signal_raw(Target::Group(pid), sig);
                 }
                 tracing::debug!(
@@ -341,7 +316,7 @@ impl Supervisor {
 
     /// Worker processes alive: current ones, reload replacements and retiring old ones.
     fn live_workers(&self) -> usize {
-        self.roles.len()
+        self.slots.live()
     }
 
     /// Sends the stop signal to every live worker group and to any other child of ours, and
@@ -350,16 +325,15 @@ impl Supervisor {
         self.shutdown.begin(ending);
         self.drains.begin_stop(now);
         os.close();
-        self.reload.cancel();
-        for i in 0..self.workers.len() {
-            if let Some(pid) = self.workers[i].pid() {
-                self.drain(Target::Group(pid), Duration::ZERO, now, os);
+        self.replacements.cancel();
+        for i in 0..self.slots.len() {
+            if let Some(pid) = self.slots.worker(i).pid() {
+                self.drains.add(os, Target::Group(pid), Duration::ZERO, now);
             }
-            if let Some(next) = self.workers[i].drop_replacement() {
-                self.drain(Target::Group(next.pid), Duration::ZERO, now, os);
-                self.roles.insert(next.pid, Role::Retiring(i));
+            if let Some((pid, _)) = self.slots.retire_replacement(i) {
+                self.drains.add(os, Target::Group(pid), Duration::ZERO, now);
             }
-            self.workers[i].stopping();
+            self.slots.worker_mut(i).stopping();
         }
         self.sweep_strays(now, os);
     }
@@ -370,18 +344,10 @@ impl Supervisor {
         for child in os.children() {
             if !self.drains.covers(child.pid, child.pgid) && !child.zombie {
                 tracing::info!("stopping stray process {}", child.pid);
-                self.drain(Target::Process(child.pid), Duration::ZERO, now, os);
+                self.drains
+                    .add(os, Target::Process(child.pid), Duration::ZERO, now);
             }
         }
-    }
-
-    /// Stops routing to `target` at once, sends it the stop signal after `delay`, and SIGKILL
-    /// after the kill timeout on top.
-    fn drain(&mut self, target: Target, delay: Duration, now: Instant, os: &mut dyn Os) {
-        if let Target::Group(pgid) = target {
-            os.unroute(pgid);
-        }
-        self.drains.add(os, target, delay, now);
     }
 
     /// Readiness news: a worker (or a replacement) accepts connections.
@@ -390,13 +356,16 @@ impl Supervisor {
             return;
         }
         os.route_ready(pid);
-        match self.roles.get(&pid).copied() {
-            Some(Role::Replacement(i, _)) => self.promote(i, pid, now, os),
+        match self.slots.role(pid) {
+            Some(Role::Replacement(i, _)) => {
+                let (slots, drains) = (&mut self.slots, &mut self.drains);
+                self.replacements.promote(slots, drains, i, pid, now, os);
+            }
             Some(Role::Current(i)) => {
-                if let Some(took) = self.workers[i].ready(now) {
+                if let Some(took) = self.slots.worker_mut(i).ready(now) {
                     tracing::info!(
                         "worker {} ready (pid {pid}) after {}",
-                        self.workers[i].slot(),
+                        self.slots.worker(i).slot(),
                         human(took)
                     );
                 }
@@ -413,71 +382,28 @@ impl Supervisor {
         }
         let timeout = self.s.ready_timeout;
         if !self.served {
-            let min_uptime = self.s.rules.min_uptime;
-            self.served = self
-                .workers
-                .iter()
-                .any(|w| w.serving_for(now) >= Some(min_uptime));
+            self.served = self.slots.any_serving_for(self.s.rules.min_uptime, now);
         }
-        for i in 0..self.workers.len() {
-            let slot = self.workers[i].slot();
-            if let Some(pid) = self.workers[i].unready_for(timeout, now) {
+        for i in 0..self.slots.len() {
+            if let Some(pid) = self.slots.worker(i).unready_for(timeout, now) {
                 tracing::warn!(
-                    "worker {slot} (pid {pid}) not ready after {}: restarting it ({})",
+                    "worker {} (pid {pid}) not ready after {}: restarting it ({})",
+                    self.slots.worker(i).slot(),
                     human(timeout),
                     self.s.not_ready_hint
                 );
-                self.drain(Target::Group(pid), Duration::ZERO, now, os);
-                self.workers[i].restarting();
-            }
-            if let Some(next) = self.workers[i].next()
-                && now.saturating_duration_since(next.since) >= timeout
-            {
-                self.workers[i].drop_replacement();
-                self.drain(Target::Group(next.pid), Duration::ZERO, now, os);
-                let role = self.roles.insert(next.pid, Role::Retiring(i));
-                let cause = match role {
-                    Some(Role::Replacement(_, cause)) => cause,
-                    _ => Cause::Reload,
-                };
-                self.replacement_failed(
-                    cause,
-                    &format!(
-                        "the replacement of worker {slot} (pid {}) was not ready after {}",
-                        next.pid,
-                        human(timeout)
-                    ),
-                );
+                self.drains.add(os, Target::Group(pid), Duration::ZERO, now);
+                self.slots.worker_mut(i).restarting();
             }
         }
-    }
-
-    /// Every check interval, hands the memory watch each ready worker's group RSS.
-    fn check_memory(&mut self, now: Instant, os: &mut dyn Os) {
-        if self.shutdown.is_ending() || !self.memory.due(now) {
-            return;
-        }
-        let groups: Vec<i32> = self
-            .workers
-            .iter()
-            .filter(|w| w.is_ready() && w.next().is_none())
-            .filter_map(|w| w.pid().map(Pid::as_raw))
-            .collect();
-        let usage = os.usage(&groups);
-        let rss: Vec<(usize, Option<u64>)> = self
-            .workers
-            .iter()
-            .map(|w| {
-                let bytes = w.pid().and_then(|p| usage.get(&p.as_raw()));
-                (w.slot(), bytes.map(|u| u.rss_bytes))
-            })
-            .collect();
-        self.memory.check(now, &rss);
+        let (slots, drains) = (&mut self.slots, &mut self.drains);
+        self.replacements
+            .check_timeouts(slots, drains, timeout, now, os);
     }
 
     /// What a reload request does now, for the client that asked.
     pub fn reload_answer(&self) -> crate::control::ReloadAnswer {
-        self.reload.answer(self.shutdown.is_ending())
+        self.replacements.answer(self.shutdown.is_ending())
     }
 
     /// SIGHUP or `corepool reload`: replace every running worker, a batch at a time.
@@ -486,87 +412,7 @@ impl Supervisor {
             tracing::info!("reload requested during the stop: ignored");
             return;
         }
-        let running = self.running_slots();
-        self.reload.request(running);
-    }
-
-    fn running_slots(&self) -> Vec<usize> {
-        (0..self.workers.len())
-            .filter(|&i| self.workers[i].is_running())
-            .collect()
-    }
-
-    /// Starts the next batch of replacements (the reload's, else the memory watch's) once
-    /// none is in flight.
-    fn advance_replacements(&mut self, now: Instant, os: &mut dyn Os) {
-        if self.workers.iter().any(|w| w.next().is_some()) {
-            return;
-        }
-        let running = self.running_slots();
-        let mut batch = self.reload.next_batch(|| running);
-        let cause = if batch.is_empty() {
-            batch = (0..self.s.reload_batch.max(1))
-                .map_while(|_| self.memory.take_next())
-                .collect();
-            Cause::Memory
-        } else {
-            for &i in &batch {
-                self.memory.covered(i);
-            }
-            Cause::Reload
-        };
-        for i in batch {
-            // A slot that is restarting anyway gets new code by itself.
-            if !self.workers[i].is_running() {
-                continue;
-            }
-            let slot = self.workers[i].slot();
-            match os.spawn(slot, self.workers.len()) {
-                Ok(pid) => {
-                    tracing::info!("worker {slot}: replacement started, pid {pid}");
-                    self.workers[i].replacing(pid, now);
-                    self.roles.insert(pid, Role::Replacement(i, cause));
-                    if !self.s.needs_ready {
-                        self.on_ready(pid, now, os);
-                    }
-                }
-                Err(err) => {
-                    self.replacement_failed(
-                        cause,
-                        &format!("cannot start a replacement for worker {slot}: {err}"),
-                    );
-                    return;
-                }
-            }
-        }
-    }
-
-    /// The replacement `pid` of slot i is ready: it takes the slot; the old one is stopped.
-    fn promote(&mut self, i: usize, pid: Pid, now: Instant, os: &mut dyn Os) {
-        let slot = self.workers[i].slot();
-        let took = self.workers[i]
-            .next()
-            .map(|n| now.saturating_duration_since(n.since));
-        let Some(old) = self.workers[i].promote() else {
-            return;
-        };
-        tracing::info!(
-            "worker {slot}: replacement pid {pid} ready after {}; stopping old pid {old}",
-            human(took.unwrap_or_default())
-        );
-        self.roles.insert(pid, Role::Current(i));
-        self.roles.insert(old, Role::Retiring(i));
-        // In proxy mode the relay may have just connected to the old worker: stop routing to
-        // it now, signal it a moment later, so that what already sits in its accept queue is
-        // accepted before it closes its listener.
-        self.drain(Target::Group(old), self.s.handoff, now, os);
-    }
-
-    fn replacement_failed(&mut self, cause: Cause, why: &str) {
-        match cause {
-            Cause::Reload => self.reload.abort(why),
-            Cause::Memory => self.memory.failed(why),
-        }
+        self.replacements.request_reload(&self.slots);
     }
 
     /// The exit code, once the pool is ending and nothing of it is left.
@@ -585,55 +431,16 @@ impl Supervisor {
     /// The next time something is due, if anything is.
     pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
         let poll = (!self.drains.is_empty()).then_some(now + DRAIN_POLL);
-        let timeout = self.s.ready_timeout;
-        let readiness = self.workers.iter().flat_map(|w| {
-            let current = match w.state() {
-                State::Running {
-                    since,
-                    ready: false,
-                    ..
-                } => Some(since + timeout),
-                _ => None,
-            };
-            current
-                .into_iter()
-                .chain(w.next().map(|n| n.since + timeout))
-        });
         poll.into_iter()
             .chain(self.drains.next_deadline())
             .chain(self.shutdown.next_deadline())
-            .chain(self.workers.iter().filter_map(Worker::due))
-            .chain(readiness)
+            .chain(self.slots.deadlines(self.s.ready_timeout))
             .min()
     }
 
     /// The slots as the reporters show them.
     pub fn slots(&self, now: Instant) -> Vec<SlotView> {
-        let ending = self.shutdown.is_ending();
-        self.workers
-            .iter()
-            .map(|w| {
-                let (state, uptime) = match w.state() {
-                    State::Waiting { .. } => ("waiting", None),
-                    State::Running { since, .. } => {
-                        ("running", Some(now.saturating_duration_since(since)))
-                    }
-                    State::Stopping { since, .. } => {
-                        ("stopping", Some(now.saturating_duration_since(since)))
-                    }
-                    State::Done { .. } => ("done", None),
-                    State::GivenUp { .. } => ("given-up", None),
-                };
-                SlotView {
-                    slot: w.slot(),
-                    pid: w.pid().map(Pid::as_raw),
-                    state,
-                    ready: w.is_ready() && !ending,
-                    restarts: w.restarts(),
-                    uptime,
-                }
-            })
-            .collect()
+        self.slots.views(now, self.shutdown.is_ending())
     }
 
     /// Whether the pool says it is stopping (the shutdown delay or the stop).
@@ -643,12 +450,23 @@ impl Supervisor {
 
     /// Reloads begun and memory replacements decided, for the metrics.
     pub fn counters(&self) -> (u64, u64) {
-        (self.reload.count(), self.memory.restarts())
+        self.replacements.counters()
     }
 
     /// Who `pid` is, if it is one of the pool's processes.
     pub fn role(&self, pid: Pid) -> Option<Role> {
-        self.roles.get(&pid).copied()
+        self.slots.role(pid)
+    }
+}
+
+/// The exit code a failed start stands for, as a shell would say it.
+fn start_error_code(err: &std::io::Error) -> i32 {
+    match (err.kind(), err.raw_os_error()) {
+        (std::io::ErrorKind::NotFound, _) => exit::NOT_FOUND,
+        (std::io::ErrorKind::PermissionDenied, _) => exit::NOT_EXECUTABLE,
+        (_, Some(libc::ENOEXEC | libc::EISDIR | libc::ETXTBSY)) => exit::NOT_EXECUTABLE,
+        // fork or pipe failures (EAGAIN, EMFILE): corepool's own trouble.
+        _ => exit::STARTUP,
     }
 }
 

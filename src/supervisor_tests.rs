@@ -5,6 +5,7 @@ use super::*;
 use crate::control::ReloadAnswer;
 use crate::metrics::Usage;
 use crate::os::fake::FakeOs;
+use crate::slots::Cause;
 use crate::worker::RestartPolicy;
 
 const TERM: i32 = Signal::SIGTERM as i32;
