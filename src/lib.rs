@@ -16,7 +16,12 @@
 //! - `relay`: the bytes of one proxied connection, moved by splice(2);
 //! - `metrics`: /metrics, /healthz, /readyz and process-group usage;
 //! - `control`: `corepool status` and `corepool reload` over an abstract unix socket;
-//! - `pool`: the supervisor loop (start, restart, forward, stop, exit code);
+//! - `pool`: the supervisor loop: wait, reap, dispatch to the core, publish;
+//! - `supervisor`: the core's decisions (start, restart, forward, stop), with no process or
+//!   clock of its own; `os`: its edge with the OS (real, and a fake for unit tests);
+//! - `slots`: the slots and which pid plays which role; `replace`: replacement processes,
+//!   asked for by `reload` (the rolling reload) and `memory` (`--max-memory`);
+//! - `drain`: stop signal, kill timeout and SIGKILL; `ending`: shutdown delay, stop, exit code;
 //! - `logs`: worker output and corepool's own messages, a whole line at a time;
 //! - `exit`: exit codes;
 //! - `units`: durations and sizes as users write them;

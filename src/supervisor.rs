@@ -20,7 +20,7 @@ use crate::reserve;
 use crate::signals::Action;
 use crate::slots::{Role, Slots};
 use crate::units::format_duration as human;
-use crate::worker::{AfterExit, RestartRules, State};
+use crate::worker::{AfterExit, RestartRules, State, Worker};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use std::time::{Duration, Instant};
@@ -133,13 +133,7 @@ impl Supervisor {
         let program = &self.s.program;
         let code = start_error_code(&err);
         if !self.launched_once {
-            // The file exists and is executable (checked before), so ENOENT from execve
-            // means what it names to run it is missing.
-            let hint = match err.raw_os_error() {
-                Some(libc::ENOENT) => " (its #! interpreter or ELF loader does not exist)",
-                Some(libc::ENOEXEC) => " (neither a binary for this machine nor a #! script)",
-                _ => "",
-            };
+            let hint = cannot_run_hint(&err);
             tracing::error!("cannot run {program}: {err}{hint}");
             self.begin_stop(Ending::PoolDied(code), now, os);
             return;
@@ -242,30 +236,9 @@ impl Supervisor {
         } else {
             worker.exited(status, now, &rules, stopping, fail_fast)
         };
-        let (slot, failures) = (worker.slot(), worker.failures());
-        match after {
-            AfterExit::RestartAt(at) => tracing::info!(
-                "worker {slot} restarts in {} (restart {}, {failures} short-lived exits in a row)",
-                human(at.saturating_duration_since(now)),
-                worker.restarts(),
-            ),
-            AfterExit::GaveUp => {
-                if rules.max_restarts > 0 && failures >= rules.max_restarts {
-                    tracing::error!(
-                        "worker {slot} given up after {failures} failed runs in a row (each \
-                         exited within {} of its start, or before it was ready)",
-                        human(rules.min_uptime)
-                    );
-                } else {
-                    tracing::error!(
-                        "worker {slot} given up ({status}): no worker has served in the {} \
-                         since start (--fail-fast), and it failed {failures} times in a row",
-                        human(rules.fail_fast),
-                    );
-                }
-                os.abandon(slot);
-            }
-            AfterExit::Finished => {}
+        report(after, worker, status, &rules, now);
+        if after == AfterExit::GaveUp {
+            os.abandon(worker.slot());
         }
         if !self.shutdown.is_ending() && self.slots.all_over() {
             let code = pool_death_code(status, rules.policy);
@@ -456,6 +429,48 @@ impl Supervisor {
     /// Who `pid` is, if it is one of the pool's processes.
     pub fn role(&self, pid: Pid) -> Option<Role> {
         self.slots.role(pid)
+    }
+}
+
+/// Says what follows a worker's exit.
+fn report(
+    after: AfterExit,
+    worker: &Worker,
+    status: ExitStatus,
+    rules: &RestartRules,
+    now: Instant,
+) {
+    let (slot, failures) = (worker.slot(), worker.failures());
+    match after {
+        AfterExit::RestartAt(at) => tracing::info!(
+            "worker {slot} restarts in {} (restart {}, {failures} short-lived exits in a row)",
+            human(at.saturating_duration_since(now)),
+            worker.restarts(),
+        ),
+        AfterExit::GaveUp if rules.max_restarts > 0 && failures >= rules.max_restarts => {
+            tracing::error!(
+                "worker {slot} given up after {failures} failed runs in a row (each exited \
+                 within {} of its start, or before it was ready)",
+                human(rules.min_uptime)
+            )
+        }
+        AfterExit::GaveUp => tracing::error!(
+            "worker {slot} given up ({status}): no worker has served in the {} since start \
+             (--fail-fast), and it failed {failures} times in a row",
+            human(rules.fail_fast),
+        ),
+        AfterExit::Finished => {}
+    }
+}
+
+/// What is missing when a first start fails, if the error says.
+fn cannot_run_hint(err: &std::io::Error) -> &'static str {
+    // The file exists and is executable (checked before), so ENOENT from execve means what it
+    // names to run it is missing.
+    match err.raw_os_error() {
+        Some(libc::ENOENT) => " (its #! interpreter or ELF loader does not exist)",
+        Some(libc::ENOEXEC) => " (neither a binary for this machine nor a #! script)",
+        _ => "",
     }
 }
 
