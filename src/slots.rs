@@ -92,8 +92,10 @@ impl Slots {
     /// long the replacement took.
     pub fn promote(&mut self, i: usize, now: Instant) -> Option<(Pid, Duration)> {
         let next = self.workers[i].next()?;
-        let old = self.workers[i].promote()?;
+        let old = self.workers[i].promote();
+        // The replacement holds the slot now, whether or not an old process was left.
         self.roles.insert(next.pid, Role::Current(i));
+        let old = old?;
         self.roles.insert(old, Role::Retiring(i));
         Some((old, now.saturating_duration_since(next.since)))
     }
