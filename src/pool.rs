@@ -1,170 +1,55 @@
-//! The pool: N worker slots and the supervisor loop that drives them.
+//! The pool: the supervisor loop that drives the supervision core.
 //!
-//! The loop is single-threaded and reads top to bottom: wait for a signal, a deadline or the
-//! one-second safety tick; reap every exited child; apply what happened to the slots; start what
-//! is due, escalate what is late; exit when the pool is finished. Because spawning and reaping
-//! happen on the same thread, no exit status can be collected behind anyone's back.
+//! The loop is single-threaded and reads top to bottom: read the clock; apply what woke us (a
+//! signal, readiness news, a reload request, a deadline or the one-second safety tick); reap
+//! every exited child; let the core do what is due (start, escalate, replace); publish; exit
+//! when the pool is finished. Because spawning and reaping happen on the same thread, no exit
+//! status can be collected behind anyone's back.
 //!
-//! Readiness news (from `balance`) arrives on a channel; a rolling reload (SIGHUP) gives
-//! `reload_batch` slots at a time a replacement process, promotes each once it is ready and
-//! stops the old one; a replacement that fails keeps the old worker and ends the reload.
-//!
-//! Stopping is uniform: whatever ends the pool (a stop signal, or every slot given up) sends the
-//! stop signal to every live process group and *drains* them: a drained group that outlives the
-//! kill timeout gets SIGKILL, and corepool exits only when every group is gone.
+//! Every decision lives in `supervisor` (and the types it ties together: `reload`, `memory`,
+//! `drain`, `ending`); this module only owns the real world (`os::RealOs`: launcher, balancer,
+//! output pumps), the channels and the reporters' view.
 
 use crate::balance::{Balancer, Ready};
-use crate::config::Config;
+use crate::config::{Config, ReadyOn};
 use crate::control::{Command, ReloadAnswer};
-use crate::exit;
 use crate::launch::LaunchSpec;
-use crate::logs::{Output, PumpHandle, Stream};
-use crate::metrics::{Shared, SlotView, Snapshot, group_usage};
-use crate::reaper::{self, Exit, ExitStatus};
+use crate::logs::Output;
+use crate::metrics::{Shared, Snapshot};
+use crate::os::{Os, RealOs};
 use crate::reserve;
 use crate::signals::{Action, SignalStream};
-use crate::units::format_duration as human;
-use crate::worker::{AfterExit, Next, RestartRules, State, Worker};
-use nix::errno::Errno;
-use nix::sys::signal::{Signal, kill};
+use crate::supervisor::{Settings, Supervisor};
+use crate::worker::RestartRules;
 use nix::unistd::Pid;
-use std::collections::HashMap;
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// How often liveness of draining groups is checked while a stop is under way.
-const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// Proxy mode: time between routing away from a replaced worker and signalling it.
 const PROXY_HANDOFF: Duration = Duration::from_millis(250);
 /// The safety net: reap and re-check at least this often, whatever else happens.
 const SAFETY_TICK: Duration = Duration::from_secs(1);
-/// How often worker memory is compared with --max-memory.
-const MEMORY_CHECK: Duration = Duration::from_secs(2);
-/// Consecutive checks above --max-memory before a worker is replaced.
-const MEMORY_STRIKES: u32 = 3;
 /// How long, after the last worker is gone, to wait for their output pipes to reach EOF.
 const PIPE_GRACE: Duration = Duration::from_secs(2);
-/// A start that failed for corepool's own lack of resources is tried again after this long.
-const RESOURCE_RETRY: Duration = Duration::from_secs(1);
 
-/// Something corepool signalled and waits to see gone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
-    /// A worker's process group (`kill(-pgid)`).
-    Group(Pid),
-    /// A lone process that left its group (setsid) but is still our child.
-    Process(Pid),
+/// What woke the loop.
+enum Event {
+    /// A deadline, the safety tick, or the first turn.
+    Tick,
+    Signal(Action),
+    Ready(Ready),
+    Reload(tokio::sync::oneshot::Sender<ReloadAnswer>),
 }
 
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Group(pgid) => write!(f, "process group {pgid}"),
-            Target::Process(pid) => write!(f, "process {pid}"),
-        }
-    }
-}
-
-impl Target {
-    fn raw(self) -> Pid {
-        match self {
-            Target::Group(pgid) => Pid::from_raw(-pgid.as_raw()),
-            Target::Process(pid) => pid,
-        }
-    }
-
-    fn signal(self, sig: Signal) {
-        match kill(self.raw(), sig) {
-            Ok(()) | Err(Errno::ESRCH) => {}
-            Err(err) => tracing::warn!("kill({}, {sig}) failed: {err}", self.raw()),
-        }
-    }
-
-    /// Sends a signal by its raw number (real-time ones included) with kill(2).
-    fn signal_raw(self, signo: i32) {
-        // SAFETY: kill(2) has no memory effects.
-        if unsafe { libc::kill(self.raw().as_raw(), signo) } != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ESRCH) {
-                tracing::warn!(
-                    "kill({}, {}) failed: {err}",
-                    self.raw(),
-                    reaper::signal_name(signo)
-                );
-            }
-        }
-    }
-
-    /// Whether anything is left to signal (zombies count until reaped).
-    fn alive(self) -> bool {
-        !matches!(kill(self.raw(), None), Err(Errno::ESRCH))
-    }
-}
-
-/// A target that was sent the stop signal and has until `deadline` before SIGKILL.
-#[derive(Debug)]
-struct Drain {
-    target: Target,
-    /// When the stop signal is due, until it is sent (then None).
-    signal_at: Option<Instant>,
-    deadline: Instant,
-    killed: bool,
-}
-
-/// Why the pool is ending.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ending {
-    /// A stop signal: exit 0, or 1 if some group needed SIGKILL.
-    Stop(Signal),
-    /// Every slot is finished or given up: exit with the last worker's status.
-    PoolDied(i32),
-}
-
-/// The supervisor's whole state.
+/// The loop's state: the core, the world it acts on, and the channels.
 pub struct Pool {
-    config: Config,
-    rules: RestartRules,
-    launch: LaunchSpec,
-    balancer: Balancer,
+    core: Supervisor,
+    os: RealOs,
     ready_rx: mpsc::UnboundedReceiver<Ready>,
-    output: Output,
-    /// Slots still to be replaced by the rolling reload under way, if any.
-    reload: Option<VecDeque<usize>>,
-    /// A reload was asked for while another ran: it follows once that one ends.
-    reload_pending: bool,
-    /// Old processes replaced by a reload, being stopped.
-    retiring: Vec<(usize, Pid)>,
     /// What the reporters (metrics, status) see.
     shared: Arc<Shared>,
     commands: mpsc::UnboundedReceiver<Command>,
-    reloads: u64,
-    memory_restarts: u64,
-    /// SIGTERM under --shutdown-delay: not ready any more, the stop begins at this time.
-    stop_at: Option<(Instant, Signal)>,
-    /// Consecutive memory checks each slot spent above --max-memory, and when we last looked.
-    memory_strikes: HashMap<usize, u32>,
-    memory_checked: Instant,
-    workers: Vec<Worker>,
-    pumps: Vec<PumpHandle>,
-    drains: Vec<Drain>,
-    ending: Option<Ending>,
-    /// Some worker process has been started: from then on a start that fails is a crash of
-    /// that slot (restarted with backoff); before, it is the command that cannot run at all.
-    launched_once: bool,
-    /// The last worker exit, for the pool-death status.
-    last_status: Option<ExitStatus>,
-    /// Some group needed SIGKILL.
-    any_killed: bool,
-    /// Once a stop has begun: when its kill timeout runs out. Everything drained during the
-    /// stop shares it, so a chain of setsid'd processes that each appear only when the one
-    /// above is killed costs one kill timeout, not one per level.
-    stop_deadline: Option<Instant>,
-    /// When the pool started, for `--fail-fast`.
-    started_at: Instant,
-    /// Some worker has served: been ready for `--min-uptime`. Until then `--fail-fast` holds.
-    served: bool,
 }
 
 impl Pool {
@@ -177,804 +62,122 @@ impl Pool {
         shared: Arc<Shared>,
         commands: mpsc::UnboundedReceiver<Command>,
     ) -> Pool {
-        let now = Instant::now();
-        let rules = RestartRules {
-            policy: config.restart,
-            delay: config.restart_delay,
-            max_delay: config.max_restart_delay,
-            min_uptime: config.min_uptime,
-            max_restarts: config.max_restarts,
-            fail_fast: config.fail_fast,
+        let proxy = balancer.mode == crate::balance::Mode::Proxy;
+        let not_ready_hint = if proxy {
+            "its private port ($PORT on 127.0.0.1) never accepted a connection"
+        } else if config.ready_on == ReadyOn::Message {
+            "with --ready-on message a worker is ready once it calls process.send('ready'), \
+             and it never did"
+        } else {
+            "a Node server reports itself through corepool's preload when it listens; another \
+             program sends READY=1 to $NOTIFY_SOCKET, or use --balance proxy. A worker that \
+             serves no port (a queue consumer) wants --balance none; one that listens on \
+             another port wants --port"
         };
-        let workers = (0..config.instances)
-            .map(|slot| Worker::new(slot, now))
-            .collect();
+        let settings = Settings {
+            rules: RestartRules {
+                policy: config.restart,
+                delay: config.restart_delay,
+                max_delay: config.max_restart_delay,
+                min_uptime: config.min_uptime,
+                max_restarts: config.max_restarts,
+                fail_fast: config.fail_fast,
+            },
+            instances: config.instances,
+            ready_timeout: config.ready_timeout,
+            reload_batch: config.reload_batch,
+            stop_signal: config.stop_signal,
+            kill_timeout: config.kill_timeout,
+            shutdown_delay: config.shutdown_delay,
+            max_memory: config.max_memory,
+            needs_ready: balancer.needs_ready(),
+            handoff: if proxy { PROXY_HANDOFF } else { Duration::ZERO },
+            not_ready_hint,
+            program: launch.program.display().to_string(),
+        };
         Pool {
-            config,
-            rules,
-            launch,
-            balancer,
+            core: Supervisor::new(settings, Instant::now()),
+            os: RealOs {
+                launch,
+                balancer,
+                output,
+                pumps: Vec::new(),
+            },
             ready_rx,
-            output,
-            reload: None,
-            reload_pending: false,
-            retiring: Vec::new(),
             shared,
             commands,
-            reloads: 0,
-            memory_restarts: 0,
-            stop_at: None,
-            launched_once: false,
-            memory_strikes: HashMap::new(),
-            memory_checked: now,
-            workers,
-            pumps: Vec::new(),
-            drains: Vec::new(),
-            ending: None,
-            last_status: None,
-            any_killed: false,
-            stop_deadline: None,
-            started_at: now,
-            served: false,
         }
     }
 
     /// Runs the pool until it is finished; returns corepool's exit code.
+    ///
+    /// The clock is read once per turn, at the top; every step below is given that time.
     pub async fn run(mut self, mut signals: SignalStream) -> i32 {
-        self.balancer.start();
+        self.os.balancer.start();
         reserve::refill();
+        let mut event = Event::Tick;
         loop {
             let now = Instant::now();
-            self.start_due(now);
-            self.check_readiness(now);
-            self.check_memory(now);
-            self.advance_reload(now);
-            self.check_shutdown_delay(now);
-            self.escalate(now);
+            let (core, os) = (&mut self.core, &mut self.os);
+            match event {
+                Event::Tick => {}
+                Event::Signal(action) => core.on_signal(action, now, os),
+                Event::Ready(ready) => core.on_ready(Pid::from_raw(ready.pid), now, os),
+                Event::Reload(reply) => {
+                    let _ = reply.send(core.reload_answer());
+                    core.request_reload();
+                }
+            }
+            // A reap after every wake, whatever woke us.
+            for exit in os.reap() {
+                core.on_exit(exit, now, os);
+            }
+            core.step(now, os);
             self.publish(now);
-            if let Some(code) = self.outcome() {
+            if let Some(code) = self.core.outcome(now, &mut self.os) {
                 return self.finish(code).await;
             }
-            let wake = self.next_deadline(now);
-            tokio::select! {
-                action = signals.next() => self.on_signal(action),
-                Some(ready) = self.ready_rx.recv() => self.on_ready(ready),
-                Some(Command::Reload(reply)) = self.commands.recv() => {
-                    let _ = reply.send(self.reload_answer());
-                    self.begin_reload();
-                }
-                _ = tokio::time::sleep_until(wake.into()) => {}
+            let mut wake = now + SAFETY_TICK;
+            if let Some(at) = self.core.next_deadline(now) {
+                wake = wake.min(at);
             }
-            for exit in reaper::reap_all() {
-                self.on_exit(exit);
-            }
-        }
-    }
-
-    /// Starts every slot whose time has come.
-    fn start_due(&mut self, now: Instant) {
-        if self.ending.is_some() {
-            return;
-        }
-        for i in 0..self.workers.len() {
-            if self.ending.is_none() && self.workers[i].due().is_some_and(|at| at <= now) {
-                self.start(i, now);
-            }
-        }
-    }
-
-    /// `spawn_once`, and once more with the descriptor reserve released if the table was full.
-    fn spawn(&mut self, slot: usize) -> std::io::Result<Pid> {
-        let result = match self.spawn_once(slot) {
-            Err(err) if reserve::is_fd_shortage(&err) => {
-                let freed = reserve::release();
-                tracing::warn!(
-                    "worker {slot}: no descriptor left ({err}): using the {freed} held in reserve"
-                );
-                self.spawn_once(slot)
-            }
-            other => other,
-        };
-        reserve::refill();
-        result
-    }
-
-    /// Launches a process for `slot` with its share of the port; its output is pumped.
-    fn spawn_once(&mut self, slot: usize) -> std::io::Result<Pid> {
-        let handover = self.balancer.handover(slot, self.workers.len())?;
-        let launched = self.launch.launch(&handover.io)?;
-        let pid = launched.pid.as_raw();
-        self.balancer.watch(handover, pid);
-        self.pumps
-            .push(self.output.pump(launched.stdout, Stream::Stdout, slot, pid));
-        self.pumps
-            .push(self.output.pump(launched.stderr, Stream::Stderr, slot, pid));
-        self.pumps.retain(|p| !p.is_finished());
-        Ok(launched.pid)
-    }
-
-    fn start(&mut self, i: usize, now: Instant) {
-        let slot = self.workers[i].slot;
-        match self.spawn(slot) {
-            Ok(pid) => {
-                self.launched_once = true;
-                let ready = !self.balancer.needs_ready();
-                self.workers[i].started(pid, now, ready);
-                tracing::info!("worker {slot} started, pid {pid}");
-            }
-            Err(err) => {
-                let program = self.launch.program.display();
-                let code = match (err.kind(), err.raw_os_error()) {
-                    (std::io::ErrorKind::NotFound, _) => exit::NOT_FOUND,
-                    (std::io::ErrorKind::PermissionDenied, _) => exit::NOT_EXECUTABLE,
-                    (_, Some(libc::ENOEXEC | libc::EISDIR | libc::ETXTBSY)) => exit::NOT_EXECUTABLE,
-                    // fork or pipe failures (EAGAIN, EMFILE): corepool's own trouble.
-                    _ => exit::STARTUP,
-                };
-                if !self.launched_once {
-                    // The file exists and is executable (checked before), so ENOENT from
-                    // execve means what it names to run it is missing.
-                    let hint = match err.raw_os_error() {
-                        Some(libc::ENOENT) => " (its #! interpreter or ELF loader does not exist)",
-                        Some(libc::ENOEXEC) => {
-                            " (neither a binary for this machine nor a #! script)"
-                        }
-                        _ => "",
-                    };
-                    tracing::error!("cannot run {program}: {err}{hint}");
-                    self.begin_stop(Ending::PoolDied(code));
-                    return;
-                }
-                if reserve::is_resource_shortage(&err) {
-                    // corepool's trouble, not the program's: not a crash of the slot.
-                    tracing::error!(
-                        "worker {slot}: cannot start {program}: {err} (corepool is short of \
-                         resources; not counted as a failure of the worker): retrying in {}",
-                        human(RESOURCE_RETRY)
-                    );
-                    self.workers[i].retry_at(now + RESOURCE_RETRY);
-                    return;
-                }
-                // It started before: it vanished or became unusable since.
-                tracing::error!("worker {slot}: cannot start {program}: {err}");
-                self.workers[i].started(Pid::from_raw(0), now, false);
-                self.after_exit(i, ExitStatus::Code(code), now);
-            }
-        }
-    }
-
-    /// Applies one reaped exit: a worker's, or an orphan's.
-    fn on_exit(&mut self, exit: Exit) {
-        self.balancer.exited(exit.pid.as_raw());
-        if let Some(k) = self.retiring.iter().position(|&(_, pid)| pid == exit.pid) {
-            let (slot, pid) = self.retiring.remove(k);
-            tracing::info!(
-                "old worker {slot} (pid {pid}) exited after its replacement: {}",
-                exit.status
-            );
-            return;
-        }
-        if let Some(i) = self
-            .workers
-            .iter()
-            .position(|w| w.next.map(|n| n.pid) == Some(exit.pid))
-        {
-            self.workers[i].next = None;
-            self.abort_reload(&format!(
-                "the replacement of worker {} (pid {}) exited before it was ready: {}",
-                self.workers[i].slot, exit.pid, exit.status
-            ));
-            self.drain_leftovers(self.workers[i].slot, exit.pid);
-            return;
-        }
-        let Some(i) = self.workers.iter().position(|w| w.pid() == Some(exit.pid)) else {
-            tracing::debug!("reaped orphan pid {} ({})", exit.pid, exit.status);
-            return;
-        };
-        let slot = self.workers[i].slot;
-        if self.workers[i].next.is_some() && self.ending.is_none() {
-            // The old process died during its reload: the replacement takes over at once.
-            tracing::warn!(
-                "worker {slot} (pid {}) exited during its reload: {}; its replacement takes over",
-                exit.pid,
-                exit.status
-            );
-            self.workers[i].take_over();
-            self.last_status = Some(exit.status);
-            self.drain_leftovers(slot, exit.pid);
-            return;
-        }
-        let was_stopping = matches!(self.workers[i].state, State::Stopping { .. });
-        if was_stopping || self.ending.is_some() {
-            tracing::info!("worker {slot} (pid {}) exited: {}", exit.pid, exit.status);
-        } else {
-            tracing::warn!("worker {slot} (pid {}) exited: {}", exit.pid, exit.status);
-            self.drain_leftovers(slot, exit.pid);
-        }
-        self.after_exit(i, exit.status, Instant::now());
-    }
-
-    /// Whatever a dead leader left behind in its group must not linger (it may hold the port
-    /// or a lock): it gets the stop signal and the kill timeout, like a stop.
-    fn drain_leftovers(&mut self, slot: usize, leader: Pid) {
-        let group = Target::Group(leader);
-        if group.alive() {
-            tracing::info!("worker {slot}: stopping what is left of process group {leader}");
-            self.drain(group);
-        }
-    }
-
-    fn after_exit(&mut self, i: usize, status: ExitStatus, now: Instant) {
-        self.last_status = Some(status);
-        let stopping = self.ending.is_some();
-        self.served |= self.workers[i].serving_for(now) >= Some(self.rules.min_uptime);
-        let fail_fast = !self.served
-            && !self.rules.fail_fast.is_zero()
-            && now.saturating_duration_since(self.started_at) >= self.rules.fail_fast;
-        let worker = &mut self.workers[i];
-        match worker.exited(status, now, &self.rules, stopping, fail_fast) {
-            AfterExit::RestartAt(at) => tracing::info!(
-                "worker {} restarts in {} (restart {}, {} short-lived exits in a row)",
-                worker.slot,
-                human(at.saturating_duration_since(now)),
-                worker.restarts,
-                worker.failures
-            ),
-            AfterExit::GaveUp => {
-                let by_count =
-                    self.rules.max_restarts > 0 && worker.failures >= self.rules.max_restarts;
-                if by_count {
-                    tracing::error!(
-                        "worker {} given up after {} failed runs in a row (each exited within \
-                         {} of its start, or before it was ready)",
-                        worker.slot,
-                        worker.failures,
-                        human(self.rules.min_uptime)
-                    );
-                } else {
-                    tracing::error!(
-                        "worker {} given up ({status}): no worker has served in the {} since \
-                         start (--fail-fast), and it failed {} times in a row",
-                        worker.slot,
-                        human(self.rules.fail_fast),
-                        worker.failures,
-                    );
-                }
-                let slot = worker.slot;
-                self.balancer.abandon(slot);
-            }
-            AfterExit::Finished => {}
-        }
-        if self.ending.is_none() && self.workers.iter().all(Worker::is_over) {
-            let mut code = status.shell_code();
-            if code == 0 && self.rules.policy == crate::worker::RestartPolicy::Always {
-                code = 1;
-            }
-            tracing::error!("every worker slot is finished: the pool is dead (exit {code})");
-            self.begin_stop(Ending::PoolDied(code));
-        }
-    }
-
-    fn on_signal(&mut self, action: Action) {
-        match action {
-            Action::Reap => {}
-            Action::Stop(sig)
-                if sig == Signal::SIGTERM
-                    && self.ending.is_none()
-                    && self.stop_at.is_none()
-                    && !self.config.shutdown_delay.is_zero() =>
-            {
-                let delay = self.config.shutdown_delay;
-                tracing::info!(
-                    "SIGTERM: not ready any more (/readyz fails); workers keep serving for the \
-                     shutdown delay of {}, then stop",
-                    human(delay)
-                );
-                self.stop_at = Some((Instant::now() + delay, sig));
-            }
-            Action::Stop(sig) if self.ending.is_none() && self.stop_at.is_some() => {
-                tracing::info!("{sig} during the shutdown delay: stopping now");
-                self.stop_at = Some((Instant::now(), sig));
-            }
-            Action::Stop(sig) => match self.ending {
-                None => {
-                    tracing::info!(
-                        "{sig}: stopping {} workers with {}, kill timeout {}",
-                        self.live_workers(),
-                        self.config.stop_signal,
-                        human(self.config.kill_timeout)
-                    );
-                    self.begin_stop(Ending::Stop(sig));
-                }
-                Some(_) => {
-                    tracing::warn!("{sig} again: killing every remaining process group now");
-                    let now = Instant::now();
-                    self.stop_deadline = Some(now);
-                    for drain in &mut self.drains {
-                        drain.deadline = drain.deadline.min(now);
-                        drain.signal_at = drain.signal_at.map(|at| at.min(now));
-                    }
-                }
-            },
-            Action::Forward(sig) => {
-                let current = self.workers.iter().filter_map(Worker::pid);
-                let next = self.workers.iter().filter_map(|w| w.next.map(|n| n.pid));
-                let retiring = self.retiring.iter().map(|&(_, pid)| pid);
-                for pid in current.chain(next).chain(retiring) {
-                    Target::Group(pid).signal_raw(sig);
-                }
-                tracing::debug!(
-                    "{} forwarded to {} workers",
-                    reaper::signal_name(sig),
-                    self.live_workers()
-                );
-            }
-            Action::Reload => self.begin_reload(),
-            Action::Ignore(sig) => tracing::debug!("{sig} ignored"),
-        }
-    }
-
-    /// Worker processes alive: current ones, reload replacements and retiring old ones.
-    fn live_workers(&self) -> usize {
-        let current = self.workers.iter().filter(|w| w.pid().is_some()).count();
-        let next = self.workers.iter().filter(|w| w.next.is_some()).count();
-        current + next + self.retiring.len()
-    }
-
-    /// Sends the stop signal to every live worker group and to any other child of ours, and
-    /// starts draining them.
-    fn begin_stop(&mut self, ending: Ending) {
-        self.ending = Some(ending);
-        self.stop_deadline = Some(Instant::now() + self.config.kill_timeout);
-        self.balancer.close();
-        self.reload_pending = false;
-        if self.reload.take().is_some() {
-            tracing::info!("rolling reload cancelled by the stop");
-        }
-        for i in 0..self.workers.len() {
-            if let Some(pid) = self.workers[i].pid() {
-                self.drain(Target::Group(pid));
-            }
-            if let Some(next) = self.workers[i].next.take() {
-                self.drain(Target::Group(next.pid));
-                self.retiring.push((self.workers[i].slot, next.pid));
-            }
-            self.workers[i].stopping();
-        }
-        self.sweep_strays();
-    }
-
-    /// Children of ours outside every known group (they called setsid, or are orphans of a
-    /// worker's children that did): stop them too, so nothing outlives the pool unasked.
-    fn sweep_strays(&mut self) {
-        for pid in reaper::direct_children() {
-            let known = self.drains.iter().any(|d| match d.target {
-                Target::Group(pgid) => nix::unistd::getpgid(Some(pid)) == Ok(pgid),
-                Target::Process(p) => p == pid,
-            });
-            if !known && !is_zombie(pid) {
-                tracing::info!("stopping stray process {pid}");
-                self.drain(Target::Process(pid));
-            }
-        }
-    }
-
-    /// Readiness news: a worker (or a reload's replacement) accepts connections.
-    fn on_ready(&mut self, ready: Ready) {
-        let pid = Pid::from_raw(ready.pid);
-        if self.ending.is_some() {
-            return;
-        }
-        self.balancer.worker_ready(ready.pid);
-        let now = Instant::now();
-        if let Some(i) = self
-            .workers
-            .iter()
-            .position(|w| w.next.map(|n| n.pid) == Some(pid))
-        {
-            let slot = self.workers[i].slot;
-            let took = self.workers[i]
-                .next
-                .map(|n| now.saturating_duration_since(n.since));
-            if let Some(old) = self.workers[i].promote() {
-                tracing::info!(
-                    "worker {slot}: replacement pid {pid} ready after {}; stopping old pid {old}",
-                    human(took.unwrap_or_default())
-                );
-                // In proxy mode the relay may have just connected to the old worker: stop
-                // routing to it now, signal it a moment later, so that what already sits in its
-                // accept queue is accepted before it closes its listener.
-                let handoff = match self.balancer.mode {
-                    crate::balance::Mode::Proxy => PROXY_HANDOFF,
-                    _ => Duration::ZERO,
-                };
-                self.drain_after(Target::Group(old), handoff);
-                self.retiring.push((slot, old));
-            }
-            return;
-        }
-        if let Some(worker) = self.workers.iter_mut().find(|w| w.pid() == Some(pid))
-            && let Some(took) = worker.ready(now)
-        {
-            tracing::info!(
-                "worker {} ready (pid {pid}) after {}",
-                worker.slot,
-                human(took)
-            );
-        }
-    }
-
-    /// Restarts workers that did not become ready in time; ends a reload whose replacement
-    /// did not either.
-    fn check_readiness(&mut self, now: Instant) {
-        if self.ending.is_some() {
-            return;
-        }
-        if !self.served {
-            let min_uptime = self.rules.min_uptime;
-            self.served = self
-                .workers
-                .iter()
-                .any(|w| w.serving_for(now) >= Some(min_uptime));
-        }
-        let timeout = self.config.ready_timeout;
-        for i in 0..self.workers.len() {
-            if let Some(pid) = self.workers[i].unready_for(timeout, now) {
-                let how = match self.balancer.mode {
-                    crate::balance::Mode::Proxy => {
-                        "its private port ($PORT on 127.0.0.1) never accepted a connection"
-                    }
-                    _ if self.config.ready_on == crate::config::ReadyOn::Message => {
-                        "with --ready-on message a worker is ready once it calls \
-                         process.send('ready'), and it never did"
-                    }
-                    _ => {
-                        "a Node server reports itself through corepool's preload when it \
-                         listens; another program sends READY=1 to $NOTIFY_SOCKET, or use \
-                         --balance proxy. A worker that serves no port (a queue consumer) \
-                         wants --balance none; one that listens on another port wants --port"
-                    }
-                };
-                tracing::warn!(
-                    "worker {} (pid {pid}) not ready after {}: restarting it ({how})",
-                    self.workers[i].slot,
-                    human(timeout)
-                );
-                self.drain(Target::Group(pid));
-                self.workers[i].restarting();
-            }
-            if let Some(next) = self.workers[i].next
-                && now.saturating_duration_since(next.since) >= timeout
-            {
-                let slot = self.workers[i].slot;
-                self.workers[i].next = None;
-                self.drain(Target::Group(next.pid));
-                self.retiring.push((slot, next.pid));
-                self.abort_reload(&format!(
-                    "the replacement of worker {slot} (pid {}) was not ready after {}",
-                    next.pid,
-                    human(timeout)
-                ));
-            }
-        }
-    }
-
-    /// What `begin_reload` is about to do, for the client that asked.
-    fn reload_answer(&self) -> ReloadAnswer {
-        if self.ending.is_some() {
-            ReloadAnswer::Stopping
-        } else if self.reload.is_some() {
-            ReloadAnswer::Follows
-        } else {
-            ReloadAnswer::Started
-        }
-    }
-
-    /// SIGHUP: replace every running worker, `reload_batch` at a time.
-    fn begin_reload(&mut self) {
-        if self.ending.is_some() {
-            tracing::info!("reload requested during the stop: ignored");
-            return;
-        }
-        if self.reload.is_some() {
-            // The workers this reload already replaced may predate what the request is for
-            // (new code deployed in between): a whole reload follows this one. Requests
-            // that arrive meanwhile are the same request.
-            if !self.reload_pending {
-                tracing::info!("a rolling reload is under way; another will follow it");
-            }
-            self.reload_pending = true;
-            return;
-        }
-        let slots: VecDeque<usize> = (0..self.workers.len())
-            .filter(|&i| matches!(self.workers[i].state, State::Running { .. }))
-            .collect();
-        tracing::info!(
-            "rolling reload of {} workers, {} at a time",
-            slots.len(),
-            self.config.reload_batch
-        );
-        self.reloads += 1;
-        self.reload = Some(slots);
-    }
-
-    /// Starts the next batch of replacements once the current one is done.
-    fn advance_reload(&mut self, now: Instant) {
-        if self.workers.iter().any(|w| w.next.is_some()) {
-            return;
-        }
-        if self.reload.is_none() && std::mem::take(&mut self.reload_pending) {
-            self.begin_reload();
-        }
-        let Some(queue) = &mut self.reload else {
-            return;
-        };
-        if queue.is_empty() {
-            self.reload = None;
-            tracing::info!("rolling reload complete");
-            return;
-        }
-        let batch: Vec<usize> = (0..self.config.reload_batch)
-            .map_while(|_| queue.pop_front())
-            .collect();
-        for i in batch {
-            // A slot that is restarting anyway gets new code by itself.
-            if !matches!(self.workers[i].state, State::Running { .. }) {
-                continue;
-            }
-            let slot = self.workers[i].slot;
-            match self.spawn(slot) {
-                Ok(pid) => {
-                    tracing::info!("worker {slot}: replacement started, pid {pid}");
-                    self.workers[i].next = Some(Next { pid, since: now });
-                    if !self.balancer.needs_ready() {
-                        self.on_ready(Ready { pid: pid.as_raw() });
-                    }
-                }
-                Err(err) => {
-                    self.abort_reload(&format!(
-                        "cannot start a replacement for worker {slot}: {err}"
-                    ));
-                    return;
-                }
-            }
-        }
-    }
-
-    fn abort_reload(&mut self, why: &str) {
-        if self.reload.take().is_some() {
-            tracing::error!("rolling reload stopped: {why}; the old workers keep serving");
-        } else {
-            tracing::warn!("{why}");
-        }
-    }
-
-    /// The shutdown delay is over: begin the stop.
-    fn check_shutdown_delay(&mut self, now: Instant) {
-        if let Some((at, sig)) = self.stop_at
-            && at <= now
-            && self.ending.is_none()
-        {
-            tracing::info!(
-                "shutdown delay over: stopping {} workers with {}, kill timeout {}",
-                self.live_workers(),
-                self.config.stop_signal,
-                human(self.config.kill_timeout)
-            );
-            self.begin_stop(Ending::Stop(sig));
-        }
-    }
-
-    /// Every MEMORY_CHECK, compares each ready worker's process-group RSS with --max-memory;
-    /// a worker above it MEMORY_STRIKES times in a row is queued for a graceful replacement.
-    fn check_memory(&mut self, now: Instant) {
-        let Some(limit) = self.config.max_memory else {
-            return;
-        };
-        if self.ending.is_some()
-            || now.saturating_duration_since(self.memory_checked) < MEMORY_CHECK
-        {
-            return;
-        }
-        self.memory_checked = now;
-        let groups: Vec<i32> = self
-            .workers
-            .iter()
-            .filter(|w| w.is_ready() && w.next.is_none())
-            .filter_map(|w| w.pid().map(Pid::as_raw))
-            .collect();
-        let usage = group_usage(&groups);
-        for i in 0..self.workers.len() {
-            let slot = self.workers[i].slot;
-            let rss = self.workers[i]
-                .pid()
-                .and_then(|p| usage.get(&p.as_raw()))
-                .map(|u| u.rss_bytes);
-            let Some(rss) = rss.filter(|&r| r > limit) else {
-                self.memory_strikes.remove(&slot);
-                continue;
+            event = tokio::select! {
+                action = signals.next() => Event::Signal(action),
+                Some(ready) = self.ready_rx.recv() => Event::Ready(ready),
+                Some(Command::Reload(reply)) = self.commands.recv() => Event::Reload(reply),
+                _ = tokio::time::sleep_until(wake.into()) => Event::Tick,
             };
-            let strikes = self.memory_strikes.entry(slot).or_insert(0);
-            *strikes += 1;
-            if *strikes < MEMORY_STRIKES {
-                continue;
-            }
-            self.memory_strikes.remove(&slot);
-            let queue = self.reload.get_or_insert_with(VecDeque::new);
-            if !queue.contains(&i) {
-                tracing::warn!(
-                    "worker {slot}: {} MiB resident, above --max-memory {} MiB for {} checks: \
-                     replacing it",
-                    rss >> 20,
-                    limit >> 20,
-                    MEMORY_STRIKES
-                );
-                queue.push_back(i);
-                self.memory_restarts += 1;
-            }
         }
     }
 
     /// Hands the reporters a fresh view of the pool.
     fn publish(&self, now: Instant) {
-        let slots = self
-            .workers
-            .iter()
-            .map(|w| {
-                let (state, uptime) = match w.state {
-                    State::Waiting { .. } => ("waiting", None),
-                    State::Running { since, .. } => {
-                        ("running", Some(now.saturating_duration_since(since)))
-                    }
-                    State::Stopping { since, .. } => {
-                        ("stopping", Some(now.saturating_duration_since(since)))
-                    }
-                    State::Done { .. } => ("done", None),
-                    State::GivenUp { .. } => ("given-up", None),
-                };
-                SlotView {
-                    slot: w.slot,
-                    pid: w.pid().map(Pid::as_raw),
-                    state,
-                    ready: w.is_ready() && self.ending.is_none(),
-                    restarts: w.restarts,
-                    uptime,
-                }
-            })
-            .collect();
-        let (open, total) = self.balancer.connections();
+        let (open, total) = self.os.balancer.connections();
+        let (reloads, memory_restarts) = self.core.counters();
         self.shared.publish(Snapshot {
             heartbeat: now,
-            slots,
-            stopping: self.ending.is_some() || self.stop_at.is_some(),
-            reloads: self.reloads,
-            memory_restarts: self.memory_restarts,
+            slots: self.core.slots(now),
+            stopping: self.core.stopping(),
+            reloads,
+            memory_restarts,
             open_connections: open,
             connections_total: total,
-            connection_limit: self.balancer.connection_limit(),
+            connection_limit: self.os.balancer.connection_limit(),
         });
-    }
-
-    fn drain(&mut self, target: Target) {
-        self.drain_after(target, Duration::ZERO);
-    }
-
-    /// Stops routing to `target` at once, sends it the stop signal after `delay`, and SIGKILL
-    /// after the kill timeout on top.
-    fn drain_after(&mut self, target: Target, delay: Duration) {
-        if let Target::Group(pgid) = target {
-            self.balancer.forget(pgid.as_raw());
-        }
-        if self.drains.iter().any(|d| d.target == target) {
-            return;
-        }
-        let now = Instant::now();
-        let signal_at = if delay.is_zero() {
-            target.signal(self.config.stop_signal);
-            None
-        } else {
-            Some(now + delay)
-        };
-        let mut deadline = now + delay + self.config.kill_timeout;
-        if let Some(stop) = self.stop_deadline {
-            deadline = deadline.min(stop);
-        }
-        self.drains.push(Drain {
-            target,
-            signal_at,
-            deadline,
-            killed: false,
-        });
-    }
-
-    /// Forgets drained targets that are gone; SIGKILLs those past their deadline.
-    fn escalate(&mut self, now: Instant) {
-        self.drains.retain(|d| d.target.alive());
-        for drain in &mut self.drains {
-            if drain.signal_at.is_some_and(|at| at <= now) {
-                drain.target.signal(self.config.stop_signal);
-                drain.signal_at = None;
-            }
-            if !drain.killed && drain.deadline <= now {
-                tracing::warn!(
-                    "{} still alive after the kill timeout: SIGKILL",
-                    drain.target
-                );
-                drain.target.signal(Signal::SIGKILL);
-                drain.killed = true;
-                // Only a kill the stop needed makes the stop unclean (exit 1); leftovers of a
-                // crash or a reload killed earlier are not part of it.
-                self.any_killed |= self.ending.is_some();
-            }
-        }
-    }
-
-    /// The exit code, once the pool is ending and nothing of it is left.
-    fn outcome(&mut self) -> Option<i32> {
-        let ending = self.ending?;
-        if self.live_workers() > 0 || !self.drains.is_empty() {
-            return None;
-        }
-        // Processes that appeared since the stop began (forked by dying workers) get a turn too.
-        self.sweep_strays();
-        if !self.drains.is_empty() {
-            return None;
-        }
-        Some(match ending {
-            Ending::Stop(_) if self.any_killed => exit::KILLED,
-            Ending::Stop(_) => exit::STOPPED,
-            Ending::PoolDied(code) => code,
-        })
-    }
-
-    fn next_deadline(&self, now: Instant) -> Instant {
-        let mut next = now + SAFETY_TICK;
-        if !self.drains.is_empty() {
-            next = next.min(now + DRAIN_POLL);
-        }
-        let deadlines = self.drains.iter().filter(|d| !d.killed).map(|d| d.deadline);
-        let deadlines = deadlines.chain(self.drains.iter().filter_map(|d| d.signal_at));
-        let deadlines = deadlines.chain(self.stop_at.map(|(at, _)| at));
-        let starts = self.workers.iter().filter_map(Worker::due);
-        let timeout = self.config.ready_timeout;
-        let readiness = self.workers.iter().flat_map(|w| {
-            let current = match w.state {
-                State::Running {
-                    since,
-                    ready: false,
-                    ..
-                } => Some(since + timeout),
-                _ => None,
-            };
-            current.into_iter().chain(w.next.map(|n| n.since + timeout))
-        });
-        for at in deadlines.chain(starts).chain(readiness) {
-            next = next.min(at);
-        }
-        next
     }
 
     /// Lets the workers' last output through, then closes the log writers.
     async fn finish(self, code: i32) -> i32 {
+        let pumps = &self.os.pumps;
         let deadline = Instant::now() + PIPE_GRACE;
-        while self.pumps.iter().any(|p| !p.is_finished()) && Instant::now() < deadline {
+        while pumps.iter().any(|p| !p.is_finished()) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        for pump in &self.pumps {
+        for pump in pumps {
             pump.abort();
         }
         tracing::info!("exiting with code {code}");
-        self.output.finish(PIPE_GRACE);
+        self.os.output.finish(PIPE_GRACE);
         code
     }
-}
-
-fn is_zombie(pid: Pid) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let after = stat.rsplit_once(')')?.1;
-            after.split_whitespace().next().map(|s| s == "Z")
-        })
-        .unwrap_or(false)
 }

@@ -116,14 +116,14 @@ pub enum AfterExit {
 /// One slot of the pool.
 #[derive(Debug)]
 pub struct Worker {
-    pub slot: usize,
-    pub state: State,
+    slot: usize,
+    state: State,
     /// Consecutive exits that came sooner than `min_uptime`.
-    pub failures: u32,
+    failures: u32,
     /// How many times this slot was started again.
-    pub restarts: u64,
+    restarts: u64,
     /// The replacement started by a rolling reload, until it is ready.
-    pub next: Option<Next>,
+    next: Option<Next>,
 }
 
 /// A replacement process of a rolling reload.
@@ -142,6 +142,47 @@ impl Worker {
             restarts: 0,
             next: None,
         }
+    }
+
+    /// The slot number.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    /// Where the slot is in its life.
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// Consecutive exits that came sooner than `min_uptime`.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// How many times this slot was started again.
+    pub fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
+    /// Whether the slot runs a process (not waiting, stopping or over).
+    pub fn is_running(&self) -> bool {
+        matches!(self.state, State::Running { .. })
+    }
+
+    /// The replacement of a rolling reload, until it is ready.
+    pub fn next(&self) -> Option<Next> {
+        self.next
+    }
+
+    /// Verb `replace`: a rolling reload started `pid` to take this slot's place once ready.
+    pub fn replacing(&mut self, pid: Pid, now: Instant) {
+        self.next = Some(Next { pid, since: now });
+    }
+
+    /// Verb `abandon_replacement`: the reload's replacement exited, timed out or is being
+    /// stopped; the current process keeps the slot. Returns the replacement, if there was one.
+    pub fn drop_replacement(&mut self) -> Option<Next> {
+        self.next.take()
     }
 
     /// The live process of this slot, if any.
@@ -273,6 +314,23 @@ impl Worker {
         }
     }
 
+    /// Verb `start_failed`: spawning the slot's process failed after the pool had started
+    /// others (the program vanished or became unusable since). It counts as a run that failed
+    /// before it was ready, with `status` (126 or 127, as a shell would say).
+    pub fn start_failed(
+        &mut self,
+        status: ExitStatus,
+        now: Instant,
+        rules: &RestartRules,
+        pool_stopping: bool,
+        fail_fast: bool,
+    ) -> AfterExit {
+        if !matches!(self.state, State::Waiting { .. }) {
+            return AfterExit::Finished;
+        }
+        self.after_run(now, true, status, now, rules, pool_stopping, fail_fast)
+    }
+
     /// Verb `exited`: the kernel reported the leader's exit. `pool_stopping` overrides the
     /// restart policy; `fail_fast` says the pool has never served and its start-up window is
     /// over, so a failure gives the slot up at once.
@@ -297,6 +355,22 @@ impl Worker {
             }
             _ => return AfterExit::Finished,
         };
+        self.after_run(since, forced, status, now, rules, pool_stopping, fail_fast)
+    }
+
+    /// What follows a run that began at `since` and ended with `status` (`forced`: it counts
+    /// as a failure whatever its age).
+    #[allow(clippy::too_many_arguments)]
+    fn after_run(
+        &mut self,
+        since: Instant,
+        forced: bool,
+        status: ExitStatus,
+        now: Instant,
+        rules: &RestartRules,
+        pool_stopping: bool,
+        fail_fast: bool,
+    ) -> AfterExit {
         // A worker stopped for never becoming ready counts as a failure, whatever its age.
         let short_lived = forced || now.saturating_duration_since(since) < rules.min_uptime;
         self.failures = if short_lived { self.failures + 1 } else { 0 };
@@ -326,193 +400,5 @@ impl Worker {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rules(policy: RestartPolicy) -> RestartRules {
-        RestartRules {
-            policy,
-            delay: Duration::from_millis(100),
-            max_delay: Duration::from_secs(1),
-            min_uptime: Duration::from_secs(1),
-            max_restarts: 3,
-            fail_fast: Duration::ZERO,
-        }
-    }
-
-    fn running(now: Instant) -> Worker {
-        let mut w = Worker::new(0, now);
-        w.started(Pid::from_raw(10), now, true);
-        w
-    }
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let r = rules(RestartPolicy::Always);
-        let ms: Vec<u128> = (0..7).map(|f| r.backoff(f).as_millis()).collect();
-        assert_eq!(ms, vec![100, 100, 200, 400, 800, 1000, 1000]);
-        assert_eq!(r.backoff(u32::MAX), Duration::from_secs(1));
-    }
-
-    #[test]
-    fn short_lived_exits_give_up() {
-        let r = rules(RestartPolicy::Always);
-        let t0 = Instant::now();
-        let mut w = running(t0);
-        let crash = ExitStatus::Code(1);
-        assert_eq!(
-            w.exited(crash, t0, &r, false, false),
-            AfterExit::RestartAt(t0 + Duration::from_millis(100))
-        );
-        w.started(Pid::from_raw(11), t0, true);
-        assert_eq!(
-            w.exited(crash, t0, &r, false, false),
-            AfterExit::RestartAt(t0 + Duration::from_millis(200))
-        );
-        w.started(Pid::from_raw(12), t0, true);
-        assert_eq!(w.exited(crash, t0, &r, false, false), AfterExit::GaveUp);
-        assert_eq!(w.state, State::GivenUp { status: crash });
-        assert_eq!(w.restarts, 2);
-    }
-
-    #[test]
-    fn a_retry_counts_nothing() {
-        let r = rules(RestartPolicy::Always);
-        let t0 = Instant::now();
-        let mut w = running(t0);
-        w.exited(ExitStatus::Code(1), t0, &r, false, false);
-        let (failures, restarts) = (w.failures, w.restarts);
-        let later = t0 + Duration::from_secs(1);
-        w.retry_at(later);
-        assert_eq!(w.state, State::Waiting { at: later });
-        assert_eq!((w.failures, w.restarts), (failures, restarts));
-        // Only a waiting slot is put off.
-        w.started(Pid::from_raw(11), later, true);
-        w.retry_at(later + Duration::from_secs(1));
-        assert!(matches!(w.state, State::Running { .. }));
-    }
-
-    #[test]
-    fn long_life_resets_failures() {
-        let r = rules(RestartPolicy::Always);
-        let t0 = Instant::now();
-        let mut w = running(t0);
-        w.exited(ExitStatus::Code(1), t0, &r, false, false);
-        w.started(Pid::from_raw(11), t0, true);
-        w.exited(ExitStatus::Code(1), t0, &r, false, false);
-        assert_eq!(w.failures, 2);
-        w.started(Pid::from_raw(12), t0, true);
-        let later = t0 + Duration::from_secs(5);
-        assert_eq!(
-            w.exited(ExitStatus::Code(1), later, &r, false, false),
-            AfterExit::RestartAt(later + Duration::from_millis(100))
-        );
-        assert_eq!(w.failures, 0);
-    }
-
-    #[test]
-    fn policies() {
-        let t0 = Instant::now();
-        let later = t0 + Duration::from_secs(5);
-        let mut w = running(t0);
-        assert_eq!(
-            w.exited(
-                ExitStatus::Code(0),
-                later,
-                &rules(RestartPolicy::OnFailure),
-                false,
-                false
-            ),
-            AfterExit::Finished
-        );
-        let mut w = running(t0);
-        assert!(matches!(
-            w.exited(
-                ExitStatus::Code(2),
-                later,
-                &rules(RestartPolicy::OnFailure),
-                false,
-                false
-            ),
-            AfterExit::RestartAt(_)
-        ));
-        let mut w = running(t0);
-        assert_eq!(
-            w.exited(
-                ExitStatus::Code(2),
-                later,
-                &rules(RestartPolicy::Never),
-                false,
-                false
-            ),
-            AfterExit::Finished
-        );
-        let mut w = running(t0);
-        assert_eq!(
-            w.exited(
-                ExitStatus::Code(2),
-                later,
-                &rules(RestartPolicy::Always),
-                true,
-                false
-            ),
-            AfterExit::Finished
-        );
-        let mut w = running(t0);
-        w.stopping();
-        assert!(matches!(w.state, State::Stopping { .. }));
-        assert_eq!(
-            w.exited(
-                ExitStatus::Code(0),
-                later,
-                &rules(RestartPolicy::Always),
-                false,
-                false
-            ),
-            AfterExit::Finished
-        );
-        let mut w = Worker::new(1, t0);
-        w.stopping();
-        assert_eq!(w.state, State::Done { status: None });
-    }
-
-    #[test]
-    fn an_exit_before_ready_is_a_failure_whatever_its_age() {
-        let r = rules(RestartPolicy::Always);
-        let t0 = Instant::now();
-        let later = t0 + Duration::from_secs(5);
-        let mut w = Worker::new(0, t0);
-        w.started(Pid::from_raw(10), t0, false);
-        assert!(matches!(
-            w.exited(ExitStatus::Code(3), later, &r, false, false),
-            AfterExit::RestartAt(_)
-        ));
-        assert_eq!(w.failures, 1);
-        w.started(Pid::from_raw(11), later, false);
-        w.exited(
-            ExitStatus::Code(3),
-            later + Duration::from_secs(5),
-            &r,
-            false,
-            false,
-        );
-        assert_eq!(w.failures, 2);
-    }
-
-    #[test]
-    fn fail_fast_gives_up_a_failure_but_not_a_long_life() {
-        let r = rules(RestartPolicy::Always);
-        let t0 = Instant::now();
-        let mut w = running(t0);
-        assert_eq!(
-            w.exited(ExitStatus::Code(1), t0, &r, false, true),
-            AfterExit::GaveUp
-        );
-        let mut w = running(t0);
-        let later = t0 + Duration::from_secs(5);
-        assert!(matches!(
-            w.exited(ExitStatus::Code(1), later, &r, false, true),
-            AfterExit::RestartAt(_)
-        ));
-    }
-}
+#[path = "worker_tests.rs"]
+mod tests;

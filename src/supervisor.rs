@@ -1,0 +1,490 @@
+//! The supervision core: the slots, who each pid is, and every decision the pool takes about
+//! them, with no process, clock or socket of its own.
+//!
+//! Everything the core does to the world goes through [`Os`] (spawn, signal, liveness,
+//! children, usage, routing), and every call is given the time: so the unit tests drive it
+//! with `FakeOs` and a fake clock. The concerns live in their own types: [`Reload`] (the
+//! rolling reload), [`MemoryWatch`] (--max-memory), [`Drains`] (the stop signal and SIGKILL
+//! escalation) and [`Shutdown`] (the shutdown delay, the stop and the exit code); this module
+//! ties them to the slots. One map answers "who is this pid": the current process of a slot,
+//! a replacement for it, or an old one retiring.
+
+use crate::drain::Drains;
+use crate::ending::{Ending, Shutdown, StopStep, pool_death_code};
+use crate::exit;
+use crate::metrics::SlotView;
+use crate::os::{Os, Target};
+use crate::reaper::{self, Exit, ExitStatus};
+use crate::replace::Replacements;
+use crate::reserve;
+use crate::signals::Action;
+use crate::slots::{Role, Slots};
+use crate::units::format_duration as human;
+use crate::worker::{AfterExit, RestartRules, State, Worker};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use std::time::{Duration, Instant};
+
+/// How often liveness of draining groups is checked while a drain is under way.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+/// A start that failed for corepool's own lack of resources is tried again after this long.
+const RESOURCE_RETRY: Duration = Duration::from_secs(1);
+
+/// What the core needs from the configuration and the balance mode.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub rules: RestartRules,
+    pub instances: usize,
+    pub ready_timeout: Duration,
+    pub reload_batch: usize,
+    pub stop_signal: Signal,
+    pub kill_timeout: Duration,
+    pub shutdown_delay: Duration,
+    pub max_memory: Option<u64>,
+    /// A worker must report readiness (else it is ready once started).
+    pub needs_ready: bool,
+    /// Time between routing away from a replaced worker and signalling it (proxy mode).
+    pub handoff: Duration,
+    /// Why a worker may never have become ready, for the log line that restarts it.
+    pub not_ready_hint: &'static str,
+    /// The program, for messages.
+    pub program: String,
+}
+
+/// The core's whole state.
+#[derive(Debug)]
+pub struct Supervisor {
+    s: Settings,
+    slots: Slots,
+    replacements: Replacements,
+    drains: Drains,
+    shutdown: Shutdown,
+    /// Some worker process has been started: from then on a start that fails is a crash of
+    /// that slot (restarted with backoff); before, it is the command that cannot run at all.
+    launched_once: bool,
+    /// When the pool started, for `--fail-fast`.
+    started_at: Instant,
+    /// Some worker has served: been ready for `--min-uptime`. Until then `--fail-fast` holds.
+    served: bool,
+}
+
+impl Supervisor {
+    pub fn new(s: Settings, now: Instant) -> Supervisor {
+        Supervisor {
+            slots: Slots::new(s.instances, now),
+            replacements: Replacements::new(
+                s.reload_batch,
+                s.max_memory,
+                s.handoff,
+                s.needs_ready,
+                now,
+            ),
+            drains: Drains::new(s.stop_signal, s.kill_timeout),
+            shutdown: Shutdown::new(s.shutdown_delay),
+            launched_once: false,
+            started_at: now,
+            served: false,
+            s,
+        }
+    }
+
+    /// What is due at `now`: starts, readiness timeouts, the memory check, the reload's next
+    /// batch, the end of the shutdown delay, drain escalation.
+    pub fn step(&mut self, now: Instant, os: &mut dyn Os) {
+        self.start_due(now, os);
+        self.check_readiness(now, os);
+        if !self.shutdown.is_ending() {
+            let (slots, drains) = (&mut self.slots, &mut self.drains);
+            self.replacements.check_memory(slots, now, os);
+            self.replacements.advance(slots, drains, now, os);
+        }
+        if let Some(sig) = self.shutdown.delay_over(now) {
+            tracing::info!(
+                "shutdown delay over: stopping {} workers with {}, kill timeout {}",
+                self.live_workers(),
+                self.s.stop_signal,
+                human(self.s.kill_timeout)
+            );
+            self.begin_stop(Ending::Stop(sig), now, os);
+        }
+        self.drains.escalate(os, now, self.shutdown.is_ending());
+    }
+
+    fn start_due(&mut self, now: Instant, os: &mut dyn Os) {
+        for i in 0..self.slots.len() {
+            if !self.shutdown.is_ending() && self.slots.worker(i).due().is_some_and(|at| at <= now)
+            {
+                self.start(i, now, os);
+            }
+        }
+    }
+
+    fn start(&mut self, i: usize, now: Instant, os: &mut dyn Os) {
+        let slot = self.slots.worker(i).slot();
+        let err = match os.spawn(slot, self.slots.len()) {
+            Ok(pid) => {
+                self.launched_once = true;
+                self.slots.started(i, pid, now, !self.s.needs_ready);
+                tracing::info!("worker {slot} started, pid {pid}");
+                return;
+            }
+            Err(err) => err,
+        };
+        let program = &self.s.program;
+        let code = start_error_code(&err);
+        if !self.launched_once {
+            let hint = cannot_run_hint(&err);
+            tracing::error!("cannot run {program}: {err}{hint}");
+            self.begin_stop(Ending::PoolDied(code), now, os);
+            return;
+        }
+        if reserve::is_resource_shortage(&err) {
+            // corepool's trouble, not the program's: not a crash of the slot.
+            tracing::error!(
+                "worker {slot}: cannot start {program}: {err} (corepool is short of \
+                 resources; not counted as a failure of the worker): retrying in {}",
+                human(RESOURCE_RETRY)
+            );
+            self.slots.worker_mut(i).retry_at(now + RESOURCE_RETRY);
+            return;
+        }
+        // It started before: it vanished or became unusable since.
+        tracing::error!("worker {slot}: cannot start {program}: {err}");
+        self.after_exit(i, ExitStatus::Code(code), now, true, os);
+    }
+
+    /// Applies one reaped exit: a worker's, a replacement's, a retiring one's, or an orphan's.
+    pub fn on_exit(&mut self, exit: Exit, now: Instant, os: &mut dyn Os) {
+        os.route_exited(exit.pid);
+        let (pid, status) = (exit.pid, exit.status);
+        let i = match self.slots.exited(pid) {
+            None => {
+                tracing::debug!("reaped orphan pid {pid} ({status})");
+                return;
+            }
+            Some(Role::Retiring(slot)) => {
+                tracing::info!(
+                    "old worker {slot} (pid {pid}) exited after its replacement: {status}"
+                );
+                return;
+            }
+            Some(Role::Replacement(i, cause)) => {
+                let slot = self.slots.worker(i).slot();
+                self.slots.forget_replacement(i);
+                self.replacements.failed(
+                    cause,
+                    &format!(
+                        "the replacement of worker {slot} (pid {pid}) exited before it was \
+                         ready: {status}"
+                    ),
+                );
+                self.drain_leftovers(slot, pid, now, os);
+                return;
+            }
+            Some(Role::Current(i)) => i,
+        };
+        let slot = self.slots.worker(i).slot();
+        if self.slots.worker(i).next().is_some() && !self.shutdown.is_ending() {
+            // The old process died during its reload: the replacement takes over at once.
+            tracing::warn!(
+                "worker {slot} (pid {pid}) exited during its reload: {status}; its replacement \
+                 takes over"
+            );
+            self.slots.take_over(i);
+            self.drain_leftovers(slot, pid, now, os);
+            return;
+        }
+        let was_stopping = matches!(self.slots.worker(i).state(), State::Stopping { .. });
+        if was_stopping || self.shutdown.is_ending() {
+            tracing::info!("worker {slot} (pid {pid}) exited: {status}");
+        } else {
+            tracing::warn!("worker {slot} (pid {pid}) exited: {status}");
+            self.drain_leftovers(slot, pid, now, os);
+        }
+        self.after_exit(i, status, now, false, os);
+    }
+
+    /// Whatever a dead leader left behind in its group must not linger (it may hold the port
+    /// or a lock): it gets the stop signal and the kill timeout, like a stop.
+    fn drain_leftovers(&mut self, slot: usize, leader: Pid, now: Instant, os: &mut dyn Os) {
+        let group = Target::Group(leader);
+        if os.alive(group) {
+            tracing::info!("worker {slot}: stopping what is left of process group {leader}");
+            self.drains.add(os, group, Duration::ZERO, now);
+        }
+    }
+
+    /// The slot's run ended (or its start failed): restart, finish or give up, and end the
+    /// pool when no slot is left.
+    fn after_exit(
+        &mut self,
+        i: usize,
+        status: ExitStatus,
+        now: Instant,
+        start_failed: bool,
+        os: &mut dyn Os,
+    ) {
+        let rules = self.s.rules;
+        let stopping = self.shutdown.is_ending();
+        self.served |= self.slots.worker(i).serving_for(now) >= Some(rules.min_uptime);
+        let fail_fast = !self.served
+            && !rules.fail_fast.is_zero()
+            && now.saturating_duration_since(self.started_at) >= rules.fail_fast;
+        let worker = self.slots.worker_mut(i);
+        let after = if start_failed {
+            worker.start_failed(status, now, &rules, stopping, fail_fast)
+        } else {
+            worker.exited(status, now, &rules, stopping, fail_fast)
+        };
+        report(after, worker, status, &rules, now);
+        if after == AfterExit::GaveUp {
+            os.abandon(worker.slot());
+        }
+        if !self.shutdown.is_ending() && self.slots.all_over() {
+            let code = pool_death_code(status, rules.policy);
+            tracing::error!("every worker slot is finished: the pool is dead (exit {code})");
+            self.begin_stop(Ending::PoolDied(code), now, os);
+        }
+    }
+
+    /// A signal the signal stream decided on.
+    pub fn on_signal(&mut self, action: Action, now: Instant, os: &mut dyn Os) {
+        match action {
+            Action::Reap => {}
+            Action::Stop(sig) => match self.shutdown.on_stop_signal(sig, now) {
+                StopStep::Delay(delay) => tracing::info!(
+                    "SIGTERM: not ready any more (/readyz fails); workers keep serving for the \
+                     shutdown delay of {}, then stop",
+                    human(delay)
+                ),
+                StopStep::Hurry => tracing::info!("{sig} during the shutdown delay: stopping now"),
+                StopStep::Begin => {
+                    tracing::info!(
+                        "{sig}: stopping {} workers with {}, kill timeout {}",
+                        self.live_workers(),
+                        self.s.stop_signal,
+                        human(self.s.kill_timeout)
+                    );
+                    self.begin_stop(Ending::Stop(sig), now, os);
+                }
+                StopStep::KillNow => {
+                    tracing::warn!("{sig} again: killing every remaining process group now");
+                    self.drains.hurry(now);
+                }
+            },
+            Action::Forward(sig) => {
+                for pid in self.slots.pids() {
+                    os.signal_raw(Target::Group(pid), sig);
+                }
+                tracing::debug!(
+                    "{} forwarded to {} workers",
+                    reaper::signal_name(sig),
+                    self.live_workers()
+                );
+            }
+            Action::Reload => self.request_reload(),
+            Action::Ignore(sig) => tracing::debug!("{sig} ignored"),
+        }
+    }
+
+    /// Worker processes alive: current ones, reload replacements and retiring old ones.
+    fn live_workers(&self) -> usize {
+        self.slots.live()
+    }
+
+    /// Sends the stop signal to every live worker group and to any other child of ours, and
+    /// starts draining them.
+    fn begin_stop(&mut self, ending: Ending, now: Instant, os: &mut dyn Os) {
+        self.shutdown.begin(ending);
+        self.drains.begin_stop(now);
+        os.close();
+        self.replacements.cancel();
+        for i in 0..self.slots.len() {
+            if let Some(pid) = self.slots.worker(i).pid() {
+                self.drains.add(os, Target::Group(pid), Duration::ZERO, now);
+            }
+            if let Some((pid, _)) = self.slots.retire_replacement(i) {
+                self.drains.add(os, Target::Group(pid), Duration::ZERO, now);
+            }
+            self.slots.worker_mut(i).stopping();
+        }
+        self.sweep_strays(now, os);
+    }
+
+    /// Children of ours outside every known group (they called setsid, or are orphans of a
+    /// worker's children that did): stop them too, so nothing outlives the pool unasked.
+    fn sweep_strays(&mut self, now: Instant, os: &mut dyn Os) {
+        for child in os.children() {
+            if !self.drains.covers(child.pid, child.pgid) && !child.zombie {
+                tracing::info!("stopping stray process {}", child.pid);
+                self.drains
+                    .add(os, Target::Process(child.pid), Duration::ZERO, now);
+            }
+        }
+    }
+
+    /// Readiness news: a worker (or a replacement) accepts connections.
+    pub fn on_ready(&mut self, pid: Pid, now: Instant, os: &mut dyn Os) {
+        if self.shutdown.is_ending() {
+            return;
+        }
+        os.route_ready(pid);
+        match self.slots.role(pid) {
+            Some(Role::Replacement(i, _)) => {
+                let (slots, drains) = (&mut self.slots, &mut self.drains);
+                self.replacements.promote(slots, drains, i, pid, now, os);
+            }
+            Some(Role::Current(i)) => {
+                if let Some(took) = self.slots.worker_mut(i).ready(now) {
+                    tracing::info!(
+                        "worker {} ready (pid {pid}) after {}",
+                        self.slots.worker(i).slot(),
+                        human(took)
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Restarts workers that did not become ready in time; ends a replacement that did not
+    /// either.
+    fn check_readiness(&mut self, now: Instant, os: &mut dyn Os) {
+        if self.shutdown.is_ending() {
+            return;
+        }
+        let timeout = self.s.ready_timeout;
+        if !self.served {
+            self.served = self.slots.any_serving_for(self.s.rules.min_uptime, now);
+        }
+        for i in 0..self.slots.len() {
+            if let Some(pid) = self.slots.worker(i).unready_for(timeout, now) {
+                tracing::warn!(
+                    "worker {} (pid {pid}) not ready after {}: restarting it ({})",
+                    self.slots.worker(i).slot(),
+                    human(timeout),
+                    self.s.not_ready_hint
+                );
+                self.drains.add(os, Target::Group(pid), Duration::ZERO, now);
+                self.slots.worker_mut(i).restarting();
+            }
+        }
+        let (slots, drains) = (&mut self.slots, &mut self.drains);
+        self.replacements
+            .check_timeouts(slots, drains, timeout, now, os);
+    }
+
+    /// What a reload request does now, for the client that asked.
+    pub fn reload_answer(&self) -> crate::control::ReloadAnswer {
+        self.replacements.answer(self.shutdown.is_ending())
+    }
+
+    /// SIGHUP or `corepool reload`: replace every running worker, a batch at a time.
+    pub fn request_reload(&mut self) {
+        if self.shutdown.is_ending() {
+            tracing::info!("reload requested during the stop: ignored");
+            return;
+        }
+        self.replacements.request_reload(&self.slots);
+    }
+
+    /// The exit code, once the pool is ending and nothing of it is left.
+    pub fn outcome(&mut self, now: Instant, os: &mut dyn Os) -> Option<i32> {
+        if !self.shutdown.is_ending() || self.live_workers() > 0 || !self.drains.is_empty() {
+            return None;
+        }
+        // Processes that appeared since the stop began (forked by dying workers) get a turn too.
+        self.sweep_strays(now, os);
+        if !self.drains.is_empty() {
+            return None;
+        }
+        self.shutdown.exit_code(self.drains.any_killed())
+    }
+
+    /// The next time something is due, if anything is.
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let poll = (!self.drains.is_empty()).then_some(now + DRAIN_POLL);
+        poll.into_iter()
+            .chain(self.drains.next_deadline())
+            .chain(self.shutdown.next_deadline())
+            .chain(self.slots.deadlines(self.s.ready_timeout))
+            .min()
+    }
+
+    /// The slots as the reporters show them.
+    pub fn slots(&self, now: Instant) -> Vec<SlotView> {
+        self.slots.views(now, self.shutdown.is_ending())
+    }
+
+    /// Whether the pool says it is stopping (the shutdown delay or the stop).
+    pub fn stopping(&self) -> bool {
+        self.shutdown.is_announced()
+    }
+
+    /// Reloads begun and memory replacements decided, for the metrics.
+    pub fn counters(&self) -> (u64, u64) {
+        self.replacements.counters()
+    }
+
+    /// Who `pid` is, if it is one of the pool's processes.
+    pub fn role(&self, pid: Pid) -> Option<Role> {
+        self.slots.role(pid)
+    }
+}
+
+/// Says what follows a worker's exit.
+fn report(
+    after: AfterExit,
+    worker: &Worker,
+    status: ExitStatus,
+    rules: &RestartRules,
+    now: Instant,
+) {
+    let (slot, failures) = (worker.slot(), worker.failures());
+    match after {
+        AfterExit::RestartAt(at) => tracing::info!(
+            "worker {slot} restarts in {} (restart {}, {failures} short-lived exits in a row)",
+            human(at.saturating_duration_since(now)),
+            worker.restarts(),
+        ),
+        AfterExit::GaveUp if rules.max_restarts > 0 && failures >= rules.max_restarts => {
+            tracing::error!(
+                "worker {slot} given up after {failures} failed runs in a row (each exited \
+                 within {} of its start, or before it was ready)",
+                human(rules.min_uptime)
+            )
+        }
+        AfterExit::GaveUp => tracing::error!(
+            "worker {slot} given up ({status}): no worker has served in the {} since start \
+             (--fail-fast), and it failed {failures} times in a row",
+            human(rules.fail_fast),
+        ),
+        AfterExit::Finished => {}
+    }
+}
+
+/// What is missing when a first start fails, if the error says.
+fn cannot_run_hint(err: &std::io::Error) -> &'static str {
+    // The file exists and is executable (checked before), so ENOENT from execve means what it
+    // names to run it is missing.
+    match err.raw_os_error() {
+        Some(libc::ENOENT) => " (its #! interpreter or ELF loader does not exist)",
+        Some(libc::ENOEXEC) => " (neither a binary for this machine nor a #! script)",
+        _ => "",
+    }
+}
+
+/// The exit code a failed start stands for, as a shell would say it.
+fn start_error_code(err: &std::io::Error) -> i32 {
+    match (err.kind(), err.raw_os_error()) {
+        (std::io::ErrorKind::NotFound, _) => exit::NOT_FOUND,
+        (std::io::ErrorKind::PermissionDenied, _) => exit::NOT_EXECUTABLE,
+        (_, Some(libc::ENOEXEC | libc::EISDIR | libc::ETXTBSY)) => exit::NOT_EXECUTABLE,
+        // fork or pipe failures (EAGAIN, EMFILE): corepool's own trouble.
+        _ => exit::STARTUP,
+    }
+}
+
+#[cfg(test)]
+#[path = "supervisor_tests.rs"]
+mod tests;

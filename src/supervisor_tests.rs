@@ -1,0 +1,303 @@
+//! The supervision core driven with `FakeOs` and a fake clock (times are offsets in
+//! milliseconds from the start): no process, no sleep.
+
+use super::*;
+use crate::control::ReloadAnswer;
+use crate::metrics::Usage;
+use crate::os::fake::FakeOs;
+use crate::slots::Cause;
+use crate::worker::RestartPolicy;
+
+const TERM: i32 = Signal::SIGTERM as i32;
+const KILL: i32 = Signal::SIGKILL as i32;
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn pid(n: i32) -> Pid {
+    Pid::from_raw(n)
+}
+
+fn settings(instances: usize) -> Settings {
+    Settings {
+        rules: RestartRules {
+            policy: RestartPolicy::Always,
+            delay: ms(100),
+            max_delay: ms(1000),
+            min_uptime: ms(1000),
+            max_restarts: 3,
+            fail_fast: Duration::ZERO,
+        },
+        instances,
+        ready_timeout: ms(500),
+        reload_batch: 1,
+        stop_signal: Signal::SIGTERM,
+        kill_timeout: ms(300),
+        shutdown_delay: Duration::ZERO,
+        max_memory: None,
+        needs_ready: true,
+        handoff: Duration::ZERO,
+        not_ready_hint: "test",
+        program: "app".into(),
+    }
+}
+
+/// The core, its fake world and the fake clock's origin.
+struct Rig {
+    core: Supervisor,
+    os: FakeOs,
+    t0: Instant,
+}
+
+impl Rig {
+    fn new(s: Settings) -> Rig {
+        let t0 = Instant::now();
+        Rig {
+            core: Supervisor::new(s, t0),
+            os: FakeOs::default(),
+            t0,
+        }
+    }
+
+    fn at(&self, t: u64) -> Instant {
+        self.t0 + ms(t)
+    }
+
+    /// One turn of the loop at `t`: reap, step, and the exit code if the pool is finished.
+    fn turn(&mut self, t: u64) -> Option<i32> {
+        let now = self.at(t);
+        for exit in self.os.reap() {
+            self.core.on_exit(exit, now, &mut self.os);
+        }
+        self.core.step(now, &mut self.os);
+        self.core.outcome(now, &mut self.os)
+    }
+
+    fn ready(&mut self, p: i32, t: u64) {
+        let now = self.at(t);
+        self.core.on_ready(pid(p), now, &mut self.os);
+    }
+
+    fn signal(&mut self, action: Action, t: u64) {
+        let now = self.at(t);
+        self.core.on_signal(action, now, &mut self.os);
+    }
+
+    /// The current pid of each slot.
+    fn pids(&self) -> Vec<Option<i32>> {
+        self.core.slots(self.t0).iter().map(|s| s.pid).collect()
+    }
+
+    fn states(&self) -> Vec<&'static str> {
+        self.core.slots(self.t0).iter().map(|s| s.state).collect()
+    }
+}
+
+#[test]
+fn reload_with_a_failing_replacement_keeps_the_old_workers() {
+    let mut r = Rig::new(settings(2));
+    r.turn(0);
+    assert_eq!(r.pids(), vec![Some(101), Some(102)]);
+    r.ready(101, 10);
+    r.ready(102, 10);
+    assert_eq!(r.core.reload_answer(), ReloadAnswer::Started);
+    r.core.request_reload();
+    r.turn(20);
+    assert_eq!(
+        r.core.role(pid(103)),
+        Some(Role::Replacement(0, Cause::Reload))
+    );
+    // The replacement is ready: it takes slot 0, the old one gets the stop signal.
+    r.ready(103, 30);
+    assert_eq!(r.core.role(pid(103)), Some(Role::Current(0)));
+    assert_eq!(r.core.role(pid(101)), Some(Role::Retiring(0)));
+    assert_eq!(r.os.signals_to(Target::Group(pid(101))), vec![TERM]);
+    r.turn(30);
+    assert_eq!(
+        r.core.role(pid(104)),
+        Some(Role::Replacement(1, Cause::Reload))
+    );
+    // The old one exits; the second replacement dies before it is ready.
+    r.os.exit(pid(101), ExitStatus::Code(0));
+    r.os.exit(pid(104), ExitStatus::Code(1));
+    r.turn(40);
+    assert_eq!((r.core.role(pid(101)), r.core.role(pid(104))), (None, None));
+    assert_eq!(r.pids(), vec![Some(103), Some(102)]);
+    // The reload is over: nothing more is started, the old worker of slot 1 serves on.
+    r.turn(600);
+    assert_eq!(r.os.spawned.len(), 4);
+    assert_eq!(r.core.reload_answer(), ReloadAnswer::Started);
+    assert!(r.os.signals_to(Target::Group(pid(102))).is_empty());
+    assert_eq!(r.core.counters(), (1, 0));
+}
+
+#[test]
+fn a_replacement_that_never_gets_ready_is_stopped() {
+    let mut r = Rig::new(settings(1));
+    r.turn(0);
+    r.ready(101, 10);
+    r.core.request_reload();
+    r.turn(20);
+    assert_eq!(r.core.next_deadline(r.at(20)), Some(r.at(520)));
+    r.turn(520);
+    assert_eq!(r.os.signals_to(Target::Group(pid(102))), vec![TERM]);
+    assert_eq!(r.core.role(pid(102)), Some(Role::Retiring(0)));
+    assert_eq!(r.pids(), vec![Some(101)]);
+}
+
+#[test]
+fn crash_loop_gives_up_and_the_pool_dies() {
+    let mut r = Rig::new(settings(1));
+    r.turn(0);
+    let mut t = 0;
+    for (n, backoff) in [(101, 100), (102, 200)] {
+        r.os.exit(pid(n), ExitStatus::Code(1));
+        assert_eq!(r.turn(t + 10), None);
+        assert_eq!(r.states(), vec!["waiting"]);
+        t += 10 + backoff;
+        r.turn(t);
+        assert_eq!(r.pids(), vec![Some(n + 1)]);
+    }
+    r.os.exit(pid(103), ExitStatus::Code(1));
+    assert_eq!(r.turn(t + 10), Some(1));
+    assert_eq!(r.states(), vec!["given-up"]);
+    assert_eq!(r.os.routing.last().map(String::as_str), Some("close"));
+    assert!(r.os.routing.contains(&"abandon 0".to_string()));
+}
+
+#[test]
+fn fail_fast_gives_up_once_the_window_is_over() {
+    let mut s = settings(1);
+    s.rules.max_restarts = 0;
+    s.rules.fail_fast = ms(200);
+    let mut r = Rig::new(s);
+    r.turn(0);
+    r.os.exit(pid(101), ExitStatus::Code(4));
+    r.turn(10);
+    r.turn(110);
+    r.os.exit(pid(102), ExitStatus::Code(4));
+    assert_eq!(r.turn(250), Some(4));
+    assert_eq!(r.states(), vec!["given-up"]);
+}
+
+#[test]
+fn a_failed_start_is_a_failure_and_no_pid_0_exists() {
+    let mut r = Rig::new(settings(1));
+    r.turn(0);
+    r.os.exit(pid(101), ExitStatus::Code(1));
+    r.turn(10);
+    for _ in 0..2 {
+        r.os.spawn_errors.push(std::io::ErrorKind::NotFound.into());
+    }
+    r.turn(110);
+    assert_eq!((r.pids(), r.states()), (vec![None], vec!["waiting"]));
+    assert_eq!(r.turn(310), Some(exit::NOT_FOUND));
+    assert!(r.os.sent.iter().all(|(t, _)| *t != Target::Group(pid(0))));
+}
+
+#[test]
+fn a_command_that_cannot_run_at_all_ends_the_pool() {
+    let mut r = Rig::new(settings(2));
+    r.os.spawn_errors
+        .push(std::io::ErrorKind::PermissionDenied.into());
+    assert_eq!(r.turn(0), Some(exit::NOT_EXECUTABLE));
+    assert!(r.os.spawned.is_empty());
+}
+
+#[test]
+fn kill_timeout_escalation_makes_the_stop_unclean() {
+    let mut s = settings(1);
+    s.needs_ready = false;
+    let mut r = Rig::new(s);
+    r.turn(0);
+    r.signal(Action::Stop(Signal::SIGTERM), 10);
+    assert_eq!(r.os.signals_to(Target::Group(pid(101))), vec![TERM]);
+    assert_eq!(r.turn(300), None);
+    assert_eq!(r.turn(310), None);
+    assert_eq!(r.os.signals_to(Target::Group(pid(101))), vec![TERM, KILL]);
+    r.os.exit(pid(101), ExitStatus::Signaled(9));
+    assert_eq!(r.turn(320), Some(exit::KILLED));
+}
+
+#[test]
+fn a_clean_stop_exits_0_and_sweeps_strays() {
+    let mut s = settings(1);
+    s.needs_ready = false;
+    let mut r = Rig::new(s);
+    r.turn(0);
+    r.os.children.push(crate::os::Child {
+        pid: pid(500),
+        pgid: Some(pid(500)),
+        zombie: false,
+    });
+    r.signal(Action::Stop(Signal::SIGINT), 10);
+    assert_eq!(r.os.signals_to(Target::Process(pid(500))), vec![TERM]);
+    r.os.children.clear();
+    r.os.vanish(Target::Process(pid(500)));
+    r.os.exit(pid(101), ExitStatus::Code(0));
+    assert_eq!(r.turn(50), Some(exit::STOPPED));
+}
+
+#[test]
+fn shutdown_delay_keeps_serving_then_stops() {
+    let mut s = settings(1);
+    s.needs_ready = false;
+    s.shutdown_delay = ms(200);
+    let mut r = Rig::new(s);
+    r.turn(0);
+    r.signal(Action::Stop(Signal::SIGTERM), 10);
+    assert!(r.core.stopping());
+    assert_eq!(r.core.next_deadline(r.at(10)), Some(r.at(210)));
+    r.turn(100);
+    assert!(r.os.sent.is_empty());
+    assert!(r.core.slots(r.at(100))[0].ready);
+    r.turn(210);
+    assert_eq!(r.os.signals_to(Target::Group(pid(101))), vec![TERM]);
+    assert_eq!(r.core.reload_answer(), ReloadAnswer::Stopping);
+    r.os.exit(pid(101), ExitStatus::Code(0));
+    assert_eq!(r.turn(220), Some(exit::STOPPED));
+}
+
+#[test]
+fn memory_replacement_has_its_own_queue() {
+    let mut s = settings(1);
+    s.max_memory = Some(1 << 20);
+    let mut r = Rig::new(s);
+    r.turn(0);
+    r.ready(101, 10);
+    r.os.usage.insert(
+        101,
+        Usage {
+            rss_bytes: 2 << 20,
+            ..Usage::default()
+        },
+    );
+    for t in [2000, 4000, 6000] {
+        r.turn(t);
+    }
+    assert_eq!(
+        r.core.role(pid(102)),
+        Some(Role::Replacement(0, Cause::Memory))
+    );
+    assert_eq!(r.core.counters(), (0, 1));
+    // It fails: the old worker serves on, and no reload was ever under way.
+    r.os.exit(pid(102), ExitStatus::Code(1));
+    r.turn(6010);
+    assert_eq!(r.pids(), vec![Some(101)]);
+    assert_eq!(r.core.reload_answer(), ReloadAnswer::Started);
+}
+
+#[test]
+fn forwarded_signals_reach_every_live_group() {
+    let mut r = Rig::new(settings(2));
+    r.turn(0);
+    r.ready(101, 10);
+    r.core.request_reload();
+    r.turn(20);
+    r.signal(Action::Forward(libc::SIGUSR2), 30);
+    let mut to: Vec<Target> = r.os.sent.iter().map(|&(t, _)| t).collect();
+    to.sort_by_key(|t| format!("{t}"));
+    let groups = [101, 102, 103].map(|n| Target::Group(pid(n)));
+    assert_eq!(to, groups.to_vec());
+}
