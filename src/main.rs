@@ -467,6 +467,17 @@ fn client_health(args: &[String]) -> i32 {
         },
         // The address the pool itself was given: flags, COREPOOL_METRICS, the config file.
         _ => {
+            // Flags only: a word that is not an option's value would be taken as a command.
+            let words = config::command().try_get_matches_from(
+                ["corepool"]
+                    .into_iter()
+                    .chain(rest.iter().map(|a| a.as_str())),
+            );
+            if let Ok(matches) = &words
+                && matches.contains_id("command")
+            {
+                return fail(UNHEALTHY, format_args!("usage: {USAGE}"));
+            }
             let flags = rest.iter().map(|a| OsString::from(a.as_str()));
             let args = ["corepool", "--print-config"]
                 .into_iter()

@@ -201,8 +201,10 @@ fn the_health_command() {
     );
     let flag = format!("127.0.0.1:{mport}");
     assert_eq!(health(&["--metrics", &flag], &elsewhere).0, Some(0));
-    let (code, err) = health(&["--bogus"], &elsewhere);
-    assert_eq!(code, Some(1), "never 2, even for bad usage: {err}");
+    for bad in [&["--bogus"][..], &["a", "b"][..]] {
+        let (code, err) = health(bad, &dir);
+        assert_eq!(code, Some(1), "never 2, even for bad usage {bad:?}: {err}");
+    }
 }
 
 #[test]
