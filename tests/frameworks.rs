@@ -61,15 +61,16 @@ fn corepool() -> Command {
     Command::new(std::env::var("COREPOOL_TEST_BIN").unwrap_or_else(|_| bin().to_string()))
 }
 
-/// Opens `n` connections at once (so that proxy mode, which picks the worker with the fewest
-/// connections, and socket mode both spread them), sends a GET / on each, and returns the pids
-/// named in the answers ("... pid N").
+/// Opens `n` connections, 100 ms apart and all kept open (proxy mode picks the worker with the
+/// fewest open connections; connections accepted in one batch all went to one worker), sends a
+/// GET / on each, and returns the pids named in the answers ("... pid N").
 fn pids_answering(port: u16, n: usize) -> Result<BTreeSet<u32>, String> {
     let mut conns = Vec::new();
     for _ in 0..n {
         let s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
         s.set_read_timeout(Some(SECS(20))).unwrap();
         conns.push(s);
+        std::thread::sleep(Duration::from_millis(100));
     }
     let mut pids = BTreeSet::new();
     for s in &mut conns {
