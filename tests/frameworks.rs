@@ -10,7 +10,9 @@
 //! without a build step (Fastify, Koa, Hono, NestJS, `ws`, socket.io, an ES module server,
 //! Express) run in ./test.sh. The ones with a build step (Nuxt, Astro, React Router, SvelteKit,
 //! Next.js) are `#[ignore]`d to keep CI fast; run the whole matrix with
-//! `cargo test --test frameworks -- --include-ignored`.
+//! `cargo test --test frameworks -- --include-ignored --skip known_failure`, and the case that
+//! fails today (Nuxt with nitro's own SIGTERM handler) with
+//! `cargo test --test frameworks -- --ignored known_failure`.
 
 mod common;
 
@@ -42,6 +44,8 @@ struct App {
     dir: String,
     command: Vec<String>,
     echo: Option<Echo>,
+    /// Variables for the workers.
+    env: Vec<(&'static str, &'static str)>,
 }
 
 /// Builds (or reuses) the fixture `name` and runs `command` in its directory.
@@ -54,6 +58,7 @@ fn app(name: &'static str, command: &[&str]) -> App {
         dir,
         command: command.iter().map(|s| s.to_string()).collect(),
         echo: None,
+        env: Vec::new(),
     }
 }
 
@@ -201,6 +206,7 @@ fn reload_under_load(app: &App, mode: &str, port: u16, run: &Run) -> (u64, u64, 
 /// under load loses nothing, and SIGTERM stops the pool with exit code 0.
 fn matrix(app: App) {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let mut failures = Vec::new();
     for mode in ["socket", "proxy"] {
         let port = free_port();
         let mut cmd = corepool();
@@ -214,7 +220,9 @@ fn matrix(app: App) {
             app.dir,
             std::env::var("PATH").unwrap_or_default()
         );
-        let mut run = Run::from_command(cmd, &[("PATH", &path), ("HOST", "127.0.0.1")]);
+        let mut env = vec![("PATH", path.as_str()), ("HOST", "127.0.0.1")];
+        env.extend(app.env.iter().copied());
+        let mut run = Run::from_command(cmd, &env);
         run.wait_for("both workers ready", SECS(90), |_, e| {
             e.contains("worker 0 ready") && e.contains("worker 1 ready")
         });
@@ -224,12 +232,14 @@ fn matrix(app: App) {
         }
         let (ok, errors, report) = reload_under_load(&app, mode, port, &run);
         eprintln!("{} ({mode}): workers {pids:?}; reload: {report}", app.name);
-        assert!(
-            errors == 0 && ok >= 20,
-            "{} ({mode}): requests failed in a reload: {report}\n--- stderr:\n{}",
-            app.name,
-            run.stderr()
-        );
+        if errors != 0 || ok < 20 {
+            // Both modes are run and reported before the test fails.
+            failures.push(format!(
+                "{} ({mode}): requests failed in a reload: {report}\n--- stderr:\n{}",
+                app.name,
+                run.stderr()
+            ));
+        }
         // The replacements answer too.
         let after = assert_two_workers_answer(&app, mode, port, &run);
         assert!(
@@ -241,7 +251,11 @@ fn matrix(app: App) {
         let code = run.exit_code(SECS(40));
         let stderr = run.stderr();
         eprintln!("{} ({mode}): stop: exit code {code}", app.name);
-        assert_eq!(code, 0, "{} ({mode}): stop\n--- stderr:\n{stderr}", app.name);
+        assert_eq!(
+            code, 0,
+            "{} ({mode}): stop\n--- stderr:\n{stderr}",
+            app.name
+        );
         let old: Vec<&str> = stderr
             .lines()
             .filter(|l| l.contains("exited after its replacement"))
@@ -252,6 +266,7 @@ fn matrix(app: App) {
             app.name
         );
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 #[test]
@@ -263,6 +278,7 @@ fn express_5() {
         dir,
         command: vec!["node".into(), script],
         echo: None,
+        env: Vec::new(),
     });
 }
 
@@ -315,23 +331,38 @@ fn es_module_with_top_level_await() {
         dir: format!("{FIXTURES}/esm"),
         command: vec!["node".into(), "server.mjs".into()],
         echo: None,
+        env: Vec::new(),
     });
 }
 
+/// Nuxt as built. Fails: nitro's node-server sets up its own graceful shutdown on SIGTERM (a
+/// vendored http-graceful-shutdown) that destroys every idle keep-alive connection at once and
+/// every connection accepted after the signal, so clients that send on such a connection get
+/// ECONNRESET; the preload's drain cannot keep what the app itself destroys.
 #[test]
-#[ignore = "heavy build (npm ci + nuxi build); run with --include-ignored"]
-fn nuxt() {
+#[ignore = "nitro's own SIGTERM handler destroys idle keep-alive connections: resets in a reload, issue 10"]
+fn known_failure_nuxt_with_nitros_own_shutdown_handler() {
     matrix(app("nuxt", &["node", ".output/server/index.mjs"]));
 }
 
+/// Nuxt with nitro's own shutdown handler turned off (`NITRO_SHUTDOWN_DISABLED=1`, nitro's
+/// documented switch): the preload drains it, and a reload loses nothing.
 #[test]
-#[ignore = "heavy build (npm ci + astro build); run with --include-ignored"]
+#[ignore = "heavy build (npm ci + nuxi build); run: cargo test --test frameworks -- --include-ignored --skip known_failure"]
+fn nuxt_without_nitros_shutdown_handler() {
+    let mut app = app("nuxt", &["node", ".output/server/index.mjs"]);
+    app.env.push(("NITRO_SHUTDOWN_DISABLED", "1"));
+    matrix(app);
+}
+
+#[test]
+#[ignore = "heavy build (npm ci + astro build); run: cargo test --test frameworks -- --include-ignored --skip known_failure"]
 fn astro_node_standalone() {
     matrix(app("astro", &["node", "dist/server/entry.mjs"]));
 }
 
 #[test]
-#[ignore = "heavy build (npm ci + react-router build); run with --include-ignored"]
+#[ignore = "heavy build (npm ci + react-router build); run: cargo test --test frameworks -- --include-ignored --skip known_failure"]
 fn react_router_serve() {
     matrix(app(
         "react-router",
@@ -340,13 +371,13 @@ fn react_router_serve() {
 }
 
 #[test]
-#[ignore = "heavy build (npm ci + vite build, shared with tests/launchers.rs); run with --include-ignored"]
+#[ignore = "heavy build (npm ci + vite build, shared with tests/launchers.rs); run: cargo test --test frameworks -- --include-ignored --skip known_failure"]
 fn sveltekit_adapter_node() {
     matrix(app("sveltekit-node", &["node", "build"]));
 }
 
 #[test]
-#[ignore = "heavy build (npm ci + next build, shared with tests/nextjs.rs); run with --include-ignored"]
+#[ignore = "heavy build (npm ci + next build, shared with tests/nextjs.rs); run: cargo test --test frameworks -- --include-ignored --skip known_failure"]
 fn nextjs_standalone() {
     require("npm");
     let server = fixture("tests/fixtures/nextapp/build.sh", &[]);
@@ -356,5 +387,6 @@ fn nextjs_standalone() {
         dir,
         command: vec!["node".into(), server],
         echo: None,
+        env: Vec::new(),
     });
 }
