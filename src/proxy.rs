@@ -126,9 +126,11 @@ impl Backends {
     }
 
     /// Ready backends, fewest open connections first; among equals, in turn (so that one
-    /// client making requests one after another is spread too).
-    fn candidates(&self) -> Vec<(u16, Arc<AtomicUsize>)> {
-        let turn = self.accepted.load(Ordering::Relaxed) as usize;
+    /// client making requests one after another is spread too). `turn` is the connection's
+    /// number, taken when it was accepted: a burst of connections accepted before any relay
+    /// task ran still gets one turn each.
+    fn candidates(&self, turn: u64) -> Vec<(u16, Arc<AtomicUsize>)> {
+        let turn = turn as usize;
         self.with(|list| {
             let mut ready: Vec<_> = list
                 .iter()
@@ -277,11 +279,12 @@ pub async fn serve(listener: std::net::TcpListener, backends: Backends, limits: 
         };
         match listener.accept().await {
             Ok((client, peer)) => {
-                backends.accepted.fetch_add(1, Ordering::Relaxed);
+                let turn = backends.accepted.fetch_add(1, Ordering::Relaxed);
                 let open = Held::new(&backends.open);
                 tokio::spawn(relay(
                     client,
                     peer,
+                    turn,
                     backends.clone(),
                     limits.idle_timeout,
                     (permit, open),
@@ -303,6 +306,7 @@ pub async fn serve(listener: std::net::TcpListener, backends: Backends, limits: 
 async fn relay(
     client: TcpStream,
     peer: SocketAddr,
+    turn: u64,
     backends: Backends,
     idle_timeout: Option<Duration>,
     _slot: (OwnedSemaphorePermit, Held),
@@ -310,12 +314,14 @@ async fn relay(
     let _ = client.set_nodelay(true);
     // While no worker is ready (all restarting), wait a little rather than refuse.
     for _attempt in 0..100 {
-        for (port, active) in backends.candidates() {
+        for (port, active) in backends.candidates(turn) {
+            // Counted from the attempt on, so that connections being made at the same time
+            // see each other and spread instead of all choosing the same least-busy worker.
+            let _active = Held::new(&active);
             let Ok(upstream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await else {
                 continue;
             };
             let _ = upstream.set_nodelay(true);
-            let _active = Held::new(&active);
             match relay::relay(&client, &upstream, idle_timeout).await {
                 Ok(relay::Ended::Idle) => tracing::debug!(
                     "proxy: connection from {peer} closed: idle for {:?} (--idle-timeout)",

@@ -302,3 +302,34 @@ fn kills_and_reloads_under_load_fail_nothing_that_was_not_in_flight() {
     run.signal(libc::SIGTERM);
     assert_eq!(run.exit_code(SECS(10)), 0, "{}", run.stderr());
 }
+
+#[test]
+fn a_burst_of_connections_is_spread_over_the_workers() {
+    // Ten connections opened at once, before any sends a byte: each is relayed as it is
+    // accepted, and they must not all pick the same "least busy" worker.
+    let port = free_port();
+    let server = node_fixture();
+    let run = proxy_pool(2, port, &["node", &server], &[]);
+    run.wait_stderr(" ready (pid", 2, SECS(15));
+    for round in 0..3 {
+        let mut conns: Vec<TcpStream> = (0..10)
+            .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        // Let every relay reach its worker before any request is sent.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut workers = std::collections::HashSet::new();
+        for s in &mut conns {
+            s.set_read_timeout(Some(SECS(10))).unwrap();
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).unwrap();
+            let answer: serde_json::Value = serde_json::from_slice(body(&out)).unwrap();
+            workers.insert(answer["worker"].to_string());
+        }
+        assert_eq!(
+            workers.len(),
+            2,
+            "round {round}: all ten went to {workers:?}"
+        );
+    }
+}
