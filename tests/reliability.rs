@@ -246,12 +246,19 @@ fn no_permission_to_bind_fails_before_any_worker() {
 /// Workers killed at random for a minute under load: no connection is ever refused, only the
 /// requests a victim was answering may fail, and the pool is whole at the end. The duration can
 /// be raised for a soak run: COREPOOL_SOAK_SECONDS=600 cargo test --test reliability random.
+///
+/// Run with net.ipv4.tcp_migrate_req on (what corepool sets as a container's PID 1): a dead
+/// worker's socket leaves the SO_REUSEPORT group, and without migration a connection that
+/// reaches its queue in the instant between corepool's empty-queue check and the shutdown is
+/// reset (once in ~80 kills under stress; documented in the README). tests/steering.rs covers
+/// the no-migration path.
 #[test]
 fn random_kills_under_load_refuse_no_connection() {
     let seconds: u64 = std::env::var("COREPOOL_SOAK_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
+    let _migration = MigrationOn::new();
     let port = free_port();
     let server = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/server.js");
     let mut run = Run::start(
@@ -343,4 +350,26 @@ fn random_kills_under_load_refuse_no_connection() {
     );
     run.signal(libc::SIGTERM);
     assert_eq!(run.exit_code(SECS(10)), 0, "{}", run.stderr());
+}
+
+/// net.ipv4.tcp_migrate_req set to 1 in this network namespace while it lives, put back after.
+struct MigrationOn(Option<String>);
+
+const MIGRATE: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+impl MigrationOn {
+    fn new() -> MigrationOn {
+        let before =
+            std::fs::read_to_string(MIGRATE).expect("net.ipv4.tcp_migrate_req (Linux 5.14+)");
+        std::fs::write(MIGRATE, "1\n").expect("set net.ipv4.tcp_migrate_req (run as root)");
+        MigrationOn(Some(before))
+    }
+}
+
+impl Drop for MigrationOn {
+    fn drop(&mut self) {
+        if let Some(before) = self.0.take() {
+            let _ = std::fs::write(MIGRATE, before);
+        }
+    }
 }
