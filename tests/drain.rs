@@ -18,10 +18,8 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
-use std::sync::mpsc;
 use std::time::Duration;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -110,51 +108,21 @@ fn reload_under_load(
     });
 
     let scheme = if secure { "https" } else { "http" };
-    let mut client = Command::new("node")
-        .arg(format!("{FIXTURES}/client.js"))
-        .arg(format!("{scheme}://127.0.0.1:{port}/"))
-        .args([load.arg(), "8", "60000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn the client");
-    let (tx, rx) = mpsc::channel();
-    let stdout = client.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let first = rx.recv_timeout(SECS(30));
-    assert_eq!(
-        first.as_deref().ok(),
-        Some("running"),
-        "the client never got an answer\n--- stderr:\n{}",
-        run.stderr()
-    );
+    let url = format!("{scheme}://127.0.0.1:{port}/");
     // Some load before the reload, and the load kept until both old workers are gone.
-    std::thread::sleep(Duration::from_millis(1000));
-    run.signal(libc::SIGHUP);
-    run.wait_stderr("rolling reload complete", 1, SECS(30));
-    run.wait_stderr("exited after its replacement", 2, SECS(30));
-    std::thread::sleep(Duration::from_millis(500));
-    drop(client.stdin.take());
-    let report = rx.recv_timeout(SECS(30)).unwrap_or_else(|e| {
-        let _ = client.kill();
-        panic!("no report from the client: {e}")
-    });
-    let _ = client.wait();
-    let value: serde_json::Value =
-        serde_json::from_str(&report).unwrap_or_else(|e| panic!("report {report:?}: {e}"));
-    let count = |k: &str| value[k].as_u64().unwrap_or(u64::MAX);
+    let load = hup_under_load(
+        &url,
+        load.arg(),
+        &run,
+        Duration::from_millis(1000),
+        SECS(30),
+        mode,
+    );
     let outcome = Outcome {
-        ok: count("ok"),
-        errors: count("errors"),
-        refused: count("refused"),
-        report,
+        ok: load.ok,
+        errors: load.errors,
+        refused: load.refused,
+        report: load.report,
         stdout: String::new(),
     };
 

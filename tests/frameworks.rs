@@ -18,11 +18,10 @@ mod common;
 
 use common::*;
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
-use std::sync::mpsc;
 use std::time::Duration;
 
 /// The load tests run one at a time, so that they do not compete for the machine's cores.
@@ -158,52 +157,6 @@ fn assert_echo_from_two_workers(app: &App, echo: Echo, mode: &str, port: u16, ru
     panic!("{} ({mode}): echoes only from {seen:?}", app.name);
 }
 
-/// The load client's count of one reload: (ok, errors, the report line).
-fn reload_under_load(app: &App, mode: &str, port: u16, run: &Run) -> (u64, u64, String) {
-    let mut client = Command::new("node")
-        .arg(format!("{FIXTURES}/drain/client.js"))
-        .arg(format!("http://127.0.0.1:{port}/"))
-        .args(["http1", "8", "60000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn the load client");
-    let (tx, rx) = mpsc::channel();
-    let stdout = client.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let first = rx.recv_timeout(SECS(30));
-    assert_eq!(
-        first.as_deref().ok(),
-        Some("running"),
-        "{} ({mode}): the load client never got an answer\n--- stderr:\n{}",
-        app.name,
-        run.stderr()
-    );
-    // Load before the reload, and kept until both old workers are gone.
-    std::thread::sleep(Duration::from_millis(1500));
-    run.signal(libc::SIGHUP);
-    run.wait_stderr("rolling reload complete", 1, SECS(90));
-    run.wait_stderr("exited after its replacement", 2, SECS(30));
-    std::thread::sleep(Duration::from_millis(500));
-    drop(client.stdin.take());
-    let report = rx.recv_timeout(SECS(30)).unwrap_or_else(|e| {
-        let _ = client.kill();
-        panic!("{}: no report from the load client: {e}", app.name)
-    });
-    let _ = client.wait();
-    let value: serde_json::Value =
-        serde_json::from_str(&report).unwrap_or_else(|e| panic!("report {report:?}: {e}"));
-    let count = |k: &str| value[k].as_u64().unwrap_or(u64::MAX);
-    (count("ok"), count("errors"), report)
-}
-
 /// The matrix row of `app`: in socket and proxy mode, two workers answer (and echo), a reload
 /// under load loses nothing, and SIGTERM stops the pool with exit code 0.
 fn matrix(app: App) {
@@ -232,7 +185,18 @@ fn matrix(app: App) {
         if let Some(echo) = app.echo {
             assert_echo_from_two_workers(&app, echo, mode, port, &run);
         }
-        let (ok, errors, report) = reload_under_load(&app, mode, port, &run);
+        let label = format!("{} ({mode})", app.name);
+        let url = format!("http://127.0.0.1:{port}/");
+        // Load before the reload, and kept until both old workers are gone.
+        let load = hup_under_load(
+            &url,
+            "http1",
+            &run,
+            Duration::from_millis(1500),
+            SECS(90),
+            &label,
+        );
+        let (ok, errors, report) = (load.ok, load.errors, load.report);
         eprintln!("{} ({mode}): workers {pids:?}; reload: {report}", app.name);
         if errors != 0 || ok < 20 {
             // Both modes are run and reported before the test fails.

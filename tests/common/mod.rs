@@ -379,3 +379,76 @@ pub fn as_pid1() -> Command {
     ]);
     cmd
 }
+
+/// What the drain load client (tests/fixtures/drain/client.js) counted over one reload.
+pub struct ReloadLoad {
+    pub ok: u64,
+    pub errors: u64,
+    pub refused: u64,
+    /// The client's JSON report line, as printed.
+    pub report: String,
+}
+
+/// Runs the drain load client (`kind`: http1, new-connection, h2; 8 loops) against `url`
+/// while `run` makes a SIGHUP rolling reload: `warmup` of load first, then the reload, the load
+/// kept until both old workers are gone. `label` names the case in failure messages.
+pub fn hup_under_load(
+    url: &str,
+    kind: &str,
+    run: &Run,
+    warmup: Duration,
+    reload_timeout: Duration,
+    label: &str,
+) -> ReloadLoad {
+    use std::io::BufRead;
+    let client_js = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/drain/client.js"
+    );
+    let mut client = Command::new("node")
+        .args([client_js, url, kind, "8", "60000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the load client");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = client.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(SECS(30));
+    assert_eq!(
+        first.as_deref().ok(),
+        Some("running"),
+        "{label}: the load client never got an answer\n--- stderr:\n{}",
+        run.stderr()
+    );
+    std::thread::sleep(warmup);
+    run.signal(libc::SIGHUP);
+    run.wait_stderr("rolling reload complete", 1, reload_timeout);
+    run.wait_stderr("exited after its replacement", 2, SECS(30));
+    std::thread::sleep(Duration::from_millis(500));
+    drop(client.stdin.take());
+    let report = rx.recv_timeout(SECS(30)).unwrap_or_else(|e| {
+        let _ = client.kill();
+        panic!("{label}: no report from the load client: {e}")
+    });
+    let _ = client.wait();
+    let value: serde_json::Value =
+        serde_json::from_str(&report).unwrap_or_else(|e| panic!("report {report:?}: {e}"));
+    let count = |k: &str| value[k].as_u64().unwrap_or(u64::MAX);
+    ReloadLoad {
+        ok: count("ok"),
+        errors: count("errors"),
+        refused: count("refused"),
+        report,
+    }
+}
