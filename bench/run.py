@@ -265,6 +265,7 @@ def restart_main(args, tools):
                ("corepool-socket-hash", lambda: Corepool("corepool-socket-hash", tools, n, "socket", nocaps)),
                ("corepool-proxy", lambda: Corepool("corepool-proxy", tools, n, "proxy"))]
     servers = [("hello", HELLO), ("nextjs", tools["nextjs"])]
+    servers = [(sc, path) for sc, path in servers if sc in args.servers.split(",")]
     raw = {}
     for r in range(rounds):
         for sc, server in servers:
@@ -501,13 +502,13 @@ class RelayedNginx(Relayed):
 
 
 class RelayedCorepool(Relayed):
-    def __init__(self, name, tools, balance):
+    def __init__(self, name, tools, balance, binary=None):
         super().__init__(name, tools)
-        self.balance = balance
+        self.balance, self.binary = balance, binary or tools["corepool"]
 
     def spawn(self):
         port = free_port()
-        self.front = subprocess.Popen([self.tools["corepool"], "-i", "2", "--balance", self.balance,
+        self.front = subprocess.Popen([self.binary, "-i", "2", "--balance", self.balance,
                                        "--host", "127.0.0.1", "-p", str(port), "--", "node", STREAM],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.ports = [port]
@@ -577,6 +578,10 @@ def proxies_main(args, tools):
                ("haproxy", lambda: RelayedHaproxy("haproxy", tools)),
                ("nginx", lambda: RelayedNginx("nginx", tools)),
                ("corepool-proxy", lambda: RelayedCorepool("corepool-proxy", tools, "proxy"))]
+    if args.baseline:
+        # Another build of corepool (the one before a change), in the same run.
+        configs.append(("corepool-proxy-baseline",
+                        lambda: RelayedCorepool("corepool-proxy-baseline", tools, "proxy", args.baseline)))
     upload = os.path.join(tempfile.mkdtemp(prefix="bench-up-"), "upload.bin")
     with open(upload, "wb") as f:
         f.write(b"u" * (100 << 20))
@@ -718,8 +723,9 @@ def sizes_corepool(tools, n, idle_s, load_s):
                             env=env, stdout=subprocess.DEVNULL, stderr=logf)
     out = {}
     try:
-        if not wait_for(lambda: http_status(mport, "/readyz", 0.5)[0] == 200, 120):
-            raise RuntimeError(f"corepool -i {n}: not all ready in 120 s")
+        if not wait_for(lambda: http_status(mport, "/readyz", 0.5)[0] == 200, 240):
+            m = re.search(rb"corepool_workers_ready (\d+)", http_status(mport, "/metrics")[1])
+            raise RuntimeError(f"corepool -i {n}: {m.group(1).decode() if m else '?'} ready after 240 s")
         out["all_ready_ms"] = (time.monotonic() - t0) * 1000
         out.update(idle_and_load(proc.pid, port, idle_s, load_s))
         times = []
@@ -765,9 +771,9 @@ def sizes_pm2(tools, n, idle_s, load_s):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = {}
     try:
-        ok = wait_for(lambda: len(worker_pids(proc.pid)) >= n and http_status(port, "/", 0.5)[0] == 200, 180, 0.01)
+        ok = wait_for(lambda: len(worker_pids(proc.pid)) >= n and http_status(port, "/", 0.5)[0] == 200, 240, 0.01)
         if not ok:
-            raise RuntimeError(f"pm2 -i {n}: not up in 180 s")
+            raise RuntimeError(f"pm2 -i {n}: {len(worker_pids(proc.pid))} workers forked after 240 s")
         out["all_ready_ms"] = (time.monotonic() - t0) * 1000
         # pm2 forks the last worker before it listens: let the pool settle before measuring idle.
         time.sleep(2)
@@ -788,7 +794,7 @@ def sizes_pm2(tools, n, idle_s, load_s):
 def sizes_main(args, tools):
     """--sizes: corepool -i 1, 2, 8, 32, 128 (and pm2-runtime at the same counts)."""
     rounds, idle_s, load_s = (1, 3, 3) if args.quick else (2, 5, 4)
-    counts = [1, 2, 8, 32, 128]
+    counts = [int(c) for c in args.counts.split(",")]
     raw = {}
     for r in range(rounds):
         for n in counts:
@@ -808,7 +814,6 @@ def sizes_main(args, tools):
     info = machine()
     with open(base + ".json", "w") as f:
         json.dump({"machine": info, "rounds": rounds, "summary": summary, "raw": raw}, f, indent=1)
-    bare = summary["corepool"]["1"]
     lines = [f"# Pool sizes {stamp}{' (quick)' if args.quick else ''}", "",
              f"{info['cores']} cores ({info['cpu']}), Linux {info['kernel']}, Node {info['node']}; "
              f"examples/hello, socket mode; {rounds} round(s), medians; corepool and pm2-runtime "
@@ -829,6 +834,9 @@ def sizes_main(args, tools):
                           f"{f('cpu_idle_pct', '{:.2f}')} | {f('wakeups_idle_s', '{:.1f}')} | {f('cpu_load_pct', '{:.1f}')} | "
                           f"{f('wakeups_load_s')} | {f('load_rps')} | {f('metrics_ms', '{:.1f}')} | {f('reload_ms')} | "
                           f"{(v['reload_ms'] / int(n)) if 'reload_ms' in v else 0:.0f} | {f('term_ms')} |")
+    lines.append("")
+    lines += [f"- {name} -i {n}: {x['error']}" for name, per in raw.items() for n, runs in per.items()
+              for x in runs if "error" in x]
     lines.append("")
     with open(base + ".md", "w") as f:
         f.write("\n".join(lines))
@@ -885,11 +893,33 @@ def strace_timeline(tools):
     return events
 
 
+def preload_option(tools):
+    """The NODE_OPTIONS corepool gives its workers (the preload), read from a worker's
+    environment."""
+    port = free_port()
+    proc = subprocess.Popen([tools["corepool"], "-i", "1", "--host", "127.0.0.1", "-p", str(port), "--",
+                             "node", "server.js"], cwd=os.path.dirname(HELLO),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if not first_200(port, time.monotonic() + 30):
+            raise RuntimeError("corepool did not answer")
+        for var in open(f"/proc/{worker_pids(proc.pid)[0]}/environ", "rb").read().split(b"\0"):
+            if var.startswith(b"NODE_OPTIONS="):
+                return var.split(b"=", 1)[1].decode()
+        raise RuntimeError("no NODE_OPTIONS in the worker's environment")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
 def start_main(args, tools):
     """--start: first 200 of the hello server, bare node against corepool, and its parts."""
     rounds = 5 if args.quick else 15
     env = dict(os.environ, NODE_ENV="production")
+    preload = preload_option(tools)
     configs = {
+        "bare node + corepool's preload (its NODE_OPTIONS, no COREPOOL_* variables), first 200":
+            lambda: (lambda p: first_200_ms(["node", "server.js"], p, dict(env, PORT=str(p), NODE_OPTIONS=preload)))(free_port()),
         "node --version": lambda: timed(["node", "--version"]),
         "node -e 0": lambda: timed(["node", "-e", "0"]),
         "bare node, first 200": lambda: (lambda p: first_200_ms(["node", "server.js"], p, dict(env, PORT=str(p))))(free_port()),
@@ -937,13 +967,16 @@ def main():
     ap.add_argument("-n", type=int, default=os.cpu_count(), help="workers (default: CPUs)")
     ap.add_argument("--restart", action="store_true", help="only the restart-under-load scenario")
     ap.add_argument("--proxies", action="store_true", help="only corepool proxy against HAProxy and nginx")
+    ap.add_argument("--servers", default="hello,nextjs", help="--restart: which servers (hello,nextjs)")
+    ap.add_argument("--baseline", metavar="BIN", help="--proxies: also another corepool build, in the same run")
     ap.add_argument("--sizes", action="store_true", help="only the cost of -i 1, 2, 8, 32, 128")
+    ap.add_argument("--counts", default="1,2,8,32,128", help="--sizes: the pool sizes")
     ap.add_argument("--start", action="store_true", help="only where the start-up time goes")
     args = ap.parse_args()
     if args.start:
         return start_main(args, install(("wrk", "strace"), nextjs=False))
     if args.restart:
-        return restart_main(args, install(("wrk",)))
+        return restart_main(args, install(("wrk",), nextjs="nextjs" in args.servers.split(",")))
     if args.proxies:
         return proxies_main(args, install(("wrk", "curl", "haproxy", "nginx"), nextjs=False))
     if args.sizes:
