@@ -72,8 +72,9 @@ def install(packages=("wrk", "siege"), nextjs=True):
             f"pm2@{PM2_VERSION}"], stdout=subprocess.DEVNULL)
     nextjs = subprocess.run([os.path.join(ROOT, "tests/fixtures/nextapp/build.sh")],
                             check=True, capture_output=True, text=True).stdout.strip() if nextjs else None
-    corepool = subprocess.run([os.path.join(ROOT, "build-static.sh")], check=True,
-                              capture_output=True, text=True).stdout.strip()
+    # COREPOOL_BIN measures a build made before (as bench/relay.sh does).
+    corepool = os.environ.get("COREPOOL_BIN") or subprocess.run(
+        [os.path.join(ROOT, "build-static.sh")], check=True, capture_output=True, text=True).stdout.strip()
     return {"pm2": pm2, "nextjs": nextjs, "corepool": corepool}
 
 
