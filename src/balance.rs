@@ -871,6 +871,44 @@ impl Balancer {
     }
 
     /// Proxy mode: the relay's bounds (before `start`).
+    /// `--sticky ip`: a client address reaches the same slot while it is ready. Socket mode:
+    /// the eBPF program deals by a hash of the source address instead of in turn, or, where
+    /// eBPF may not be loaded, a classic BPF program does (see `steer::Classic`). Proxy mode:
+    /// the same choice over the ready workers.
+    pub fn set_sticky(&mut self, workers: usize) {
+        self.backends.set_sticky(workers);
+        if self.slot_sockets.len() < 2 {
+            return;
+        }
+        let group: Vec<&OwnedFd> = self.slot_sockets.iter().flatten().collect();
+        let ebpf = match self.steering.take() {
+            Some(round_robin) => round_robin.redeal(steer::Deal::Sticky, group[0]),
+            None => steer::ebpf(&group, steer::Deal::Sticky),
+        };
+        let (steering, spread) = match ebpf {
+            Ok(steering) => (steering, "connections by client address (eBPF)".to_string()),
+            Err(err) => match steer::classic(&group) {
+                Ok(steering) => (
+                    steering,
+                    format!("connections by client address (classic BPF; no eBPF: {err})"),
+                ),
+                Err(classic) => {
+                    tracing::warn!(
+                        "--sticky ip: cannot steer by client address (no eBPF: {err}; no classic                          BPF: {classic}); the kernel's hash spreads connections"
+                    );
+                    return;
+                }
+            },
+        };
+        self.steering = Some(steering);
+        let tail = self
+            .spread
+            .split_once("; ")
+            .map(|(_, tail)| format!("; {tail}"))
+            .unwrap_or_default();
+        self.spread = spread + &tail;
+    }
+
     pub fn set_proxy_limits(&mut self, limits: proxy::Limits) {
         self.proxy_limits = limits;
     }
@@ -1058,7 +1096,7 @@ impl Balancer {
     /// end for `READY=1`.
     pub fn watch(&self, handover: Handover, pid: i32) {
         if let Some(port) = handover.private_port {
-            self.backends.add(pid, port);
+            self.backends.add(pid, port, handover.slot);
             proxy::probe(self.backends.clone(), pid, port, self.ready_tx.clone());
         }
         if self.mode == Mode::Socket {
@@ -1272,6 +1310,9 @@ impl Balancer {
                 Ok(()) => {
                     tracing::debug!("worker {s}: its socket leaves the group until it is ready");
                     table.slots[s].out = true;
+                    if let Some(steering) = &self.steering {
+                        steering.left(s as u32);
+                    }
                 }
                 Err(err) => tracing::warn!("worker {s}: cannot take its socket out: {err}"),
             }
@@ -1282,7 +1323,7 @@ impl Balancer {
                 .map(|s| s as u32)
                 .collect();
             if ready != table.steered {
-                match steering.set_ready(&ready) {
+                match steering.set_ready(&ready, &self.slot_sockets) {
                     Ok(()) => table.steered = ready,
                     Err(err) => tracing::warn!("cannot update the eBPF steering: {err}"),
                 }

@@ -341,6 +341,18 @@ pub const OPTIONS: &[OptSpec] = &[
         help: "When a worker is ready: once it listens, or (socket mode) once it calls \
                process.send('ready') (pm2's wait_ready)",
     },
+    OptSpec {
+        key: "sticky",
+        long: "sticky",
+        short: None,
+        env: "COREPOOL_STICKY",
+        fallback_env: None,
+        switch: false,
+        value_name: "off|ip",
+        default: "off",
+        help: "ip: a client address always reaches the same worker slot while it is ready \
+               (socket.io's long-polling needs it)",
+    },
 ];
 
 /// The config file given by flag or variable, else this one when present.
@@ -500,6 +512,17 @@ pub struct Config {
     /// `COREPOOL_*` variables corepool does not know (a misspelling, most likely), each with
     /// the known name it resembles: logged as warnings once logging runs.
     pub unknown_env: Vec<String>,
+    /// `--sticky ip`: a client address reaches the same slot while that slot is ready.
+    pub sticky: bool,
+}
+
+/// `off` or `ip` (`--sticky`): whether connections stick to a slot by client address.
+pub fn parse_sticky(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "ip" => Ok(true),
+        "off" | "none" => Ok(false),
+        other => Err(format!("'{other}' is not off or ip")),
+    }
 }
 
 /// What `main` should do.
@@ -1210,6 +1233,17 @@ fn resolve_from(
         )));
     }
 
+    let (sticky, source) = r.get("sticky", parse_sticky, |&on: &bool| {
+        quoted(if on { "ip" } else { "off" })
+    })?;
+    if sticky && balance == Mode::None {
+        return Err(ConfigError(format!(
+            "invalid value for {}: sticky = ip needs --balance socket or proxy (corepool \
+             routes no connection in none mode)",
+            source.culprit("sticky")
+        )));
+    }
+
     Ok(Config {
         command,
         instances,
@@ -1242,6 +1276,7 @@ fn resolve_from(
         ports,
         provenance: r.provenance,
         unknown_env: unknown_variables(std::env::vars_os().map(|(name, _)| name)),
+        sticky,
     })
 }
 

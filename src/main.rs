@@ -239,6 +239,9 @@ fn run() -> i32 {
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("node")),
         );
+        if config.sticky {
+            balancer.set_sticky(config.instances);
+        }
         if !balancer.spread.is_empty() {
             tracing::info!("balance socket: {}", balancer.spread);
         }
