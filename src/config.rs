@@ -1540,4 +1540,19 @@ mod tests {
                 .contains("at most 16")
         );
     }
+
+    #[test]
+    fn sticky() {
+        assert!(!resolve_args(&["x"]).unwrap().sticky);
+        assert!(resolve_args(&["--sticky", "ip", "x"]).unwrap().sticky);
+        assert!(
+            resolve_args(&["--balance", "proxy", "--sticky", "ip", "x"])
+                .unwrap()
+                .sticky
+        );
+        let err = resolve_args(&["--balance", "none", "--sticky", "ip", "x"]).unwrap_err();
+        assert!(err.0.contains("--sticky"), "{}", err.0);
+        let err = resolve_args(&["--sticky", "cookie", "x"]).unwrap_err();
+        assert!(err.0.contains("not off or ip"), "{}", err.0);
+    }
 }

@@ -18,7 +18,14 @@
 //! container gets by default. Without them corepool says so once at start-up and the kernel's
 //! hash spreads connections (see `balance` for how not-ready slots leave the group then).
 //!
-//! The program is a few instructions, written out below rather than compiled from C, so the
+//! `--sticky ip` replaces the turn by a hash of the connection's source address (IPv4 or
+//! IPv6, read from the IP header with `bpf_skb_load_bytes_relative`): the address's own slot
+//! (`hash % slots`) while it is ready, else a ready slot picked by the rest of the hash
+//! (`sticky_program`; proxy mode makes the same choice, `proxy::address_hash`). Where eBPF may
+//! not be loaded, [`Classic`] does the same with a classic BPF program, which needs no
+//! privilege but can only name a position in the kernel's array of the group's sockets.
+//!
+//! The programs are a few instructions, written out below rather than compiled from C, so the
 //! build needs no BPF toolchain and nothing is loaded that is not in this file.
 
 use std::io;
@@ -720,6 +727,107 @@ fn classic_program(slots: u32, ready: &[u32], group: &[u32]) -> Vec<libc::sock_f
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs a classic program (the instructions `classic_program` uses) on a packet whose
+    /// network header is `ip` and whose protocol is `proto`.
+    fn run_classic(p: &[libc::sock_filter], proto: u16, ip: &[u8]) -> u32 {
+        let (mut a, mut x, mut m0, mut pc) = (0u32, 0u32, 0u32, 0usize);
+        loop {
+            let i = p[pc];
+            pc += 1;
+            match i.code {
+                0x28 => a = u32::from(proto),
+                0x20 => {
+                    let at = (i.k - (-0x0010_0000i32) as u32) as usize;
+                    a = u32::from_be_bytes(ip[at..at + 4].try_into().unwrap());
+                }
+                0x60 => a = m0,
+                0x02 => m0 = a,
+                0x07 => x = a,
+                0x24 => a = a.wrapping_mul(i.k),
+                0x34 => a /= i.k,
+                0x94 => a %= i.k,
+                0x74 => a >>= i.k,
+                0xac => a ^= x,
+                0x05 => pc += i.k as usize,
+                0x15 => pc += usize::from(if a == i.k { i.jt } else { i.jf }),
+                0x06 => return i.k,
+                code => panic!("unexpected opcode {code:#x}"),
+            }
+        }
+    }
+
+    fn ipv4_header(source: [u8; 4]) -> Vec<u8> {
+        let mut h = vec![0x45u8; 20];
+        h[12..16].copy_from_slice(&source);
+        h
+    }
+
+    fn ipv6_header(source: std::net::Ipv6Addr) -> Vec<u8> {
+        let mut h = vec![0x60u8; 40];
+        h[8..24].copy_from_slice(&source.octets());
+        h
+    }
+
+    /// The classic program picks the slot `crate::proxy::address_hash` names (proxy mode's
+    /// choice), returned as that slot's position in the kernel's array of the group.
+    #[test]
+    fn classic_program_picks_the_addresses_slot_at_its_place_in_the_group() {
+        let group = [2, 0, 1]; // slot 2 listens first, then 0, then 1
+        let p = classic_program(3, &[0, 1, 2], &group);
+        for last in 1..=40u8 {
+            let ip = std::net::Ipv4Addr::new(10, 1, 7, last);
+            let slot = crate::proxy::address_hash(ip.into()) % 3;
+            let index = run_classic(&p, 0x0800, &ipv4_header(ip.octets()));
+            assert_eq!(group[index as usize], slot, "{ip}");
+        }
+        let ip: std::net::Ipv6Addr = "2001:db8::17".parse().unwrap();
+        let slot = crate::proxy::address_hash(ip.into()) % 3;
+        let index = run_classic(&p, 0x86DD, &ipv6_header(ip));
+        assert_eq!(group[index as usize], slot);
+        // Neither IPv4 nor IPv6: the kernel's hash.
+        assert_eq!(run_classic(&p, 0x0806, &[0; 40]), u32::MAX);
+    }
+
+    /// A slot not ready sends its addresses to ready ones, and the others keep theirs; none
+    /// ready: the kernel's hash.
+    #[test]
+    fn classic_program_skips_slots_not_ready() {
+        let group = [0, 1, 2];
+        let all = classic_program(3, &[0, 1, 2], &group);
+        let without_1 = classic_program(3, &[0, 2], &group);
+        let mut moved = 0;
+        for last in 1..=60u8 {
+            let h = ipv4_header([192, 168, 3, last]);
+            let before = run_classic(&all, 0x0800, &h);
+            let now = run_classic(&without_1, 0x0800, &h);
+            assert_ne!(now, 1);
+            if before != 1 {
+                assert_eq!(now, before);
+            } else {
+                moved += 1;
+            }
+        }
+        assert!(moved > 0);
+        let none = classic_program(3, &[], &group);
+        assert_eq!(
+            run_classic(&none, 0x0800, &ipv4_header([1, 2, 3, 4])),
+            u32::MAX
+        );
+    }
+
+    /// Every jump of the sticky eBPF program lands inside it, forward.
+    #[test]
+    fn sticky_program_jumps_land_inside() {
+        let p = sticky_program(3, 4, 5, 4);
+        for (i, ins) in p.iter().enumerate() {
+            if matches!(ins.code, 0x05 | 0x15 | 0x55) {
+                let target = i as i64 + 1 + i64::from(ins.off);
+                assert!(target > i as i64 && (target as usize) < p.len(), "{i}");
+            }
+        }
+        assert_eq!(p.last().map(|i| i.code), Some(0x95));
+    }
 
     /// Every conditional jump lands on the `r0 = SK_PASS` before `exit`.
     #[test]

@@ -156,11 +156,18 @@ fn addresses_stick(way: Way) {
         })
         .collect();
     let slots: BTreeSet<&String> = slot_of.values().collect();
-    assert_eq!(slots.len(), 2, "the addresses all went to one worker: {seen:?}");
+    assert_eq!(
+        slots.len(),
+        2,
+        "the addresses all went to one worker: {seen:?}"
+    );
 
     let victim = started_pids(&run.stderr())
         .into_iter()
-        .find(|&pid| seen.values().any(|s| s.first().unwrap() == &format!("0 {pid}")))
+        .find(|&pid| {
+            seen.values()
+                .any(|s| s.first().unwrap() == &format!("0 {pid}"))
+        })
         .expect("worker 0's pid among the answers");
     // SAFETY: kill(2) on a worker of this test's pool.
     unsafe { libc::kill(victim, libc::SIGKILL) };
@@ -168,13 +175,19 @@ fn addresses_stick(way: Way) {
     let meanwhile = survey(port, &from, 2);
     for (a, answers) in &meanwhile {
         if slot_of[a] == "1" {
-            assert_eq!(answers, &seen[a], "{a} lost its worker 1 while worker 0 restarted");
+            assert_eq!(
+                answers, &seen[a],
+                "{a} lost its worker 1 while worker 0 restarted"
+            );
         }
     }
     run.wait_stderr(" ready (pid", 3, SECS(30));
     let after = survey(port, &from, 4);
     for (a, answers) in &after {
-        let slots: BTreeSet<&str> = answers.iter().map(|s| s.split(' ').next().unwrap()).collect();
+        let slots: BTreeSet<&str> = answers
+            .iter()
+            .map(|s| s.split(' ').next().unwrap())
+            .collect();
         assert_eq!(
             slots,
             BTreeSet::from([slot_of[a].as_str()]),
