@@ -542,6 +542,12 @@ impl Steering {
         })
     }
 
+    /// Whether `set_ready` must be called on every change of the group, not only of the
+    /// ready slots (the classic program).
+    pub fn follows_group(&self) -> bool {
+        matches!(self, Steering::Classic(_))
+    }
+
     /// Slot `slot`'s socket just stopped listening (shutdown): it left the group.
     pub fn left(&self, slot: u32) {
         if let Steering::Classic(classic) = self {

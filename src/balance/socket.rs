@@ -383,7 +383,9 @@ impl SocketMode {
                 .filter(|&s| serving(table, s))
                 .map(|s| s as u32)
                 .collect();
-            if ready != table.steered {
+            // The classic program names positions in the kernel's array of the group, which
+            // moves when a socket leaves it even if the ready slots stay the same.
+            if ready != table.steered || steering.follows_group() {
                 match steering.set_ready(&ready, &self.slot_sockets) {
                     Ok(()) => table.steered = ready,
                     Err(err) => tracing::warn!("cannot update the eBPF steering: {err}"),
