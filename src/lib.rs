@@ -11,7 +11,8 @@
 //!   `balance/proxied.rs`; `balance/ports.rs` binds the port and keeps it the pool's alone);
 //! - `readiness`: how a worker says it is ready (ready pipe, sd_notify socket);
 //! - `node`: the Node preload, the Node version probe, NODE_OPTIONS and the heap share;
-//! - `steer`: socket mode's round robin over the slot sockets (an eBPF reuseport program);
+//! - `steer`: socket mode's round robin (or `--sticky ip` hash) over the slot sockets (an eBPF
+//!   reuseport program; a classic BPF one for `--sticky ip` where eBPF is not allowed);
 //! - `launch`: fork and exec of a worker, and command resolution;
 //! - `limits`: the descriptor limit raised for corepool, restored for its workers;
 //! - `proxy`: `--balance proxy`: private ports, readiness probes, least connections;

@@ -6,10 +6,10 @@
 
 mod common;
 use common::*;
-use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn};
+use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
@@ -98,6 +98,41 @@ fn get_from(source: Ipv4Addr, port: u16) -> Result<String, String> {
         &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port)),
     )
     .map_err(|e| format!("connect from {source}: {e}"))?;
+    let mut s = TcpStream::from(fd);
+    s.set_read_timeout(Some(SECS(5))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)
+        .map_err(|e| format!("read: {e}"))?;
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.trim().to_string()),
+        _ => Err(format!("no 200 answer: {text:?}")),
+    }
+}
+
+/// One GET from `source` to `to` (either family), on a new connection: the body.
+fn get_between(source: IpAddr, to: SocketAddr) -> Result<String, String> {
+    let family = match source {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| format!("socket: {e}"))?;
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    let bound = match (source, to) {
+        (IpAddr::V4(s), SocketAddr::V4(t)) => {
+            socket::bind(raw, &SockaddrIn::from(SocketAddrV4::new(s, 0)))
+                .and_then(|()| socket::connect(raw, &SockaddrIn::from(t)))
+        }
+        (IpAddr::V6(s), SocketAddr::V6(t)) => socket::bind(
+            raw,
+            &SockaddrIn6::from(std::net::SocketAddrV6::new(s, 0, 0, 0)),
+        )
+        .and_then(|()| socket::connect(raw, &SockaddrIn6::from(t))),
+        _ => return Err("mixed families".into()),
+    };
+    bound.map_err(|e| format!("{source} to {to}: {e}"))?;
     let mut s = TcpStream::from(fd);
     s.set_read_timeout(Some(SECS(5))).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -326,4 +361,109 @@ fn socketio_long_polling_fails_without_sticky_kernel_hash() {
 #[test]
 fn socketio_long_polling_fails_without_sticky_proxy() {
     socketio(Way::Proxy, false);
+}
+
+/// In a fresh network namespace, with 6 IPv6 addresses added to `lo` and corepool (3 workers)
+/// on `::`: every IPv6 and IPv4 source address (3 connections each) reaches slot
+/// `proxy::address_hash(address) % 3`, the same in every way (eBPF, classic BPF, proxy), so
+/// the IPv6 path of each program hashes the whole address as proxy mode does.
+fn every_way_picks_the_same_slot(way: Way) {
+    require("node");
+    require("unshare");
+    require("ip");
+    let dir = scratch("sticky-families");
+    let server = dir.join("server.js");
+    std::fs::write(&server, SERVER).unwrap();
+    let v6: Vec<Ipv6Addr> = (1..=6u16)
+        .map(|i| Ipv6Addr::new(0xfd00, 0xc0, 0x7e, 0, 0, 0, i * 257, i * 4099))
+        .collect();
+    let mut setup = String::from("ip link set lo up");
+    for a in &v6 {
+        setup.push_str(&format!(" && ip addr add {a}/128 dev lo nodad"));
+    }
+    let privileges = if way == Way::Classic {
+        require("setpriv");
+        "setpriv --inh-caps=-all --bounding-set=-bpf,-sys_admin,-perfmon,-net_admin"
+    } else {
+        ""
+    };
+    let port = 8080;
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--net",
+        "sh",
+        "-c",
+        &format!("{setup} && exec {privileges} \"$0\" \"$@\""),
+        bin(),
+        "-i",
+        "3",
+        "--balance",
+        if way == Way::Proxy { "proxy" } else { "socket" },
+        "--host",
+        "::",
+        "-p",
+        "8080",
+        "--sticky",
+        "ip",
+        "--",
+        "node",
+        server.to_str().unwrap(),
+    ]);
+    let run = Run::from_command(cmd, &[]);
+    run.wait_stderr(" ready (pid", 3, SECS(60));
+    let stderr = run.stderr();
+    match way {
+        Way::Ebpf => assert!(stderr.contains("by client address (eBPF)"), "{stderr}"),
+        Way::Classic => assert!(
+            stderr.contains("by client address (classic BPF"),
+            "{stderr}"
+        ),
+        Way::Proxy => {}
+    }
+    let netns = format!("/proc/{}/ns/net", run.pid());
+    let sources: Vec<IpAddr> = v6
+        .iter()
+        .map(|&a| IpAddr::V6(a))
+        .chain(addresses(6).into_iter().map(IpAddr::V4))
+        .collect();
+    let wrong = std::thread::spawn(move || {
+        let ns = std::fs::File::open(&netns).expect("the pool's network namespace");
+        // SAFETY: setns(2) on this thread only, with an open namespace descriptor.
+        let ret = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+        let mut wrong = Vec::new();
+        for _ in 0..3 {
+            for &source in &sources {
+                let to: SocketAddr = match source {
+                    IpAddr::V4(_) => (Ipv4Addr::LOCALHOST, port).into(),
+                    IpAddr::V6(_) => (Ipv6Addr::LOCALHOST, port).into(),
+                };
+                let answer = get_between(source, to).unwrap_or_else(|e| panic!("{e}"));
+                let slot = answer.split(' ').next().unwrap_or("").to_string();
+                let expected = (corepool::proxy::address_hash(source) % 3).to_string();
+                if slot != expected {
+                    wrong.push(format!("{source}: slot {slot}, expected {expected}"));
+                }
+            }
+        }
+        wrong
+    })
+    .join()
+    .unwrap();
+    assert!(wrong.is_empty(), "{}\n{}", wrong.join("\n"), run.stderr());
+}
+
+#[test]
+fn ipv6_and_ipv4_addresses_pick_the_hash_slot_with_ebpf() {
+    every_way_picks_the_same_slot(Way::Ebpf);
+}
+
+#[test]
+fn ipv6_and_ipv4_addresses_pick_the_hash_slot_with_classic_bpf() {
+    every_way_picks_the_same_slot(Way::Classic);
+}
+
+#[test]
+fn ipv6_and_ipv4_addresses_pick_the_hash_slot_in_proxy_mode() {
+    every_way_picks_the_same_slot(Way::Proxy);
 }
