@@ -503,32 +503,90 @@ pub const READY_ON: Opt<ReadyOn> = Opt {
     render: render_ready_on,
 };
 
-/// Every option corepool has, in the order `--help` and `--print-config` show them.
-pub const OPTIONS: &[&OptSpec] = &[
-    &INSTANCES.spec,
-    &KILL_TIMEOUT.spec,
-    &STOP_SIGNAL.spec,
-    &RESTART.spec,
-    &RESTART_DELAY.spec,
-    &MAX_RESTART_DELAY.spec,
-    &MIN_UPTIME.spec,
-    &MAX_RESTARTS.spec,
-    &FAIL_FAST.spec,
-    &LOG_FORMAT.spec,
-    &LOG_LEVEL.spec,
-    &PORT.spec,
-    &HOST.spec,
-    &BALANCE.spec,
-    &READY_TIMEOUT.spec,
-    &RELOAD_BATCH.spec,
-    &PORT_INCREMENT.spec,
-    &METRICS.spec,
-    &MIN_READY.spec,
-    &SHUTDOWN_DELAY.spec,
-    &HEAP_SHARE.spec,
-    &MAX_MEMORY.spec,
-    &USER.spec,
-    &MAX_CONNECTIONS.spec,
-    &IDLE_TIMEOUT.spec,
-    &READY_ON.spec,
+/// Lists the options once: [`OPTIONS`] for clap, the file and the README test, and a test hook
+/// that checks every declaration with its own type.
+macro_rules! options {
+    ($($name:ident),* $(,)?) => {
+        /// Every option corepool has, in the order `--help` and `--print-config` show them.
+        pub const OPTIONS: &[&OptSpec] = &[$(&$name.spec),*];
+
+        /// Runs `check_default` on every option (see the tests).
+        #[cfg(test)]
+        fn check_every_default() {
+            $(tests::check_default(&$name);)*
+        }
+    };
+}
+
+options![
+    INSTANCES,
+    KILL_TIMEOUT,
+    STOP_SIGNAL,
+    RESTART,
+    RESTART_DELAY,
+    MAX_RESTART_DELAY,
+    MIN_UPTIME,
+    MAX_RESTARTS,
+    FAIL_FAST,
+    LOG_FORMAT,
+    LOG_LEVEL,
+    PORT,
+    HOST,
+    BALANCE,
+    READY_TIMEOUT,
+    RELOAD_BATCH,
+    PORT_INCREMENT,
+    METRICS,
+    MIN_READY,
+    SHUTDOWN_DELAY,
+    HEAP_SHARE,
+    MAX_MEMORY,
+    USER,
+    MAX_CONNECTIONS,
+    IDLE_TIMEOUT,
+    READY_ON,
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_option_is_declared_once() {
+        for (i, a) in OPTIONS.iter().enumerate() {
+            for b in &OPTIONS[i + 1..] {
+                assert_ne!(a.key, b.key);
+                assert_ne!(a.long, b.long);
+                assert_ne!(a.env, b.env);
+                assert!(a.short.is_none() || a.short != b.short, "{}", a.key);
+            }
+            assert_eq!(
+                a.long.replace('-', "_"),
+                a.key,
+                "--{} and {}",
+                a.long,
+                a.key
+            );
+            assert_eq!(a.env, format!("COREPOOL_{}", a.key.to_uppercase()));
+        }
+    }
+
+    /// An option's default parses, renders, and reads back the same.
+    pub(super) fn check_default<T>(opt: &Opt<T>) {
+        let value = (opt.parse)(opt.spec.default)
+            .unwrap_or_else(|why| panic!("default of {}: {why}", opt.spec.key));
+        let rendered = (opt.render)(&value);
+        let text: String = match rendered.parse::<toml::Value>() {
+            Ok(toml::Value::String(s)) => s,
+            _ => rendered.clone(),
+        };
+        let again = (opt.parse)(&text)
+            .unwrap_or_else(|why| panic!("{} rendered as {rendered}: {why}", opt.spec.key));
+        assert_eq!((opt.render)(&again), rendered, "{}", opt.spec.key);
+    }
+
+    #[test]
+    fn every_default_parses_and_renders_back() {
+        check_every_default();
+    }
+}

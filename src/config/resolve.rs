@@ -1,6 +1,6 @@
-//! Resolution: each option's raw text taken by precedence (flag > variable > fallback variable
-//! > file > default), parsed by its declaration's parser, and remembered with where it came
-//! from (for errors and `--print-config`). Cross-field checks come after, in `validate`.
+//! Resolution: each option's raw text taken by precedence (flag, variable, fallback variable,
+//! file, default), parsed by its declaration's parser, and remembered with where it came from
+//! (for errors and `--print-config`). Cross-field checks come after, in `validate`.
 
 use super::file::{ConfigFile, find_file};
 use super::options::*;
