@@ -5,6 +5,13 @@ use super::options::OPTIONS;
 use clap::{Arg, ArgAction, Command};
 use std::ffi::OsString;
 
+/// The id of `--config FILE` (also `COREPOOL_CONFIG`).
+pub const CONFIG: &str = "config";
+/// The id of `--print-config`.
+pub const PRINT_CONFIG: &str = "print_config";
+/// The id of the worker command; also its key in the file.
+pub const COMMAND: &str = "command";
+
 /// The clap command: every option of [`OPTIONS`] plus `--config`, `--print-config` and the
 /// worker command.
 pub fn command() -> Command {
@@ -20,7 +27,7 @@ pub fn command() -> Command {
              (/healthz with --live), else 1",
         )
         .arg(
-            Arg::new("config")
+            Arg::new(CONFIG)
                 .long("config")
                 .short('c')
                 .env("COREPOOL_CONFIG")
@@ -29,13 +36,13 @@ pub fn command() -> Command {
                 .help("TOML file with any of these options (default ./corepool.toml if present)"),
         )
         .arg(
-            Arg::new("print_config")
+            Arg::new(PRINT_CONFIG)
                 .long("print-config")
                 .action(ArgAction::SetTrue)
                 .help("Print the effective configuration as TOML, with where each value came from, and exit"),
         )
         .arg(
-            Arg::new("command")
+            Arg::new(COMMAND)
                 .value_name("COMMAND")
                 .num_args(1..)
                 .trailing_var_arg(true)

@@ -3,6 +3,7 @@
 //! same); values stay text here and are parsed by the resolver like a flag's.
 
 use super::Source;
+use super::cli::{COMMAND, CONFIG};
 use super::options::{OPTIONS, PORT};
 use super::values::quoted;
 use crate::fatal::Fatal;
@@ -57,7 +58,7 @@ impl ConfigFile {
         for (raw_key, spanned) in table {
             let line = line_of(spanned.span().start);
             let key = raw_key.replace('-', "_");
-            let known = key == "command" || OPTIONS.iter().any(|o| o.key == key);
+            let known = key == COMMAND || OPTIONS.iter().any(|o| o.key == key);
             if !known {
                 return Err(Fatal::usage(format!(
                     "{path}:{line}: unknown key '{raw_key}'"
@@ -116,7 +117,7 @@ impl ConfigFile {
     /// `command = ["node", "server.js"]`. A single string is refused: splitting it would have to
     /// guess at the shell's quoting.
     pub fn command(&self) -> Result<Option<(Vec<String>, Source)>, Fatal> {
-        let Some((value, line)) = self.values.get("command") else {
+        let Some((value, line)) = self.values.get(COMMAND) else {
             return Ok(None);
         };
         let source = Source::File {
@@ -126,7 +127,7 @@ impl ConfigFile {
         let bad = || {
             Fatal::usage(format!(
                 "{}: expected a list of strings",
-                source.culprit("command")
+                source.culprit(COMMAND)
             ))
         };
         let argv: Vec<String> = match value {
@@ -138,7 +139,7 @@ impl ConfigFile {
                 let words: Vec<String> = s.split_whitespace().map(quoted).collect();
                 return Err(Fatal::usage(format!(
                     "{}: expected a list of strings, e.g. command = [{}]",
-                    source.culprit("command"),
+                    source.culprit(COMMAND),
                     words.join(", ")
                 )));
             }
@@ -147,7 +148,7 @@ impl ConfigFile {
         if argv.first().is_none_or(|program| program.is_empty()) {
             return Err(Fatal::usage(format!(
                 "{}: is empty",
-                source.culprit("command")
+                source.culprit(COMMAND)
             )));
         }
         Ok(Some((argv, source)))
@@ -155,8 +156,8 @@ impl ConfigFile {
 }
 
 pub fn find_file(matches: &ArgMatches) -> Result<Option<ConfigFile>, Fatal> {
-    if let Some(path) = matches.get_one::<OsString>("config") {
-        let named_by = match matches.value_source("config") {
+    if let Some(path) = matches.get_one::<OsString>(CONFIG) {
+        let named_by = match matches.value_source(CONFIG) {
             Some(ValueSource::EnvVariable) => "COREPOOL_CONFIG",
             _ => "--config",
         };

@@ -18,7 +18,7 @@ mod validate;
 pub mod values;
 
 pub use crate::worker::RestartPolicy;
-pub use cli::command;
+pub use cli::{COMMAND as COMMAND_ARG, command};
 pub use file::DEFAULT_FILE;
 pub use options::{OPTIONS, Opt, OptSpec, Scope};
 pub use resolve::{from_file_text, load, resolve};
@@ -124,7 +124,7 @@ impl Config {
     pub fn to_toml(&self) -> String {
         let mut out = String::from("# corepool effective configuration\n");
         for (key, value, source) in &self.provenance {
-            if key == "command" && self.command.is_empty() {
+            if key == cli::COMMAND && self.command.is_empty() {
                 // `command = []` would not load back: say so in a comment instead.
                 out.push_str(&format!("# command: {source}\n"));
                 continue;

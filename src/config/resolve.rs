@@ -95,7 +95,7 @@ pub fn load(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, Fata
         .try_get_matches_from(args)
         .map_err(|err| Fatal::from_clap(&err))?;
     let config = resolve(&matches, cgroup::cpu_report())?;
-    if matches.get_flag("print_config") {
+    if matches.get_flag(cli::PRINT_CONFIG) {
         Ok(Invocation::PrintConfig(config))
     } else if config.command.is_empty() {
         Err(Fatal::usage(
@@ -135,7 +135,7 @@ fn worker_command(
     matches: &ArgMatches,
     file: Option<&ConfigFile>,
 ) -> Result<(Vec<OsString>, String), Fatal> {
-    if let Some(args) = matches.get_many::<OsString>("command") {
+    if let Some(args) = matches.get_many::<OsString>(cli::COMMAND) {
         return Ok((args.cloned().collect(), "command line".to_string()));
     }
     Ok(match file.map(ConfigFile::command).transpose()?.flatten() {
@@ -166,7 +166,7 @@ fn resolve_from(
         .map(|a| quoted(&a.to_string_lossy()))
         .collect();
     r.provenance.push((
-        "command".into(),
+        cli::COMMAND.into(),
         format!("[{}]", rendered.join(", ")),
         command_source,
     ));

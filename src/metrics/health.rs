@@ -54,7 +54,9 @@ fn configured_address(flags: &[&String]) -> Result<SocketAddr, String> {
             .chain(flags.iter().map(|a| a.as_str())),
     );
     match &words {
-        Ok(matches) if matches.contains_id("command") => return Err(format!("usage: {USAGE}")),
+        Ok(matches) if matches.contains_id(config::COMMAND_ARG) => {
+            return Err(format!("usage: {USAGE}"));
+        }
         Ok(_) => {}
         Err(err) => return Err(format!("health: {} (usage: {USAGE})", clap_line(err))),
     }
