@@ -5,9 +5,10 @@
 //! single-threaded tokio runtime. Every early failure is one line on stderr and a distinct exit
 //! code (see `exit`).
 
-use corepool::balance::{self, Balancer, Mode, Preload};
+use corepool::balance::{Balancer, Mode};
 use corepool::config::{self, Invocation};
 use corepool::fatal::Fatal;
+use corepool::node::{self, NodeEnv, Preload};
 use corepool::{
     cgroup, control, exit, launch, limits, logs, metrics, pool, proxy, reaper, signals,
 };
@@ -87,18 +88,22 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
 
     // From here a SIGTERM waits, pending, for the handlers instead of being lost.
     signals::hold().map_err(|err| Fatal::startup(format_args!("cannot block signals: {err}")))?;
-    let program = launch::resolve_program(&config.command[0], config::env::path())?;
+    let program = launch::resolve_program(&config.command[0], config.search_path.clone())?;
 
     // Asked once, before any worker exists (and before the reaper runs).
     // Proxy mode too, for the preload's drain (see preload.cjs); there it is not needed to
     // serve, so a preload that cannot be written (an old Node on a read-only root) is only
     // reported, once logging runs.
     let mut preload_warning = None;
+    let prepare = || {
+        Preload::prepare(
+            node::node_version(&program, config.search_path.clone()),
+            config.runtime_dir.as_deref(),
+        )
+    };
     let preload = match config.balance {
-        Mode::Socket => {
-            Some(Preload::prepare(balance::node_version(&program)).map_err(Fatal::startup)?)
-        }
-        Mode::Proxy => match Preload::prepare(balance::node_version(&program)) {
+        Mode::Socket => Some(prepare().map_err(Fatal::startup)?),
+        Mode::Proxy => match prepare() {
             Ok(preload) => Some(preload),
             Err(err) => {
                 preload_warning = Some(format!(
@@ -205,7 +210,7 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
             config.port,
             config.instances,
             config.port_increment,
-            preload,
+            NodeEnv::new(preload, config.node_options.clone()),
             ready_tx,
         ) {
             Ok(balancer) => balancer,
@@ -228,8 +233,8 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("node")),
         );
-        if !balancer.spread.is_empty() {
-            tracing::info!("balance socket: {}", balancer.spread);
+        if !balancer.spread().is_empty() {
+            tracing::info!("balance socket: {}", balancer.spread());
         }
         balancer.set_heap_option(heap_option.map(|(option, how)| {
             tracing::info!("{how}");
@@ -329,8 +334,7 @@ fn heap_share(config: &config::Config) -> Option<(String, String)> {
         return None;
     }
     let limit = cgroup::memory_limit()?;
-    let user = config::env::node_options();
-    let mib = balance::heap_share_mib(limit.bytes, config.instances, &user)?;
+    let mib = node::heap_share_mib(limit.bytes, config.instances, &config.node_options)?;
     Some((
         format!("--max-old-space-size={mib}"),
         format!(

@@ -253,6 +253,9 @@ fn resolve_from(
         ports,
         provenance: r.provenance,
         unknown_env: env::unknown_corepool_variables(),
+        runtime_dir: env::var("COREPOOL_RUNTIME_DIR").map(Into::into),
+        node_options: env::node_options(),
+        search_path: env::path(),
     };
     validate::check(&config, &r.sources)?;
     Ok(config)
