@@ -145,8 +145,7 @@ impl LaunchSpec {
         let (err_r, err_w) = pipe()?;
         let (exec_r, exec_w) = pipe()?;
         let child_fds = ChildFds {
-            // SAFETY: getpid has no memory effects.
-            parent: unsafe { libc::getpid() },
+            parent: nix::unistd::getpid().as_raw(),
             stdin: devnull.as_raw_fd(),
             stdout: out_w.as_raw_fd(),
             stderr: err_w.as_raw_fd(),
