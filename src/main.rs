@@ -1,9 +1,9 @@
 //! corepool: runs N copies of a server as a container's PID 1.
 //!
-//! `main` reads the configuration, checks the command, installs the signal handlers (before any
-//! child exists), starts the log writers, and hands over to the pool's supervisor loop on a
-//! single-threaded tokio runtime. Every early failure is one line on stderr and a distinct exit
-//! code (see `exit`).
+//! `main` runs a client subcommand (`status`, `reload`, `health`: each lives beside the server
+//! side of its protocol), or reads the configuration and starts the pool: the start-up steps are
+//! in order in [`serve`], ending in the supervisor loop on a single-threaded tokio runtime. Every
+//! early failure is one [`Fatal`]: one line on stderr and its exit code (see `exit`).
 
 use corepool::balance::{Balancer, Mode};
 use corepool::config::{self, Invocation};
