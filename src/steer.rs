@@ -513,11 +513,12 @@ impl Steering {
         }
     }
 
-    /// The same steering dealing by `deal` from now on (the eBPF program replaced in place,
-    /// its maps kept: a socket can be in one socket map only). `socket`: one in the group.
-    pub fn redeal(self, deal: Deal, socket: &OwnedFd) -> io::Result<Steering> {
+    /// Deals by `deal` from now on: the eBPF program replaced in place, its maps kept (a
+    /// socket can be in one socket map only). `socket`: one in the group. On failure nothing
+    /// changed.
+    pub fn redeal(&mut self, deal: Deal, socket: &OwnedFd) -> io::Result<()> {
         let Steering::Ebpf {
-            _program: old,
+            _program: current,
             state,
             order,
             sockets,
@@ -529,17 +530,11 @@ impl Steering {
         let (s, o, g) = (state.as_raw_fd(), order.as_raw_fd(), sockets.as_raw_fd());
         let program = load(&match deal {
             Deal::Turn => program(s, o, g),
-            Deal::Sticky => sticky_program(s, o, g, slots),
+            Deal::Sticky => sticky_program(s, o, g, *slots),
         })?;
         attach(socket, SO_ATTACH_REUSEPORT_EBPF, &program.as_raw_fd())?;
-        drop(old);
-        Ok(Steering::Ebpf {
-            _program: program,
-            state,
-            order,
-            sockets,
-            slots,
-        })
+        *current = program;
+        Ok(())
     }
 
     /// Whether `set_ready` must be called on every change of the group, not only of the

@@ -402,27 +402,30 @@ impl SocketMode {
             return;
         }
         let group: Vec<&OwnedFd> = self.slot_sockets.iter().flatten().collect();
-        let ebpf = match self.steering.take() {
+        let ebpf = match &mut self.steering {
             Some(round_robin) => round_robin.redeal(steer::Deal::Sticky, group[0]),
-            None => steer::ebpf(&group, steer::Deal::Sticky),
+            None => steer::ebpf(&group, steer::Deal::Sticky).map(|s| self.steering = Some(s)),
         };
         let (steering, spread) = match ebpf {
-            Ok(steering) => (steering, "connections by client address (eBPF)".to_string()),
+            Ok(()) => (None, "connections by client address (eBPF)".to_string()),
+            // Replaces the round robin, if any, in the kernel too (one program per group).
             Err(err) => match steer::classic(&group) {
                 Ok(steering) => (
-                    steering,
+                    Some(steering),
                     format!("connections by client address (classic BPF; no eBPF: {err})"),
                 ),
                 Err(classic) => {
                     tracing::warn!(
                         "--sticky ip: cannot steer by client address (no eBPF: {err}; no classic \
-                         BPF: {classic}); the kernel's hash spreads connections"
+                         BPF: {classic}); connections are spread as without it"
                     );
                     return;
                 }
             },
         };
-        self.steering = Some(steering);
+        if let Some(steering) = steering {
+            self.steering = Some(steering);
+        }
         let tail = self
             .spread
             .split_once("; ")
