@@ -17,14 +17,14 @@
 //! none left it could not answer `/healthz`, start a worker or accept a probe. A relay on which
 //! no byte moved for `--idle-timeout` is closed.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::balance::Ready;
+use crate::readiness::Ready;
 use crate::relay;
 
 /// How often a starting worker's private port is probed.
@@ -69,6 +69,8 @@ impl Drop for Held {
 #[derive(Debug)]
 struct Backend {
     pid: i32,
+    /// Its slot (`--sticky ip` picks by slot).
+    slot: usize,
     port: u16,
     ready: bool,
     active: Arc<AtomicUsize>,
@@ -85,6 +87,8 @@ pub struct Backends {
     open: Arc<AtomicUsize>,
     /// Times the accept loop stopped at `--max-connections`.
     limit_reached: Arc<AtomicU64>,
+    /// `--sticky ip`: the pool's slot count (clients are picked a slot by address).
+    sticky: Option<usize>,
 }
 
 impl Backends {
@@ -94,11 +98,12 @@ impl Backends {
         f(&mut guard)
     }
 
-    /// A new worker process on `port`, not ready yet.
-    pub fn add(&self, pid: i32, port: u16) {
+    /// A new worker process of `slot` on `port`, not ready yet.
+    pub fn add(&self, pid: i32, port: u16, slot: usize) {
         self.with(|list| {
             list.push(Backend {
                 pid,
+                slot,
                 port,
                 ready: false,
                 active: Arc::new(AtomicUsize::new(0)),
@@ -145,6 +150,44 @@ impl Backends {
         })
     }
 
+    /// `--sticky ip` over `slots` slots (set before the accept loop starts).
+    pub fn set_sticky(&mut self, slots: usize) {
+        self.sticky = Some(slots.max(1));
+    }
+
+    /// `--sticky ip`: the ready backends for a client at `ip`, the one it sticks to first: a
+    /// ready worker of the address's own slot (`hash % slots`, the oldest if a reload briefly
+    /// has two), else one of the ready ones chosen by the rest of the hash; then the others
+    /// in slot order, should that one refuse. The same choice as socket mode's (`steer`).
+    fn sticky_candidates(&self, ip: IpAddr, slots: usize) -> Vec<(u16, Arc<AtomicUsize>)> {
+        let hash = address_hash(ip) as usize;
+        self.with(|list| {
+            let mut ready: Vec<&Backend> = list.iter().filter(|b| b.ready).collect();
+            // Stable: among a slot's workers, the oldest first.
+            ready.sort_by_key(|b| b.slot);
+            let own = hash % slots;
+            let first = match ready.iter().position(|b| b.slot == own) {
+                Some(i) => Some(i),
+                None => {
+                    let mut slots_ready: Vec<usize> = ready.iter().map(|b| b.slot).collect();
+                    slots_ready.dedup();
+                    (!slots_ready.is_empty()).then(|| {
+                        let slot = slots_ready[hash / slots % slots_ready.len()];
+                        ready.iter().position(|b| b.slot == slot).unwrap_or(0)
+                    })
+                }
+            };
+            if let Some(i) = first {
+                let chosen = ready.remove(i);
+                ready.insert(0, chosen);
+            }
+            ready
+                .into_iter()
+                .map(|b| (b.port, b.active.clone()))
+                .collect()
+        })
+    }
+
     /// Connections accepted since start, for metrics.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::Relaxed)
@@ -161,6 +204,26 @@ impl Backends {
     pub fn limit_reached(&self) -> u64 {
         self.limit_reached.load(Ordering::Relaxed)
     }
+}
+
+/// `--sticky ip`: a 16-bit hash of a client address (IPv4-mapped IPv6 as IPv4), the one
+/// socket mode's BPF programs compute (`steer`): the golden-ratio multiplicative hash of the
+/// address's 32-bit words folded by multiply and xor, its upper half.
+pub fn address_hash(ip: IpAddr) -> u32 {
+    const MUL: u32 = 0x9E37_79B1;
+    let words: Vec<u32> = match ip.to_canonical() {
+        IpAddr::V4(v4) => vec![u32::from(v4)],
+        IpAddr::V6(v6) => v6
+            .octets()
+            .chunks(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    };
+    let mut h = words[0];
+    for &w in &words[1..] {
+        h = h.wrapping_mul(MUL) ^ w;
+    }
+    h.wrapping_mul(MUL) >> 16
 }
 
 /// A free port for a new worker process, chosen where the kernel never picks ports for
@@ -391,7 +454,11 @@ async fn relay(
     let _ = client.set_nodelay(true);
     // While no worker is ready (all restarting), wait a little rather than refuse.
     for _attempt in 0..100 {
-        for (port, active) in backends.candidates(turn) {
+        let candidates = match backends.sticky {
+            Some(slots) => backends.sticky_candidates(peer.ip(), slots),
+            None => backends.candidates(turn),
+        };
+        for (port, active) in candidates {
             // Counted from the attempt on, so that connections being made at the same time
             // see each other and spread instead of all choosing the same least-busy worker.
             let _active = Held::new(&active);
