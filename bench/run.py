@@ -907,7 +907,20 @@ def strace_timeline(tools):
     cmd = ["strace", "-f", "-ttt", "-e", "trace=execve,exit_group,bind,listen,accept4,sendmsg,connect",
            "-e", "signal=none", "-o", out, tools["corepool"], "-i", "1", "--host", "127.0.0.1",
            "-p", str(port), "--", "node", "server.js"]
-    first_200_ms(cmd, port, dict(os.environ))
+    strace = subprocess.Popen(cmd, cwd=os.path.dirname(HELLO), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        if not first_200(port, time.monotonic() + 30):
+            raise RuntimeError("corepool under strace: no 200 in 30 s")
+    finally:
+        # SIGTERM to strace would only detach it: stop the traced corepool itself.
+        for pid in worker_pids(strace.pid):
+            os.kill(pid, signal.SIGTERM)
+        try:
+            strace.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            strace.kill()
+            strace.wait()
     events, t0 = [], None
     for line in open(out):
         m = re.match(r"(\d+) ([\d.]+) (.*)", line)
