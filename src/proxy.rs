@@ -8,7 +8,8 @@
 //! up. A worker is ready once its private port accepts a connection (probed every 50 ms).
 //!
 //! The bytes of each connection are moved by `relay` (splice(2), half-closes kept, nothing
-//! interpreted, so WebSocket upgrades and large bodies pass as they are).
+//! interpreted, so WebSocket upgrades and large bodies pass as they are), on relay threads of
+//! their own, one per CPU, beside the supervisor's (see `serve`).
 //!
 //! At most `--max-connections` are relayed at once. At the limit the accept loop stops
 //! accepting, as HAProxy does at `maxconn`: new clients wait in the kernel's listen backlog
