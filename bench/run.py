@@ -829,8 +829,8 @@ def sizes_main(args, tools):
         ref = per.get("1", {})
         for n, v in per.items():
             f = lambda k, fmt="{:.0f}", scale=1: fmt.format(v[k] / scale) if k in v else "-"
-            lines.append(f"| {name} | {n} | {f('all_ready_ms')} | "
-                         f"{v['all_ready_ms'] / ref['all_ready_ms']:.1f} | " if 'all_ready_ms' in v and ref.get('all_ready_ms') else f"| {name} | {n} | - | - | ")
+            lines.append(f"| {name} | {n} | {f('all_ready_ms')} | " +
+                         (f"{v['all_ready_ms'] / ref['all_ready_ms']:.1f} | " if 'all_ready_ms' in v and ref.get('all_ready_ms') else "- | "))
             lines[-1] += (f"{f('rss_idle_kib', '{:.1f}', 1024)} | {f('rss_load_kib', '{:.1f}', 1024)} | "
                           f"{f('cpu_idle_pct', '{:.2f}')} | {f('wakeups_idle_s', '{:.1f}')} | {f('cpu_load_pct', '{:.1f}')} | "
                           f"{f('wakeups_load_s')} | {f('load_rps')} | {f('metrics_ms', '{:.1f}')} | {f('reload_ms')} | "
