@@ -35,6 +35,7 @@ pub mod control;
 pub mod drain;
 pub mod ending;
 pub mod exit;
+pub mod fleet;
 pub mod launch;
 pub mod limits;
 pub mod logs;

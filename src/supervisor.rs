@@ -426,6 +426,26 @@ impl Supervisor {
         self.replacements.counters()
     }
 
+    /// Why the pool ends, once it does.
+    pub fn ending(&self) -> Option<Ending> {
+        self.shutdown.ending()
+    }
+
+    /// Another pool of the container died: stop this one as a stop signal would (no
+    /// shutdown delay; the container's exit code is the dead pool's).
+    pub fn stop_now(&mut self, why: &str, now: Instant, os: &mut dyn Os) {
+        if self.shutdown.is_ending() {
+            return;
+        }
+        tracing::info!(
+            "{why}: stopping {} workers with {}, kill timeout {}",
+            self.live_workers(),
+            self.s.stop_signal,
+            human(self.s.kill_timeout)
+        );
+        self.begin_stop(Ending::Stop(Signal::SIGTERM), now, os);
+    }
+
     /// Who `pid` is, if it is one of the pool's processes.
     pub fn role(&self, pid: Pid) -> Option<Role> {
         self.slots.role(pid)
