@@ -109,7 +109,9 @@ impl<O: Os> Fleet<O> {
                 if !m.after.is_empty() {
                     tracing::info!("starting: every pool it waits for finished with 0");
                 }
-                m.core = Some(Supervisor::new(m.settings.clone(), now));
+                let mut core = Supervisor::new(m.settings.clone(), now);
+                core.set_oneshot(m.oneshot);
+                m.core = Some(core);
             }
         }
     }
@@ -222,7 +224,7 @@ impl<O: Os> Fleet<O> {
                 if let (Some(ending), Some(code)) = (ending, core.outcome(now, &mut m.os)) {
                     let end = pool_end(m.oneshot, ending, code);
                     if end == PoolEnd::Finished {
-                        tracing::info!("finished: every worker exited with 0 (oneshot)");
+                        tracing::info!("finished (oneshot): the pools waiting for it may start");
                     }
                     m.end = Some(end);
                     changed = true;
