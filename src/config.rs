@@ -715,7 +715,7 @@ pub fn command() -> Command {
         .after_help(
             "Subcommands, to the pool running in this container:\n  \
              corepool status [--json]   each worker: pid, state, uptime, restarts, RSS, CPU%\n  \
-             corepool reload            a rolling reload (as SIGHUP)\n  \
+             corepool reload [POOL]     a rolling reload (as SIGHUP), of one pool if named\n  \
              corepool health [--live] [ADDR]  exit 0 when the metrics endpoint answers /readyz \
              (/healthz with --live), else 1",
         )
@@ -1526,10 +1526,16 @@ fn resolve_from(
     // `instances = max` (or -K) in several pools: the usable CPUs are split by cpu_share.
     let weight: u32 = plans.iter().filter(|p| p.derived).map(|p| p.cpu_share).sum();
     let sharing = plans.iter().filter(|p| p.derived).count() > 1;
-    for ((name, _, table), plan) in selected.iter().zip(plans) {
+    let shares = cpu_split(
+        cpu.usable,
+        &plans
+            .iter()
+            .map(|p| if p.derived { p.cpu_share } else { 0 })
+            .collect::<Vec<_>>(),
+    );
+    for (((name, _, table), plan), share) in selected.iter().zip(plans).zip(shares) {
         let in_pool = |e: ConfigError| ConfigError(format!("pool {name}: {e}"));
         let mut pool_cpu = cpu.clone();
-        let share = (cpu.usable * plan.cpu_share as usize / weight.max(1) as usize).max(1);
         if plan.derived && sharing {
             pool_cpu.usable = share;
         }
@@ -1609,6 +1615,24 @@ fn resolve_from(
     top.provenance.retain(|(key, _, _)| CONTAINER_KEYS.contains(&key.as_str()));
     top.provenance.extend(r.provenance);
     Ok(top)
+}
+
+/// The usable CPUs split by weight (0: takes no part): each part is `usable × weight / total`
+/// rounded down, the CPUs left over go to the largest remainders, and every part is at least 1.
+fn cpu_split(usable: usize, weights: &[u32]) -> Vec<usize> {
+    let total: usize = weights.iter().map(|&w| w as usize).sum();
+    if total == 0 {
+        return vec![usable.max(1); weights.len()];
+    }
+    let mut parts: Vec<usize> = weights.iter().map(|&w| usable * w as usize / total).collect();
+    let left = usable - parts.iter().sum::<usize>();
+    let mut order: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(usable * weights[i] as usize % total));
+    // Fewer CPUs are left over than there are parts (each remainder is below one CPU).
+    for &i in order.iter().take(left) {
+        parts[i] += 1;
+    }
+    parts.iter().map(|&p| p.max(1)).collect()
 }
 
 /// `--only web,queue`: None for all.
@@ -1756,6 +1780,47 @@ mod tests {
         let argv = std::iter::once("corepool").chain(args.iter().copied());
         let matches = command().try_get_matches_from(argv).expect("clap accepts");
         resolve(&matches, cpu(4))
+    }
+
+    #[test]
+    fn cpus_are_split_among_pools_by_weight() {
+        assert_eq!(cpu_split(2, &[1, 1]), vec![1, 1]);
+        assert_eq!(cpu_split(3, &[1, 1]), vec![2, 1]);
+        assert_eq!(cpu_split(8, &[3, 1]), vec![6, 2]);
+        assert_eq!(cpu_split(8, &[1, 0, 1]), vec![4, 1, 4]);
+        assert_eq!(cpu_split(1, &[1, 1]), vec![1, 1]);
+        assert_eq!(cpu_split(10, &[1, 2, 2]), vec![2, 4, 4]);
+    }
+
+    #[test]
+    fn pools_from_a_file() {
+        let text = "kill_timeout = \"3s\"\nport = 4000\n\n[pool.web]\ncommand = [\"node\", \"s.js\"]\n\
+                    instances = \"max\"\n\n[pool.queue]\ncommand = [\"node\", \"w.js\"]\n\
+                    instances = \"max\"\ncpu_share = 3\nbalance = \"none\"\nkill_timeout = \"9s\"\n";
+        let config = from_file_text("f.toml", text, cpu(8)).unwrap();
+        let pools: Vec<(&str, usize, u64)> = config
+            .pools
+            .iter()
+            .map(|p| (p.name.as_str(), p.config.instances, p.config.kill_timeout.as_secs()))
+            .collect();
+        assert_eq!(pools, vec![("web", 2, 3), ("queue", 6, 9)]);
+        let toml = config.to_toml();
+        assert!(toml.contains("\n[pool.queue]\n"), "{toml}");
+        assert!(toml.contains("kill_timeout = \"9s\"  # file f.toml:13"), "{toml}");
+        let err = |text: &str| from_file_text("f.toml", text, cpu(8)).unwrap_err().0;
+        assert_eq!(
+            err("[pool.web]\ncommand = [\"a\"]\nkill_timeout = \"x\"\n"),
+            "pool web: invalid value for f.toml:3: kill_timeout: 'x' is not a duration (write \
+             e.g. 1500ms, 10s, 2m)"
+        );
+        assert!(err("[pool.web]\ncommand = [\"a\"]\nbogus = 1\n").contains("f.toml:3: [pool.web]: unknown key 'bogus'"));
+        assert!(err("[pool.web]\ninstances = 1\n").contains("pool web: no command to run"));
+        assert!(
+            err("[pool.a]\ncommand = [\"a\"]\noneshot = true\nafter = [\"b\"]\n\
+                 [pool.b]\ncommand = [\"a\"]\noneshot = true\nafter = [\"a\"]\n")
+                .contains("pools wait for each other in a circle: a -> b -> a")
+        );
+        assert!(err("only = \"x\"\ncommand = [\"a\"]\n").contains("no [pool.NAME] tables"));
     }
 
     #[test]

@@ -528,16 +528,21 @@ fn client_status(args: &[String]) -> i32 {
     }
 }
 
-/// `corepool reload`.
+/// `corepool reload [POOL]`.
 fn client_reload(args: &[String]) -> i32 {
-    const USAGE: &str = "corepool reload   (a rolling reload of the pool running here)";
+    const USAGE: &str = "corepool reload [POOL]   (a rolling reload of the pool running here, or \
+                         of the pool named when it runs several)";
     if wants_help(args) {
         return usage(USAGE);
     }
-    if !args.is_empty() {
-        return fail(exit::USAGE, format_args!("usage: {USAGE}"));
-    }
-    match control::request("reload") {
+    let request = match args {
+        [] => "reload".to_string(),
+        [pool] if !pool.starts_with('-') && !pool.contains(char::is_whitespace) => {
+            format!("reload {pool}")
+        }
+        _ => return fail(exit::USAGE, format_args!("usage: {USAGE}")),
+    };
+    match control::request(&request) {
         Ok(answer) => {
             let _ = std::io::stdout().write_all(answer.as_bytes());
             0
