@@ -208,7 +208,7 @@ impl Pool {
             connection_limit: None,
             pools: Vec::new(),
         };
-        let several = self.fleet.members.len() > 1;
+        let several = self.fleet.members.iter().any(|m| !m.name.is_empty());
         for (m, &min_ready) in self.fleet.members.iter().zip(&self.min_ready) {
             let balancer = &m.os.balancer;
             let (open, total) = balancer.connections();
