@@ -178,8 +178,9 @@ fn only_runs_the_pools_named() {
     );
 }
 
-/// `[pool.migrate]` (oneshot, sh: `script`) and `[pool.web]` after it, whose worker says
-/// whether the migration's file exists when it starts.
+/// `[pool.migrate]` (oneshot, sh: `script`), `[pool.web]` after it, whose worker says
+/// whether the migration's file exists when it starts, and `[pool.queue]` beside them, which
+/// writes `queue-ready` once its trap is set and says if it is stopped.
 fn migrate_then_web(dir: &Path, script: &str) -> String {
     let marker = dir.join("migrated");
     let web = dir.join("web.sh");
@@ -191,15 +192,28 @@ fn migrate_then_web(dir: &Path, script: &str) -> String {
             m = marker.display()
         ),
     );
+    let queue = dir.join("queue.sh");
+    write_executable(
+        &queue,
+        format!(
+            "#!/bin/sh\ntrap 'echo queue got TERM; exit 0' TERM\ntouch {}\n\
+             while :; do sleep 0.1; done\n",
+            dir.join("queue-ready").display()
+        ),
+    );
     let file = dir.join("corepool.toml");
+    let script = script
+        .replace("MARKER", &marker.display().to_string())
+        .replace("DIR", &dir.display().to_string());
     std::fs::write(
         &file,
         format!(
             "balance = \"none\"\n\n[pool.web]\ncommand = [\"{}\"]\ninstances = 1\n\
              after = [\"migrate\"]\n\n[pool.migrate]\ncommand = [\"sh\", \"-c\", {}]\n\
-             oneshot = true\ninstances = 1\n",
+             oneshot = true\ninstances = 1\n\n[pool.queue]\ncommand = [\"{}\"]\ninstances = 1\n",
             web.display(),
-            toml_string(&script.replace("MARKER", &marker.display().to_string()))
+            toml_string(&script),
+            queue.display()
         ),
     )
     .unwrap();
@@ -213,7 +227,11 @@ fn toml_string(text: &str) -> String {
 #[test]
 fn a_pool_waits_for_its_oneshot_migration() {
     let dir = scratch("pools-after");
-    let file = migrate_then_web(&dir, "sleep 0.5; echo schema-v2 > MARKER; exit 0");
+    // The migration ends once the queue pool runs beside it: its end must not stop the queue.
+    let file = migrate_then_web(
+        &dir,
+        "while [ ! -e DIR/queue-ready ]; do sleep 0.05; done; echo schema-v2 > MARKER; exit 0",
+    );
     let mut run = Run::start(&["-c", &file], &[]);
     run.wait_stdout("web saw", 1, SECS(20));
     assert!(run.stdout().contains("web saw schema-v2"), "{}", run.stdout());
@@ -221,11 +239,14 @@ fn a_pool_waits_for_its_oneshot_migration() {
     let finished = err.find("pool migrate: finished (oneshot)").expect(&err);
     let started = err.find("pool web: worker 0 started").expect(&err);
     assert!(finished < started, "{err}");
-    // The migration's end stopped nothing: web serves on until told to stop.
+    // The migration's end stopped nothing: web and queue serve on until told to stop.
     std::thread::sleep(SECS(1));
     assert!(run.child.try_wait().unwrap().is_none(), "{}", run.stderr());
+    assert!(!run.stdout().contains("queue got TERM"), "{}", run.stderr());
+    assert!(!run.stderr().contains("stray"), "{}", run.stderr());
     run.signal(libc::SIGTERM);
     assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
+    assert!(run.stdout().contains("queue got TERM"), "{}", run.stdout());
 }
 
 #[test]
