@@ -848,11 +848,18 @@ impl ConfigFile {
 
     /// The `[pool.NAME]` tables: each a table of per-pool options, `command`, `oneshot`,
     /// `after` and `cpu_share`.
-    fn parse_pools(path: &str, text: &str) -> Result<Vec<(String, usize, ConfigFile)>, ConfigError> {
+    fn parse_pools(
+        path: &str,
+        text: &str,
+    ) -> Result<Vec<(String, usize, ConfigFile)>, ConfigError> {
         let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
         let bad = |line: usize, why: String| ConfigError(format!("{path}:{line}: {why}"));
-        let tables: PoolTables = toml::from_str(text)
-            .map_err(|err| bad(err.span().map(|s| line_of(s.start)).unwrap_or(1), err.message().to_string()))?;
+        let tables: PoolTables = toml::from_str(text).map_err(|err| {
+            bad(
+                err.span().map(|s| line_of(s.start)).unwrap_or(1),
+                err.message().to_string(),
+            )
+        })?;
         let Some(spanned) = tables.pool else {
             return Ok(Vec::new());
         };
@@ -867,18 +874,25 @@ impl ConfigFile {
         }
         let tables: Spanned = toml::from_str(text).map_err(|err| {
             let line = err.span().map(|s| line_of(s.start)).unwrap_or(line);
-            bad(line, "each pool must be a table of options, e.g. [pool.web]".into())
+            bad(
+                line,
+                "each pool must be a table of options, e.g. [pool.web]".into(),
+            )
         })?;
         let mut pools = Vec::new();
         for (name, table) in tables.pool {
             let line = line_of(table.span().start);
             if name.is_empty()
                 || name == "all"
-                || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
             {
                 return Err(bad(
                     line,
-                    format!("[pool.{name}]: a pool name is letters, digits, - and _ (and not 'all')"),
+                    format!(
+                        "[pool.{name}]: a pool name is letters, digits, - and _ (and not 'all')"
+                    ),
                 ));
             }
             let mut values = BTreeMap::new();
@@ -888,7 +902,9 @@ impl ConfigFile {
                 if CONTAINER_KEYS.contains(&key.as_str()) {
                     return Err(bad(
                         line,
-                        format!("[pool.{name}] {raw_key}: concerns the whole container; set it at the top level"),
+                        format!(
+                            "[pool.{name}] {raw_key}: concerns the whole container; set it at the top level"
+                        ),
                     ));
                 }
                 let known = key == "command"
@@ -900,7 +916,9 @@ impl ConfigFile {
                 if let Some((_, first)) = values.get(&key) {
                     return Err(bad(
                         line,
-                        format!("[pool.{name}]: '{raw_key}' repeats the key of line {first} (- and _ are the same)"),
+                        format!(
+                            "[pool.{name}]: '{raw_key}' repeats the key of line {first} (- and _ are the same)"
+                        ),
                     ));
                 }
                 values.insert(key, (spanned.into_inner(), line));
@@ -1404,9 +1422,15 @@ fn resolve_from(
         provenance: Vec::new(),
     };
     let (only, only_source) = r.get("only", parse_only, |o: &Option<Vec<String>>| {
-        quoted(&o.as_ref().map_or("all".to_string(), |names| names.join(",")))
+        quoted(
+            &o.as_ref()
+                .map_or("all".to_string(), |names| names.join(",")),
+        )
     })?;
-    let tables = file.as_ref().map(|f| f.pools.as_slice()).unwrap_or_default();
+    let tables = file
+        .as_ref()
+        .map(|f| f.pools.as_slice())
+        .unwrap_or_default();
     if tables.is_empty() {
         if only.is_some() {
             return Err(ConfigError(format!(
@@ -1470,7 +1494,9 @@ fn resolve_from(
                 .iter()
                 .map(|v| {
                     v.as_str().map(str::to_string).ok_or_else(|| {
-                        ConfigError(format!("{culprit}: expected pool names, e.g. [\"migrate\"]"))
+                        ConfigError(format!(
+                            "{culprit}: expected pool names, e.g. [\"migrate\"]"
+                        ))
                     })
                 })
                 .collect::<Result<_, _>>()?,
@@ -1498,7 +1524,12 @@ fn resolve_from(
                         names.join(", ")
                     )));
                 }
-                Some((_, _, t)) if !matches!(t.values.get("oneshot"), Some((toml::Value::Boolean(true), _))) => {
+                Some((_, _, t))
+                    if !matches!(
+                        t.values.get("oneshot"),
+                        Some((toml::Value::Boolean(true), _))
+                    ) =>
+                {
                     return Err(ConfigError(format!(
                         "{culprit}: pool '{dep}' is not oneshot = true, so it never finishes \
                          for '{name}' to start"
@@ -1515,16 +1546,24 @@ fn resolve_from(
         });
     }
     if let Some(cycle) = after_cycle(
-        &selected.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>(),
+        &selected
+            .iter()
+            .map(|(n, _, _)| n.as_str())
+            .collect::<Vec<_>>(),
         &plans.iter().map(|p| p.after.clone()).collect::<Vec<_>>(),
     ) {
         return Err(ConfigError(format!(
             "{}: pools wait for each other in a circle: {cycle}",
-            file.as_ref().map_or("the configuration", |f| f.path.as_str())
+            file.as_ref()
+                .map_or("the configuration", |f| f.path.as_str())
         )));
     }
     // `instances = max` (or -K) in several pools: the usable CPUs are split by cpu_share.
-    let weight: u32 = plans.iter().filter(|p| p.derived).map(|p| p.cpu_share).sum();
+    let weight: u32 = plans
+        .iter()
+        .filter(|p| p.derived)
+        .map(|p| p.cpu_share)
+        .sum();
     let sharing = plans.iter().filter(|p| p.derived).count() > 1;
     let shares = cpu_split(
         cpu.usable,
@@ -1580,21 +1619,32 @@ fn resolve_from(
                 }
             }
         }
-        config.provenance.retain(|(key, _, _)| !CONTAINER_KEYS.contains(&key.as_str()));
+        config
+            .provenance
+            .retain(|(key, _, _)| !CONTAINER_KEYS.contains(&key.as_str()));
         if plan.oneshot {
-            config.provenance.push(("oneshot".into(), "true".into(), "file".into()));
+            config
+                .provenance
+                .push(("oneshot".into(), "true".into(), "file".into()));
         }
         if !plan.after.is_empty() {
             let list: Vec<String> = plan.after.iter().map(|a| quoted(a)).collect();
-            config
-                .provenance
-                .push(("after".into(), format!("[{}]", list.join(", ")), "file".into()));
+            config.provenance.push((
+                "after".into(),
+                format!("[{}]", list.join(", ")),
+                "file".into(),
+            ));
         }
         if table.values.contains_key("cpu_share") || sharing && plan.derived {
             config.provenance.push((
                 "cpu_share".into(),
                 plan.cpu_share.to_string(),
-                if table.values.contains_key("cpu_share") { "file" } else { "default" }.into(),
+                if table.values.contains_key("cpu_share") {
+                    "file"
+                } else {
+                    "default"
+                }
+                .into(),
             ));
         }
         // Only those `--only` selects wait for a pool; one left out counts as done.
@@ -1612,7 +1662,8 @@ fn resolve_from(
         });
     }
     check_ports(&top.pools)?;
-    top.provenance.retain(|(key, _, _)| CONTAINER_KEYS.contains(&key.as_str()));
+    top.provenance
+        .retain(|(key, _, _)| CONTAINER_KEYS.contains(&key.as_str()));
     top.provenance.extend(r.provenance);
     Ok(top)
 }
@@ -1624,7 +1675,10 @@ fn cpu_split(usable: usize, weights: &[u32]) -> Vec<usize> {
     if total == 0 {
         return vec![usable.max(1); weights.len()];
     }
-    let mut parts: Vec<usize> = weights.iter().map(|&w| usable * w as usize / total).collect();
+    let mut parts: Vec<usize> = weights
+        .iter()
+        .map(|&w| usable * w as usize / total)
+        .collect();
     let left = usable - parts.iter().sum::<usize>();
     let mut order: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(usable * weights[i] as usize % total));
@@ -1801,24 +1855,38 @@ mod tests {
         let pools: Vec<(&str, usize, u64)> = config
             .pools
             .iter()
-            .map(|p| (p.name.as_str(), p.config.instances, p.config.kill_timeout.as_secs()))
+            .map(|p| {
+                (
+                    p.name.as_str(),
+                    p.config.instances,
+                    p.config.kill_timeout.as_secs(),
+                )
+            })
             .collect();
         assert_eq!(pools, vec![("web", 2, 3), ("queue", 6, 9)]);
         let toml = config.to_toml();
         assert!(toml.contains("\n[pool.queue]\n"), "{toml}");
-        assert!(toml.contains("kill_timeout = \"9s\"  # file f.toml:13"), "{toml}");
+        assert!(
+            toml.contains("kill_timeout = \"9s\"  # file f.toml:13"),
+            "{toml}"
+        );
         let err = |text: &str| from_file_text("f.toml", text, cpu(8)).unwrap_err().0;
         assert_eq!(
             err("[pool.web]\ncommand = [\"a\"]\nkill_timeout = \"x\"\n"),
             "pool web: invalid value for f.toml:3: kill_timeout: 'x' is not a duration (write \
              e.g. 1500ms, 10s, 2m)"
         );
-        assert!(err("[pool.web]\ncommand = [\"a\"]\nbogus = 1\n").contains("f.toml:3: [pool.web]: unknown key 'bogus'"));
+        assert!(
+            err("[pool.web]\ncommand = [\"a\"]\nbogus = 1\n")
+                .contains("f.toml:3: [pool.web]: unknown key 'bogus'")
+        );
         assert!(err("[pool.web]\ninstances = 1\n").contains("pool web: no command to run"));
         assert!(
-            err("[pool.a]\ncommand = [\"a\"]\noneshot = true\nafter = [\"b\"]\n\
-                 [pool.b]\ncommand = [\"a\"]\noneshot = true\nafter = [\"a\"]\n")
-                .contains("pools wait for each other in a circle: a -> b -> a")
+            err(
+                "[pool.a]\ncommand = [\"a\"]\noneshot = true\nafter = [\"b\"]\n\
+                 [pool.b]\ncommand = [\"a\"]\noneshot = true\nafter = [\"a\"]\n"
+            )
+            .contains("pools wait for each other in a circle: a -> b -> a")
         );
         assert!(err("only = \"x\"\ncommand = [\"a\"]\n").contains("no [pool.NAME] tables"));
     }

@@ -191,7 +191,10 @@ fn unknown_pool(shared: &Shared, pool: &str) -> Option<String> {
         return None;
     }
     let names: Vec<&str> = snap.pools.iter().map(|p| p.name.as_str()).collect();
-    Some(format!("no pool '{pool}' here (pools: {})", names.join(", ")))
+    Some(format!(
+        "no pool '{pool}' here (pools: {})",
+        names.join(", ")
+    ))
 }
 
 /// What `corepool status --json` prints: the pool and each of its slots.

@@ -59,7 +59,6 @@ impl<O: Os> Member<O> {
             (Some(_), None) => "running",
         }
     }
-
 }
 
 /// A span naming the pool in every log line the core writes meanwhile (none when unnamed).
@@ -274,7 +273,10 @@ impl<O: Os> Fleet<O> {
         if !self.stopping {
             // Every pool finished (all oneshot): nothing is left to run.
             if self.members.iter().all(|m| m.end.is_some()) {
-                return Some(container_code(None, self.members.iter().filter_map(|m| m.end)));
+                return Some(container_code(
+                    None,
+                    self.members.iter().filter_map(|m| m.end),
+                ));
             }
             return None;
         }

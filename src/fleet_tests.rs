@@ -149,7 +149,8 @@ fn after_waits_for_a_oneshot_pool_that_finishes_with_0() {
     assert_eq!(r.states(), vec!["running", "finished"]);
     assert_eq!(r.os(0).spawned, vec![(0, pid(101))]);
     // A stop signal then ends the container with 0.
-    r.fleet.on_signal(Action::Stop(Signal::SIGTERM), r.t0 + ms(60));
+    r.fleet
+        .on_signal(Action::Stop(Signal::SIGTERM), r.t0 + ms(60));
     r.os(0).exit(pid(101), ExitStatus::Code(0));
     assert_eq!(r.turn(70), Some(0));
 }
@@ -184,7 +185,8 @@ fn a_stop_signal_reaches_every_pool_and_reload_one() {
     // Only the queue got a replacement.
     assert_eq!(r.os(1).spawned.len(), 2);
     assert_eq!(r.os(0).spawned.len(), 1);
-    r.fleet.on_signal(Action::Stop(Signal::SIGTERM), r.t0 + ms(20));
+    r.fleet
+        .on_signal(Action::Stop(Signal::SIGTERM), r.t0 + ms(20));
     assert_eq!(r.os(0).signals_to(Target::Group(pid(101))), vec![TERM]);
     assert_eq!(r.os(1).signals_to(Target::Group(pid(201))), vec![TERM]);
     for p in [201, 202] {

@@ -206,8 +206,8 @@ fn run() -> i32 {
         let mut parts = Vec::new();
         let pools = pools_of(&config);
         for ((name, pool), (_, program, preload, preload_warning)) in pools.iter().zip(prepared) {
-            let _span = (!name.is_empty())
-                .then(|| tracing::info_span!("pool", pool = %name).entered());
+            let _span =
+                (!name.is_empty()).then(|| tracing::info_span!("pool", pool = %name).entered());
             if let Some(warning) = grace_warning(pool) {
                 tracing::warn!("{warning}");
             }

@@ -316,8 +316,13 @@ pub fn render(shared: &Shared) -> String {
     } else {
         let ready = Family::<Labels, Gauge>::default();
         for &pool in &names {
-            let n = by_pool.iter().filter(|(p, s)| *p == pool && s.ready).count();
-            ready.get_or_create(&with_pool(pool, Vec::new())).set(n as i64);
+            let n = by_pool
+                .iter()
+                .filter(|(p, s)| *p == pool && s.ready)
+                .count();
+            ready
+                .get_or_create(&with_pool(pool, Vec::new()))
+                .set(n as i64);
         }
         registry.register("workers_ready", "Workers accepting connections", ready);
     }

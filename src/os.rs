@@ -122,10 +122,11 @@ impl Owners {
     /// `pid` (or its group `pgid`) belongs to another pool.
     fn foreign(&self, pid: Pid, pgid: Option<Pid>) -> bool {
         let table = self.table.borrow();
-        [Some(pid), pgid]
-            .into_iter()
-            .flatten()
-            .any(|p| table.get(&p.as_raw()).is_some_and(|&owner| owner != self.me))
+        [Some(pid), pgid].into_iter().flatten().any(|p| {
+            table
+                .get(&p.as_raw())
+                .is_some_and(|&owner| owner != self.me)
+        })
     }
 }
 

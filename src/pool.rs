@@ -14,14 +14,14 @@
 use crate::balance::{Balancer, Ready};
 use crate::config::{Config, ReadyOn};
 use crate::control::{Command, ReloadAnswer};
+use crate::fleet::{Fleet, Member};
 use crate::launch::LaunchSpec;
 use crate::logs::Output;
 use crate::metrics::{PoolView, Shared, Snapshot};
+use crate::os::Owners;
 use crate::os::{Os, RealOs};
 use crate::reserve;
 use crate::signals::{Action, SignalStream};
-use crate::fleet::{Fleet, Member};
-use crate::os::Owners;
 use crate::supervisor::Settings;
 use crate::worker::RestartRules;
 use nix::unistd::Pid;
@@ -216,9 +216,11 @@ impl Pool {
                 (None, None) => None,
                 (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
             };
-            snap.open_connections =
-                add(snap.open_connections.map(|n| n as u64), open.map(|n| n as u64))
-                    .map(|n| n as usize);
+            snap.open_connections = add(
+                snap.open_connections.map(|n| n as u64),
+                open.map(|n| n as u64),
+            )
+            .map(|n| n as usize);
             snap.connections_total = add(snap.connections_total, total);
             snap.connection_limit = snap.connection_limit.or(balancer.connection_limit());
             let slots = match &m.core {

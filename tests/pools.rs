@@ -72,12 +72,7 @@ fn web_and_queue_pools_share_one_container_and_a_dead_pool_stops_it_with_its_cod
     let file = web_and_queue(&dir, port, "");
     let control = control_name("two");
     let mut run = Run::start(
-        &[
-            "-c",
-            &file,
-            "--metrics",
-            &format!("127.0.0.1:{metrics}"),
-        ],
+        &["-c", &file, "--metrics", &format!("127.0.0.1:{metrics}")],
         &[("COREPOOL_CONTROL", &control)],
     );
     run.wait_stderr("pool web: worker 0 ready", 1, SECS(20));
@@ -111,7 +106,11 @@ fn web_and_queue_pools_share_one_container_and_a_dead_pool_stops_it_with_its_cod
     let web_at = out.find("pool web (socket, running)").expect(&out);
     let queue_at = out.find("pool queue (none, running)").expect(&out);
     assert!(web_at < queue_at, "{out}");
-    assert_eq!(out[web_at..queue_at].matches(" running ").count(), 2, "{out}");
+    assert_eq!(
+        out[web_at..queue_at].matches(" running ").count(),
+        2,
+        "{out}"
+    );
     assert_eq!(out[queue_at..].matches(" running ").count(), 1, "{out}");
     let (_, json, _) = client(&control, &["status", "--json"]);
     let json: serde_json::Value = serde_json::from_str(&json).unwrap();
@@ -119,14 +118,21 @@ fn web_and_queue_pools_share_one_container_and_a_dead_pool_stops_it_with_its_cod
 
     // `corepool reload web` replaces the web workers only.
     let (code, out, err) = client(&control, &["reload", "web"]);
-    assert_eq!((code, out.as_str()), (0, "ok: rolling reload started\n"), "{err}");
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "ok: rolling reload started\n"),
+        "{err}"
+    );
     run.wait_stderr("pool web: rolling reload complete", 1, SECS(30));
     run.wait_stderr("pool web: old worker 1 (pid", 1, SECS(30));
     assert!(run.stderr().contains("pool web: worker 1: replacement pid"));
     assert!(!run.stderr().contains("pool queue: worker 0: replacement"));
     let (code, _, err) = client(&control, &["reload", "nosuch"]);
     assert_ne!(code, 0);
-    assert!(err.contains("no pool 'nosuch' here (pools: web, queue)"), "{err}");
+    assert!(
+        err.contains("no pool 'nosuch' here (pools: web, queue)"),
+        "{err}"
+    );
 
     // The queue's only worker dies (restart never): the pool is dead, the web pool is
     // stopped gracefully, and the container exits with the queue worker's status.
@@ -135,8 +141,14 @@ fn web_and_queue_pools_share_one_container_and_a_dead_pool_stops_it_with_its_cod
     unsafe { libc::kill(queue, libc::SIGKILL) };
     assert_eq!(run.exit_code(SECS(20)), 128 + libc::SIGKILL);
     let err = run.stderr();
-    assert!(err.contains("pool queue died (exit 137): stopping the container"), "{err}");
-    assert!(err.contains("pool web: pool queue died: stopping 2 workers"), "{err}");
+    assert!(
+        err.contains("pool queue died (exit 137): stopping the container"),
+        "{err}"
+    );
+    assert!(
+        err.contains("pool web: pool queue died: stopping 2 workers"),
+        "{err}"
+    );
     // The web workers drained and exited on their own (the hello server exits 0 on SIGTERM).
     let clean = err
         .lines()
@@ -166,11 +178,7 @@ fn only_runs_the_pools_named() {
     assert_eq!(run.exit_code(SECS(20)), 0);
 
     // The variable too, and an unknown name is refused by name.
-    let (code, _, err) = run_to_end(
-        &["-c", &file],
-        &[("COREPOOL_ONLY", "web,nosuch")],
-        SECS(10),
-    );
+    let (code, _, err) = run_to_end(&["-c", &file], &[("COREPOOL_ONLY", "web,nosuch")], SECS(10));
     assert_eq!(code, 2, "{err}");
     assert!(
         err.contains("invalid value for COREPOOL_ONLY: no pool 'nosuch' (pools: web, queue)"),
@@ -234,7 +242,11 @@ fn a_pool_waits_for_its_oneshot_migration() {
     );
     let mut run = Run::start(&["-c", &file], &[]);
     run.wait_stdout("web saw", 1, SECS(20));
-    assert!(run.stdout().contains("web saw schema-v2"), "{}", run.stdout());
+    assert!(
+        run.stdout().contains("web saw schema-v2"),
+        "{}",
+        run.stdout()
+    );
     let err = run.stderr();
     let finished = err.find("pool migrate: finished (oneshot)").expect(&err);
     let started = err.find("pool web: worker 0 started").expect(&err);
@@ -304,7 +316,14 @@ fn pool_configuration_errors_and_the_cpu_split() {
     )
     .unwrap();
     let out = Command::new("taskset")
-        .args(["-c", "0,1", bin(), "-c", file.to_str().unwrap(), "--print-config"])
+        .args([
+            "-c",
+            "0,1",
+            bin(),
+            "-c",
+            file.to_str().unwrap(),
+            "--print-config",
+        ])
         .env_remove("WEB_CONCURRENCY")
         .env_remove("COREPOOL_INSTANCES")
         .output()
@@ -312,12 +331,14 @@ fn pool_configuration_errors_and_the_cpu_split() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert_eq!(
-        text.matches("instances = 1  # default: max = 1 usable CPU").count(),
+        text.matches("instances = 1  # default: max = 1 usable CPU")
+            .count(),
         2,
         "{text}"
     );
     assert_eq!(
-        text.matches("this pool's cpu_share 1 of 2: 1 of 2 usable CPUs").count(),
+        text.matches("this pool's cpu_share 1 of 2: 1 of 2 usable CPUs")
+            .count(),
         2,
         "{text}"
     );
