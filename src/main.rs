@@ -5,8 +5,9 @@
 //! single-threaded tokio runtime. Every early failure is one line on stderr and a distinct exit
 //! code (see `exit`).
 
-use corepool::balance::{self, Balancer, Mode, Preload};
+use corepool::balance::{Balancer, Mode};
 use corepool::config::{self, ClapOrConfig, Invocation};
+use corepool::node::{self, NodeEnv, Preload};
 use corepool::{
     cgroup, control, exit, launch, limits, logs, metrics, pool, proxy, reaper, signals,
 };
@@ -91,7 +92,7 @@ fn run() -> i32 {
         } else {
             format!("pool {name}: ")
         };
-        let program = match launch::resolve_program(&pool.command[0], std::env::var_os("PATH")) {
+        let program = match launch::resolve_program(&pool.command[0], pool.search_path.clone()) {
             Ok(program) => program,
             Err(err) => return fail(err.code, format_args!("{whose}{}", err.message)),
         };
@@ -99,12 +100,18 @@ fn run() -> i32 {
         // serve, so a preload that cannot be written (an old Node on a read-only root) is only
         // reported, once logging runs.
         let mut preload_warning = None;
+        let prepare = || {
+            Preload::prepare(
+                node::node_version(&program, pool.search_path.clone()),
+                pool.runtime_dir.as_deref(),
+            )
+        };
         let preload = match pool.balance {
-            Mode::Socket => match Preload::prepare(balance::node_version(&program)) {
+            Mode::Socket => match prepare() {
                 Ok(preload) => Some(preload),
                 Err(err) => return fail(exit::STARTUP, format_args!("{whose}{err}")),
             },
-            Mode::Proxy => match Preload::prepare(balance::node_version(&program)) {
+            Mode::Proxy => match prepare() {
                 Ok(preload) => Some(preload),
                 Err(err) => {
                     preload_warning = Some(format!(
@@ -315,7 +322,7 @@ fn setup_balancer(
     preload: Option<Preload>,
     program: &std::path::Path,
     heap_option: Option<(String, String)>,
-    ready_tx: tokio::sync::mpsc::UnboundedSender<balance::Ready>,
+    ready_tx: tokio::sync::mpsc::UnboundedSender<corepool::readiness::Ready>,
     shared: &std::sync::Arc<metrics::Shared>,
 ) -> Result<Balancer, String> {
     if let Some(user) = &config.user {
@@ -361,7 +368,7 @@ fn setup_balancer(
         config.port,
         config.instances,
         config.port_increment,
-        preload,
+        NodeEnv::new(preload, config.node_options.clone()),
         ready_tx,
     )?;
     balancer.share_ports(config.ports.get(1..).unwrap_or_default())?;
@@ -373,8 +380,8 @@ fn setup_balancer(
             .file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("node")),
     );
-    if !balancer.spread.is_empty() {
-        tracing::info!("balance socket: {}", balancer.spread);
+    if !balancer.spread().is_empty() {
+        tracing::info!("balance socket: {}", balancer.spread());
     }
     balancer.set_heap_option(heap_option.map(|(option, how)| {
         tracing::info!("{how}");
@@ -457,8 +464,7 @@ fn heap_share(config: &config::Config, workers: usize) -> Option<(String, String
         return None;
     }
     let limit = cgroup::memory_limit()?;
-    let user = std::env::var("NODE_OPTIONS").unwrap_or_default();
-    let mib = balance::heap_share_mib(limit.bytes, workers, &user)?;
+    let mib = node::heap_share_mib(limit.bytes, workers, &config.node_options)?;
     Some((
         format!("--max-old-space-size={mib}"),
         format!(

@@ -11,7 +11,7 @@
 //! readiness report to its pool; this module only owns the real world (one `os::RealOs` per
 //! pool: launcher, balancer, output pumps), the channels and the reporters' view.
 
-use crate::balance::{Balancer, Ready};
+use crate::balance::Balancer;
 use crate::config::{Config, ReadyOn};
 use crate::control::{Command, ReloadAnswer};
 use crate::fleet::{Fleet, Member};
@@ -20,6 +20,7 @@ use crate::logs::Output;
 use crate::metrics::{PoolView, Shared, Snapshot};
 use crate::os::Owners;
 use crate::os::{Os, RealOs};
+use crate::readiness::Ready;
 use crate::reserve;
 use crate::signals::{Action, SignalStream};
 use crate::supervisor::Settings;
@@ -73,7 +74,7 @@ pub struct Pool {
 
 /// The core's settings for one pool.
 fn settings(config: &Config, launch: &LaunchSpec, balancer: &Balancer) -> Settings {
-    let proxy = balancer.mode == crate::balance::Mode::Proxy;
+    let proxy = balancer.mode() == crate::balance::Mode::Proxy;
     let not_ready_hint = if proxy {
         "its private port ($PORT on 127.0.0.1) never accepted a connection"
     } else if config.ready_on == ReadyOn::Message {
@@ -236,7 +237,7 @@ impl Pool {
             if several {
                 snap.pools.push(PoolView {
                     name: m.name.clone(),
-                    balance: balancer.mode.name(),
+                    balance: balancer.mode().name(),
                     state: m.state(),
                     slots: slots.len(),
                     min_ready,
