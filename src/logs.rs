@@ -168,6 +168,19 @@ impl Output {
 
     /// Starts a pump for one of a worker's output pipes.
     pub fn pump(&self, pipe: OwnedFd, stream: Stream, slot: usize, pid: i32) -> PumpHandle {
+        self.pump_in("", pipe, stream, slot, pid)
+    }
+
+    /// `pump` for a worker of the pool named `pool` (several pools in one container): its
+    /// lines name the pool (`[web/0:pid]`, `"pool":"web"`).
+    pub fn pump_in(
+        &self,
+        pool: &str,
+        pipe: OwnedFd,
+        stream: Stream,
+        slot: usize,
+        pid: i32,
+    ) -> PumpHandle {
         let sink = match stream {
             Stream::Stdout => self.stdout.clone(),
             Stream::Stderr => self.stderr.clone(),
@@ -177,6 +190,7 @@ impl Output {
             stream,
             slot,
             pid,
+            pool: pool.to_string(),
         });
         PumpHandle(tokio::spawn(pump(pipe, origin, sink)))
     }
@@ -281,6 +295,8 @@ struct Origin {
     stream: Stream,
     slot: usize,
     pid: i32,
+    /// The worker's pool, when the container runs several (else empty).
+    pool: String,
 }
 
 async fn pump(pipe: OwnedFd, origin: Arc<Origin>, sink: Sink) {
@@ -335,7 +351,8 @@ async fn forward(origin: &Origin, piece: &Piece, sink: &Sink) -> bool {
         origin.stream,
         piece,
         SystemTime::now(),
-    );
+    )
+    .in_pool(&origin.pool);
     let len = line.len();
     let Ok(charge) = sink
         .budget
@@ -432,6 +449,8 @@ struct WorkerLine<'a> {
     /// JSON only: the timestamp and the worker's text as a message or as an object's members.
     ts: String,
     body: Body<'a>,
+    /// The worker's pool, when the container runs several (else empty: not shown).
+    pool: &'a str,
 }
 
 enum Body<'a> {
@@ -465,7 +484,14 @@ impl<'a> WorkerLine<'a> {
             piece,
             ts,
             body,
+            pool: "",
         }
+    }
+
+    /// The line of a worker of pool `pool` (empty: no pool shown).
+    fn in_pool(mut self, pool: &'a str) -> WorkerLine<'a> {
+        self.pool = pool;
+        self
     }
 
     /// Bytes the line will take, newline included.
@@ -492,8 +518,10 @@ impl<'a> WorkerLine<'a> {
     fn write_to(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
         match &self.body {
             Body::Bytes => {
-                if self.format == LogFormat::Prefix {
+                if self.format == LogFormat::Prefix && self.pool.is_empty() {
                     write!(out, "[{}:{}] ", self.slot, self.pid)?;
+                } else if self.format == LogFormat::Prefix {
+                    write!(out, "[{}/{}:{}] ", self.pool, self.slot, self.pid)?;
                 }
                 out.write_all(&self.piece.bytes)?;
                 if self.piece.split {
@@ -524,6 +552,10 @@ impl<'a> WorkerLine<'a> {
     fn write_ours(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
         out.write_all(b"{\"ts\":")?;
         serde_json::to_writer(&mut *out, &self.ts)?;
+        if !self.pool.is_empty() {
+            out.write_all(b",\"pool\":")?;
+            serde_json::to_writer(&mut *out, self.pool)?;
+        }
         write!(
             out,
             ",\"worker\":{},\"pid\":{},\"stream\":\"{}\"",
@@ -844,6 +876,26 @@ mod tests {
         };
         let raw = format_worker_line(LogFormat::Raw, 0, 5, Stream::Stdout, &split, when);
         assert_eq!(raw, format!("ab{SPLIT_MARK}\n").into_bytes());
+    }
+
+    #[test]
+    fn a_pool_is_named_in_its_workers_lines() {
+        let hi = piece("hi");
+        let line = WorkerLine::new(LogFormat::Prefix, 1, 42, Stream::Stdout, &hi, UNIX_EPOCH)
+            .in_pool("web");
+        assert_eq!(line.to_bytes(line.len()), b"[web/1:42] hi\n");
+        for text in ["plain", "{\"level\":\"info\"}"] {
+            let p = piece(text);
+            let line = WorkerLine::new(LogFormat::Json, 1, 42, Stream::Stdout, &p, UNIX_EPOCH)
+                .in_pool("web");
+            let bytes = line.to_bytes(line.len());
+            assert_eq!(bytes.len(), line.len());
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(
+                (v["pool"].as_str(), v["worker"].as_u64()),
+                (Some("web"), Some(1))
+            );
+        }
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub struct RealOs {
     pub output: Rc<Output>,
     pub pumps: Vec<PumpHandle>,
     pub owners: Owners,
+    /// The pool's name in its workers' log lines (empty for the single unnamed pool).
+    pub pool: String,
 }
 
 /// Which pool started which process group, when several pools share the container: a pool's
@@ -138,10 +140,20 @@ impl RealOs {
         let pid = launched.pid.as_raw();
         self.balancer.watch(handover, pid);
         self.owners.claim(pid);
-        self.pumps
-            .push(self.output.pump(launched.stdout, Stream::Stdout, slot, pid));
-        self.pumps
-            .push(self.output.pump(launched.stderr, Stream::Stderr, slot, pid));
+        self.pumps.push(self.output.pump_in(
+            &self.pool,
+            launched.stdout,
+            Stream::Stdout,
+            slot,
+            pid,
+        ));
+        self.pumps.push(self.output.pump_in(
+            &self.pool,
+            launched.stderr,
+            Stream::Stderr,
+            slot,
+            pid,
+        ));
         self.pumps.retain(|p| !p.is_finished());
         Ok(launched.pid)
     }

@@ -131,6 +131,7 @@ impl Pool {
                     output: output.clone(),
                     pumps: Vec::new(),
                     owners: Owners::join(&owners, i),
+                    pool: part.name.clone(),
                 };
                 let mut member = Member::new(part.name, settings, os);
                 member.oneshot = part.oneshot;

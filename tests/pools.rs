@@ -216,7 +216,7 @@ fn migrate_then_web(dir: &Path, script: &str) -> String {
     std::fs::write(
         &file,
         format!(
-            "balance = \"none\"\n\n[pool.web]\ncommand = [\"{}\"]\ninstances = 1\n\
+            "balance = \"none\"\nlog_format = \"prefix\"\n\n[pool.web]\ncommand = [\"{}\"]\ninstances = 1\n\
              after = [\"migrate\"]\n\n[pool.migrate]\ncommand = [\"sh\", \"-c\", {}]\n\
              oneshot = true\ninstances = 1\n\n[pool.queue]\ncommand = [\"{}\"]\ninstances = 1\n",
             web.display(),
