@@ -196,3 +196,39 @@ fn a_stop_signal_reaches_every_pool_and_reload_one() {
     r.os(0).exit(pid(101), ExitStatus::Code(0));
     assert_eq!(r.turn(40), Some(0));
 }
+
+#[test]
+fn a_container_of_oneshot_pools_ends_with_0_once_all_finished() {
+    let mut a = member("a", 1, RestartPolicy::Never, 100);
+    a.oneshot = true;
+    let mut b = member("b", 2, RestartPolicy::OnFailure, 200);
+    b.oneshot = true;
+    b.after = vec![0];
+    let mut r = Rig::new(vec![a, b]);
+    r.turn(0);
+    r.os(0).exit(pid(101), ExitStatus::Code(0));
+    assert_eq!(r.turn(10), None);
+    assert_eq!(r.os(1).spawned.len(), 2);
+    r.os(1).exit(pid(201), ExitStatus::Code(0));
+    assert_eq!(r.turn(20), None);
+    assert_eq!(r.states(), vec!["finished", "running"]);
+    r.os(1).exit(pid(202), ExitStatus::Code(0));
+    assert_eq!(r.turn(30), Some(0));
+    assert_eq!(r.states(), vec!["finished", "finished"]);
+}
+
+#[test]
+fn a_stop_before_an_after_pool_started_ends_it_unstarted() {
+    let mut migrate = member("migrate", 1, RestartPolicy::Never, 300);
+    migrate.oneshot = true;
+    let mut web = member("web", 1, RestartPolicy::Always, 100);
+    web.after = vec![1];
+    let mut r = Rig::new(vec![web, migrate]);
+    r.turn(0);
+    r.fleet
+        .on_signal(Action::Stop(Signal::SIGTERM), r.t0 + ms(5));
+    // The migration is stopped (it exits 0 on TERM): that is no success that starts web.
+    r.os(1).exit(pid(301), ExitStatus::Code(0));
+    assert_eq!(r.turn(10), Some(0));
+    assert!(r.os(0).spawned.is_empty());
+}
