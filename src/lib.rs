@@ -2,7 +2,8 @@
 //! targets and benchmarks can drive each piece on its own.
 //!
 //! Where a behaviour lives:
-//! - `config`: flags, `COREPOOL_*` variables, the TOML file, `--print-config`;
+//! - `config`: flags, `COREPOOL_*` variables, the TOML file, `--print-config` (its
+//!   `[pool.NAME]` tables, `--only`, `oneshot`/`after`/`cpu_share` in `config_pools.rs`);
 //! - `cgroup`: usable CPUs and the memory limit, from cgroup v1/v2 and CPU affinity;
 //! - `signals`: which signals are caught and what each means;
 //! - `reaper`: the one `waitpid(-1)` loop;
@@ -17,8 +18,10 @@
 //! - `proxy`: `--balance proxy`: private ports, readiness probes, least connections;
 //! - `relay`: the bytes of one proxied connection, moved by splice(2);
 //! - `metrics`: /metrics, /healthz, /readyz and process-group usage;
-//! - `control`: `corepool status` and `corepool reload` over an abstract unix socket;
+//! - `control`: `corepool status` and `corepool reload [POOL]` over an abstract unix socket;
 //! - `pool`: the supervisor loop: wait, reap, dispatch to the core, publish;
+//! - `fleet`: several named pools driven by that loop: exits and readiness to their pool,
+//!   signals to all, `oneshot`/`after`, a dead pool stops the container;
 //! - `supervisor`: the core's decisions (start, restart, forward, stop), with no process or
 //!   clock of its own; `os`: its edge with the OS (real, and a fake for unit tests);
 //! - `slots`: the slots and which pid plays which role; `replace`: replacement processes,
