@@ -133,15 +133,19 @@ impl<O: Os> Fleet<O> {
         }
     }
 
-    /// Readiness news, to the pool that knows the pid.
+    /// Readiness news, to the pool that knows the pid (else to the first pool, whose core
+    /// ignores a pid it does not know, as a single pool always did).
     pub fn on_ready(&mut self, pid: Pid, now: Instant) {
-        for m in &mut self.members {
-            if let Some(core) = m.core.as_mut()
-                && core.role(pid).is_some()
-            {
-                let _span = span(&m.name);
+        let owner = self
+            .members
+            .iter()
+            .position(|m| m.core.as_ref().is_some_and(|c| c.role(pid).is_some()))
+            .or_else(|| self.members.iter().position(|m| m.core.is_some()));
+        if let Some(i) = owner {
+            let m = &mut self.members[i];
+            let _span = span(&m.name);
+            if let Some(core) = m.core.as_mut() {
                 core.on_ready(pid, now, &mut m.os);
-                return;
             }
         }
     }
