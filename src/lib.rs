@@ -2,8 +2,11 @@
 //! targets and benchmarks can drive each piece on its own.
 //!
 //! Where a behaviour lives:
-//! - `config`: flags, `COREPOOL_*` variables, the TOML file, `--print-config` (its
-//!   `[pool.NAME]` tables, `--only`, `oneshot`/`after`/`cpu_share` in `config_pools.rs`);
+//! - `config`: flags, `COREPOOL_*` variables, the TOML file, `--print-config`: `options` declares
+//!   each option once (typed, with its scope), `resolve` applies precedence, `file` reads TOML,
+//!   `validate` checks options together, `env` is every read of the environment, `pools` the
+//!   `[pool.NAME]` tables, `--only`, `oneshot`/`after`/`cpu_share`;
+//! - `fatal`: the one error that ends corepool early, with its exit code;
 //! - `cgroup`: usable CPUs and the memory limit, from cgroup v1/v2 and CPU affinity;
 //! - `signals`: which signals are caught and what each means;
 //! - `reaper`: the one `waitpid(-1)` loop;
@@ -17,8 +20,10 @@
 //! - `limits`: the descriptor limit raised for corepool, restored for its workers;
 //! - `proxy`: `--balance proxy`: private ports, readiness probes, least connections;
 //! - `relay`: the bytes of one proxied connection, moved by splice(2);
-//! - `metrics`: /metrics, /healthz, /readyz and process-group usage;
-//! - `control`: `corepool status` and `corepool reload [POOL]` over an abstract unix socket;
+//! - `metrics`: /metrics, /healthz, /readyz and process-group usage; `metrics::health`: the
+//!   `corepool health` client;
+//! - `control`: `corepool status` and `corepool reload [POOL]` over an abstract unix socket,
+//!   server and client;
 //! - `pool`: the supervisor loop: wait, reap, dispatch to the core, publish;
 //! - `fleet`: several named pools driven by that loop: exits and readiness to their pool,
 //!   signals to all, `oneshot`/`after`, a dead pool stops the container;
@@ -40,6 +45,7 @@ pub mod control;
 pub mod drain;
 pub mod ending;
 pub mod exit;
+pub mod fatal;
 pub mod fleet;
 pub mod launch;
 pub mod limits;

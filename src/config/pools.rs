@@ -3,17 +3,31 @@
 //!
 //! Each table is resolved like a whole configuration, with its own keys first: a pool's key
 //! beats a flag, a variable and the top level, which are every pool's defaults. The options
-//! that concern the container (`CONTAINER_KEYS`) are top-level only. Checks across pools live
+//! that concern the container (`Scope::Global`) are top-level only. Checks across pools live
 //! here: names, `after` (existing oneshot pools, no circle), one port per pool, and the split
 //! of the usable CPUs among pools whose instances derive from them.
 
-use super::*;
-
-/// Options that concern the whole container, set at the top level only (not in a pool table).
-pub(super) const CONTAINER_KEYS: &[&str] = &["log_format", "log_level", "metrics", "only"];
+use super::cli::COMMAND;
+use super::file::ConfigFile;
+use super::options::{INSTANCES, ONLY, OPTIONS, Scope};
+use super::resolve::{Resolver, Sources, resolve_one};
+use super::values::{Instances, quoted};
+use super::{Config, RestartPolicy};
+use crate::balance::Mode;
+use crate::cgroup::CpuReport;
+use crate::fatal::Fatal;
+use clap::ArgMatches;
+use std::collections::BTreeMap;
 
 /// Keys of a `[pool.NAME]` table only.
-pub(super) const POOL_KEYS: &[&str] = &["oneshot", "after", "cpu_share"];
+const POOL_KEYS: &[&str] = &["oneshot", "after", "cpu_share"];
+
+/// An option that concerns the whole container (`Scope::Global`): set at the top level only.
+fn container_key(key: &str) -> bool {
+    OPTIONS
+        .iter()
+        .any(|o| o.key == key && o.scope == Scope::Global)
+}
 
 /// One `[pool.NAME]` table resolved: its own keys, else the top level's (flags and variables
 /// included), else the defaults.
@@ -42,9 +56,9 @@ struct PoolTables {
 pub(super) fn parse_pools(
     path: &str,
     text: &str,
-) -> Result<Vec<(String, usize, ConfigFile)>, ConfigError> {
+) -> Result<Vec<(String, usize, ConfigFile)>, Fatal> {
     let line_of = |offset: usize| text[..offset.min(text.len())].matches('\n').count() + 1;
-    let bad = |line: usize, why: String| ConfigError(format!("{path}:{line}: {why}"));
+    let bad = |line: usize, why: String| Fatal::usage(format!("{path}:{line}: {why}"));
     let tables: PoolTables = toml::from_str(text).map_err(|err| {
         bad(
             err.span().map(|s| line_of(s.start)).unwrap_or(1),
@@ -88,7 +102,7 @@ pub(super) fn parse_pools(
         for (raw_key, spanned) in table.into_inner() {
             let line = line_of(spanned.span().start);
             let key = raw_key.replace('-', "_");
-            if CONTAINER_KEYS.contains(&key.as_str()) {
+            if container_key(&key) {
                 return Err(bad(
                     line,
                     format!(
@@ -96,7 +110,7 @@ pub(super) fn parse_pools(
                     ),
                 ));
             }
-            let known = key == "command"
+            let known = key == COMMAND
                 || POOL_KEYS.contains(&key.as_str())
                 || OPTIONS.iter().any(|o| o.key == key);
             if !known {
@@ -133,27 +147,24 @@ pub(super) fn resolve_from(
     matches: &ArgMatches,
     file: Option<ConfigFile>,
     cpu: CpuReport,
-) -> Result<Config, ConfigError> {
+) -> Result<Config, Fatal> {
     let mut top = resolve_one(matches, file.as_ref(), None, cpu.clone())?;
     let mut r = Resolver {
         matches,
         file: file.as_ref(),
         pool: None,
         provenance: Vec::new(),
+        sources: Sources::default(),
     };
-    let (only, only_source) = r.get("only", parse_only, |o: &Option<Vec<String>>| {
-        quoted(
-            &o.as_ref()
-                .map_or("all".to_string(), |names| names.join(",")),
-        )
-    })?;
+    let only = r.get(&ONLY)?;
+    let only_source = r.sources.of(&ONLY).clone();
     let tables = file
         .as_ref()
         .map(|f| f.pools.as_slice())
         .unwrap_or_default();
     if tables.is_empty() {
         if only.is_some() {
-            return Err(ConfigError(format!(
+            return Err(Fatal::usage(format!(
                 "invalid value for {}: the configuration has no [pool.NAME] tables to choose from",
                 only_source.culprit("only")
             )));
@@ -164,7 +175,7 @@ pub(super) fn resolve_from(
     if let Some(only) = &only
         && let Some(unknown) = only.iter().find(|n| !names.contains(&n.as_str()))
     {
-        return Err(ConfigError(format!(
+        return Err(Fatal::usage(format!(
             "invalid value for {}: no pool '{unknown}' (pools: {})",
             only_source.culprit("only"),
             names.join(", ")
@@ -183,18 +194,16 @@ pub(super) fn resolve_from(
     }
     let mut plans = Vec::new();
     for (name, line, table) in &selected {
-        let in_pool = |e: ConfigError| ConfigError(format!("pool {name}: {e}"));
+        let in_pool = |e: Fatal| Fatal::usage(format!("pool {name}: {e}"));
         let r = Resolver {
             matches,
             file: file.as_ref(),
             pool: Some(table),
             provenance: Vec::new(),
+            sources: Sources::default(),
         };
-        let spec = OPTIONS.iter().find(|o| o.key == "instances");
-        let derived = match spec.map(|s| r.raw(s)).transpose().map_err(in_pool)? {
-            Some((text, _)) => !matches!(Instances::parse(&text), Ok(Instances::Fixed(_))),
-            None => false,
-        };
+        let (text, _) = r.raw(&INSTANCES.spec).map_err(in_pool)?;
+        let derived = !matches!(Instances::parse(&text), Ok(Instances::Fixed(_)));
         let at = |key: &str| {
             table
                 .values
@@ -205,7 +214,7 @@ pub(super) fn resolve_from(
             None => false,
             Some((toml::Value::Boolean(b), _)) => *b,
             Some((_, culprit)) => {
-                return Err(ConfigError(format!("{culprit}: expected true or false")));
+                return Err(Fatal::usage(format!("{culprit}: expected true or false")));
             }
         };
         let after = match at("after") {
@@ -214,14 +223,14 @@ pub(super) fn resolve_from(
                 .iter()
                 .map(|v| {
                     v.as_str().map(str::to_string).ok_or_else(|| {
-                        ConfigError(format!(
+                        Fatal::usage(format!(
                             "{culprit}: expected pool names, e.g. [\"migrate\"]"
                         ))
                     })
                 })
                 .collect::<Result<_, _>>()?,
             Some((_, culprit)) => {
-                return Err(ConfigError(format!(
+                return Err(Fatal::usage(format!(
                     "{culprit}: expected a list of pool names, e.g. [\"migrate\"]"
                 )));
             }
@@ -230,7 +239,7 @@ pub(super) fn resolve_from(
             None => 1,
             Some((toml::Value::Integer(n), _)) if (1..=1000).contains(n) => *n as u32,
             Some((_, culprit)) => {
-                return Err(ConfigError(format!(
+                return Err(Fatal::usage(format!(
                     "{culprit}: expected a weight from 1 to 1000"
                 )));
             }
@@ -239,7 +248,7 @@ pub(super) fn resolve_from(
             let culprit = format!("{}:{line}: [pool.{name}] after", table.path);
             match tables.iter().find(|(n, _, _)| n == dep) {
                 None => {
-                    return Err(ConfigError(format!(
+                    return Err(Fatal::usage(format!(
                         "{culprit}: no pool '{dep}' (pools: {})",
                         names.join(", ")
                     )));
@@ -250,7 +259,7 @@ pub(super) fn resolve_from(
                         Some((toml::Value::Boolean(true), _))
                     ) =>
                 {
-                    return Err(ConfigError(format!(
+                    return Err(Fatal::usage(format!(
                         "{culprit}: pool '{dep}' is not oneshot = true, so it never finishes \
                          for '{name}' to start"
                     )));
@@ -272,7 +281,7 @@ pub(super) fn resolve_from(
             .collect::<Vec<_>>(),
         &plans.iter().map(|p| p.after.clone()).collect::<Vec<_>>(),
     ) {
-        return Err(ConfigError(format!(
+        return Err(Fatal::usage(format!(
             "{}: pools wait for each other in a circle: {cycle}",
             file.as_ref()
                 .map_or("the configuration", |f| f.path.as_str())
@@ -293,7 +302,7 @@ pub(super) fn resolve_from(
             .collect::<Vec<_>>(),
     );
     for (((name, _, table), plan), share) in selected.iter().zip(plans).zip(shares) {
-        let in_pool = |e: ConfigError| ConfigError(format!("pool {name}: {e}"));
+        let in_pool = |e: Fatal| Fatal::usage(format!("pool {name}: {e}"));
         let mut pool_cpu = cpu.clone();
         if plan.derived && sharing {
             pool_cpu.usable = share;
@@ -301,7 +310,7 @@ pub(super) fn resolve_from(
         let mut config =
             resolve_one(matches, file.as_ref(), Some(table), pool_cpu).map_err(in_pool)?;
         if config.command.is_empty() {
-            return Err(ConfigError(format!(
+            return Err(Fatal::usage(format!(
                 "pool {name}: no command to run: set command in [pool.{name}] (or at the top level)"
             )));
         }
@@ -324,7 +333,7 @@ pub(super) fn resolve_from(
                 Some((_, l)) => format!("{}:{l}: [pool.{name}] restart", table.path),
                 None => format!("{}: [pool.{name}] oneshot", table.path),
             };
-            return Err(ConfigError(format!(
+            return Err(Fatal::usage(format!(
                 "{source}: a oneshot pool needs restart = \"never\" or \"on-failure\" (always \
                  never lets it finish)"
             )));
@@ -339,9 +348,7 @@ pub(super) fn resolve_from(
                 }
             }
         }
-        config
-            .provenance
-            .retain(|(key, _, _)| !CONTAINER_KEYS.contains(&key.as_str()));
+        config.provenance.retain(|(key, _, _)| !container_key(key));
         if plan.oneshot {
             config
                 .provenance
@@ -382,8 +389,7 @@ pub(super) fn resolve_from(
         });
     }
     check_ports(&top.pools)?;
-    top.provenance
-        .retain(|(key, _, _)| CONTAINER_KEYS.contains(&key.as_str()));
+    top.provenance.retain(|(key, _, _)| container_key(key));
     top.provenance.extend(r.provenance);
     Ok(top)
 }
@@ -410,7 +416,7 @@ fn cpu_split(usable: usize, weights: &[u32]) -> Vec<usize> {
 }
 
 /// `--only web,queue`: None for all.
-fn parse_only(text: &str) -> Result<Option<Vec<String>>, String> {
+pub(super) fn parse_only(text: &str) -> Result<Option<Vec<String>>, String> {
     if text.trim() == "all" {
         return Ok(None);
     }
@@ -419,6 +425,15 @@ fn parse_only(text: &str) -> Result<Option<Vec<String>>, String> {
         return Err(format!("'{text}' has an empty pool name"));
     }
     Ok(Some(names))
+}
+
+/// `--only` as TOML.
+pub(super) fn render_only(only: &Option<Vec<String>>) -> String {
+    quoted(
+        &only
+            .as_ref()
+            .map_or("all".to_string(), |names| names.join(",")),
+    )
 }
 
 /// A circle of `after` among the pools, as `a -> b -> a`, if there is one.
@@ -455,12 +470,12 @@ fn after_cycle(names: &[&str], after: &[Vec<String>]) -> Option<String> {
 }
 
 /// One port per pool: two pools that serve a port (socket or proxy mode) may not share one.
-fn check_ports(pools: &[PoolConfig]) -> Result<(), ConfigError> {
+fn check_ports(pools: &[PoolConfig]) -> Result<(), Fatal> {
     let serving = |p: &&PoolConfig| p.config.balance != Mode::None;
     for (i, a) in pools.iter().enumerate().filter(|(_, p)| serving(p)) {
         for b in pools[..i].iter().filter(serving) {
             if let Some(port) = a.config.ports.iter().find(|p| b.config.ports.contains(p)) {
-                return Err(ConfigError(format!(
+                return Err(Fatal::usage(format!(
                     "pool {}: port {port} is pool {}'s too: give each pool its own port \
                      (port = ... in [pool.{}])",
                     a.name, b.name, a.name
@@ -473,6 +488,7 @@ fn check_ports(pools: &[PoolConfig]) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::from_file_text;
     use super::*;
 
     fn cpu(usable: usize) -> CpuReport {
@@ -518,7 +534,11 @@ mod tests {
             toml.contains("kill_timeout = \"9s\"  # file f.toml:13"),
             "{toml}"
         );
-        let err = |text: &str| from_file_text("f.toml", text, cpu(8)).unwrap_err().0;
+        let err = |text: &str| {
+            from_file_text("f.toml", text, cpu(8))
+                .unwrap_err()
+                .to_string()
+        };
         assert_eq!(
             err("[pool.web]\ncommand = [\"a\"]\nkill_timeout = \"x\"\n"),
             "pool web: invalid value for f.toml:3: kill_timeout: 'x' is not a duration (write \
