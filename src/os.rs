@@ -88,14 +88,28 @@ pub struct RealOs {
     pub balancer: Balancer,
     pub output: Output,
     pub pumps: Vec<PumpHandle>,
+    /// The workers started for each slot that have not exited yet (group leaders): a new one
+    /// for a slot is told them as its predecessors (`COREPOOL_REPLACES`).
+    pub started: HashMap<usize, Vec<i32>>,
 }
 
 impl RealOs {
     /// `spawn` once, without the descriptor reserve.
     fn spawn_once(&mut self, slot: usize, instances: usize) -> std::io::Result<Pid> {
-        let handover = self.balancer.handover(slot, instances)?;
+        let mut handover = self.balancer.handover(slot, instances)?;
+        // A replacement (reload, memory) starts while the worker it replaces still runs, and
+        // may ask for the same port outside corepool's list (pm2's `base + NODE_APP_INSTANCE`
+        // admin port): the preload waits for these process groups to let go of it.
+        let predecessors = self.started.get(&slot).cloned().unwrap_or_default();
+        let replaces = predecessors
+            .iter()
+            .map(i32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        handover.io.env.push(("COREPOOL_REPLACES".into(), replaces));
         let launched = self.launch.launch(&handover.io)?;
         let pid = launched.pid.as_raw();
+        self.started.entry(slot).or_default().push(pid);
         self.balancer.watch(handover, pid);
         self.pumps
             .push(self.output.pump(launched.stdout, Stream::Stdout, slot, pid));
@@ -176,6 +190,9 @@ impl Os for RealOs {
     }
 
     fn route_exited(&mut self, pid: Pid) {
+        for pids in self.started.values_mut() {
+            pids.retain(|&p| p != pid.as_raw());
+        }
         self.balancer.exited(pid.as_raw());
     }
 

@@ -102,6 +102,7 @@ impl Pool {
                 balancer,
                 output,
                 pumps: Vec::new(),
+                started: Default::default(),
             },
             ready_rx,
             shared,

@@ -11,7 +11,8 @@
 // port:fd:inode,...), and a listen() on one of those ports gets that socket. A listen() on a
 // port corepool was not told about gets reusePort where Node has it (22.12+, 23.1+), so every
 // worker shares it; on older Node an EADDRINUSE there prints one line naming the --port list
-// that shares it (see shareUnlisted).
+// that shares it (see shareUnlisted). A reload's replacement whose predecessor still holds such
+// a port (pm2's admin port of `base + NODE_APP_INSTANCE`) waits for it (waitForPredecessor).
 //
 // When that server is listening, "READY=1" is written to the readiness pipe (COREPOOL_READY_FD),
 // which tells corepool this worker accepts connections; with COREPOOL_READY_ON=message, only
@@ -55,11 +56,24 @@
   state.extraFds = new Set(state.extra.values());
   claimSocketActivation(env, state);
   installProcessSend(fs, state);
-  if (state.listenFd < 0 || !(state.port > 0)) return;
-  installHandDown(state);
-
   const net = require('net');
   const originalListen = net.Server.prototype.listen;
+  if (state.listenFd < 0 || !(state.port > 0)) {
+    // Proxy mode (PORT is this worker's own private port), or a process without corepool's
+    // descriptors: only the wait for a predecessor's ports.
+    const own = Number(env.PORT);
+    if (predecessors(env).length > 0) {
+      net.Server.prototype.listen = function corepoolProxyListen(...args) {
+        const port = portOf(args);
+        if (Number.isInteger(port) && port > 0 && port !== own) {
+          waitForPredecessor(fs, this, args, port, originalListen, () => false);
+        }
+        return originalListen.apply(this, args);
+      };
+    }
+    return;
+  }
+  installHandDown(state);
 
   function portOf(args) {
     let first = args[0];
@@ -132,26 +146,19 @@
           : originalListen.call(server, options.opts);
       }
     }
-    const emit = server.emit;
-    server.emit = function corepoolEmit(name, error, ...rest) {
-      if (name === 'error' && error && error.code === 'EADDRINUSE') {
-        server.emit = emit;
-        const listed = [state.port, ...state.listedExtra, port].join(',');
-        const node = process.versions.node;
-        try {
-          fs.writeSync(2, `corepool: worker ${env.COREPOOL_WORKER || '?'}: port ${port} is not ` +
-            `shared by the pool (EADDRINUSE; Node ${node} has no reusePort): list it, ` +
-            `--port ${listed}` +
-            (server.listenerCount('error') === 0 ? '; serving on without it\n' : '\n'));
-        } catch (_) {
-          // No stderr.
-        }
-        if (server.listenerCount('error') === 0) return true;
-      } else if (name === 'listening') {
-        server.emit = emit;
+    waitForPredecessor(fs, server, args, port, originalListen, () => {
+      const listed = [state.port, ...state.listedExtra, port].join(',');
+      const node = process.versions.node;
+      const alone = server.listenerCount('error') === 0;
+      try {
+        fs.writeSync(2, `corepool: worker ${env.COREPOOL_WORKER || '?'}: port ${port} is not ` +
+          `shared by the pool (EADDRINUSE; Node ${node} has no reusePort): list it, ` +
+          `--port ${listed}` + (alone ? '; serving on without it\n' : '\n'));
+      } catch (_) {
+        // No stderr.
       }
-      return emit.call(this, name, error, ...rest);
-    };
+      return alone;
+    });
     return originalListen.apply(server, args);
   }
 
@@ -172,6 +179,87 @@
     return { opts, callback };
   }
 })();
+
+// The process groups of the workers this one replaces (COREPOOL_REPLACES: corepool names the
+// slot's workers still running when it starts this one: a reload's or a memory replacement's
+// predecessor).
+function predecessors(env) {
+  return (env.COREPOOL_REPLACES || '').split(',').map(Number).filter((p) => Number.isInteger(p) && p > 1);
+}
+
+// Whether one of those groups still has a process (zombies included, until corepool reaps).
+function predecessorLives(env) {
+  return predecessors(env).some((pid) => {
+    try {
+      process.kill(-pid, 0);
+      return true;
+    } catch (error) {
+      return error.code === 'EPERM';
+    }
+  });
+}
+
+// A listen() on a port corepool did not hand over (pm2's admin port of `base +
+// NODE_APP_INSTANCE`): a replacement and the worker it replaces share the instance number,
+// so the replacement's bind fails with EADDRINUSE while its predecessor still has the port.
+// Node's cluster (pm2) shares the handle; without reusePort (Node < 22.12) corepool cannot, so
+// the listen is tried again every RETRY_MS while a predecessor lives: the replacement gets
+// ready on the public port, corepool stops the old worker, the port frees, and this listen
+// completes ('listening' and the listen callback fire then). Once no predecessor is left,
+// one last try; if that fails too, `fallback()` runs (true: the error is swallowed) and the
+// app gets its error as without corepool. Without a predecessor (no reload: two live workers
+// asking for the same port) the error comes at once, as before.
+function waitForPredecessor(fs, server, args, port, originalListen, fallback) {
+  const RETRY_MS = 100;
+  const env = process.env;
+  const callback = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
+  const again = callback ? args.slice(0, -1) : args;
+  let lastTry = false;
+  let said = false;
+  const retry = () => {
+    // Node keeps the callback as a 'listening' listener across a failed listen (some
+    // versions drop it): it must fire once.
+    if (callback && !server.listeners('listening').includes(callback)) {
+      server.once('listening', callback);
+    }
+    try {
+      originalListen.apply(server, again);
+    } catch (error) {
+      server.emit = emit;
+      server.emit('error', error);
+    }
+  };
+  const emit = server.emit;
+  server.emit = function corepoolEmit(name, error, ...rest) {
+    if (name === 'error' && error && error.code === 'EADDRINUSE' && !lastTry &&
+        predecessors(env).length > 0) {
+      if (predecessorLives(env)) {
+        if (!said) {
+          said = true;
+          try {
+            fs.writeSync(2, `corepool: worker ${env.COREPOOL_WORKER || '?'}: port ${port} is ` +
+              `still held, by the worker this one replaces (pid ${predecessors(env).join(',')}` +
+              `): listening once it lets go\n`);
+          } catch (_) {
+            // No stderr.
+          }
+        }
+        setTimeout(retry, RETRY_MS);
+        return true;
+      }
+      lastTry = true;
+      setImmediate(retry);
+      return true;
+    }
+    if (name === 'error' && error && error.code === 'EADDRINUSE') {
+      server.emit = emit;
+      if (fallback()) return true;
+    } else if (name === 'listening' || name === 'error') {
+      server.emit = emit;
+    }
+    return emit.call(this, name, error, ...rest);
+  };
+}
 
 // Whether net.Server's listen() takes reusePort (Node 22.12+, 23.1+).
 function reusePortSupported() {
