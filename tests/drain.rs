@@ -284,9 +284,15 @@ fn keep_alive_reload_of_an_app_with_http_graceful_shutdown_loses_nothing() {
     for mode in ["socket", "proxy"] {
         let (outcome, stderr) =
             reload_under_load(mode, Load::KeepAlive, false, &[], &["node", &app]);
-        let shutdowns = outcome.stdout.matches("graceful shutdown (SIGTERM)").count();
+        let shutdowns = outcome
+            .stdout
+            .matches("graceful shutdown (SIGTERM)")
+            .count();
         assert_lossless(mode, (outcome, stderr), "exit code 0");
         // The app's own handler ran in each old worker, and in both at the stop.
-        assert_eq!(shutdowns, 4, "{mode}: the app's handler should run in each worker");
+        assert_eq!(
+            shutdowns, 4,
+            "{mode}: the app's handler should run in each worker"
+        );
     }
 }

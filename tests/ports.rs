@@ -368,7 +368,16 @@ fn admin_port_survives_a_reload(node: &str, mode: &str) {
     let base_text = base.to_string();
     let main_text = main.to_string();
     let args = [
-        "-i", "2", "--balance", mode, "--host", "127.0.0.1", "-p", &main_text, "--", node,
+        "-i",
+        "2",
+        "--balance",
+        mode,
+        "--host",
+        "127.0.0.1",
+        "-p",
+        &main_text,
+        "--",
+        node,
         ADMIN_APP,
     ];
     let mut run = Run::start(&args, &[("ADMIN_BASE", base_text.as_str())]);
@@ -388,7 +397,10 @@ fn admin_port_survives_a_reload(node: &str, mode: &str) {
     let stderr = run.stderr();
     for (instance, port) in [(0, base), (1, base + 1)] {
         let pid = pid_on(port);
-        assert_ne!(pid, old[instance], "{mode}: admin port {port} from the old worker");
+        assert_ne!(
+            pid, old[instance],
+            "{mode}: admin port {port} from the old worker"
+        );
         assert!(
             stdout.contains(&format!("admin listening on {port} (pid {pid})")),
             "{mode}: admin port {port} answered by pid {pid}\n--- stdout:\n{stdout}"
@@ -397,7 +409,11 @@ fn admin_port_survives_a_reload(node: &str, mode: &str) {
     assert!(!stderr.contains("is not shared"), "{mode}: {stderr}");
     assert!(!stderr.contains("reload stopped"), "{mode}: {stderr}");
     // Two workers and two replacements, nothing restarted.
-    assert_eq!(started_pids(&stderr).len(), 4, "{mode}: no restart: {stderr}");
+    assert_eq!(
+        started_pids(&stderr).len(),
+        4,
+        "{mode}: no restart: {stderr}"
+    );
     run.signal(libc::SIGTERM);
     let code = run.exit_code(SECS(20));
     assert_eq!(code, 0, "{mode}: {}", run.stderr());
