@@ -24,6 +24,7 @@
 
 use crate::user::RunAs;
 use crate::{limits, signals};
+use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::unistd::Pid;
 use std::ffi::{CString, OsString};
 use std::io;
@@ -144,8 +145,7 @@ impl LaunchSpec {
         let (err_r, err_w) = pipe()?;
         let (exec_r, exec_w) = pipe()?;
         let child_fds = ChildFds {
-            // SAFETY: getpid has no memory effects.
-            parent: unsafe { libc::getpid() },
+            parent: nix::unistd::getpid().as_raw(),
             stdin: devnull.as_raw_fd(),
             stdout: out_w.as_raw_fd(),
             stderr: err_w.as_raw_fd(),
@@ -211,27 +211,20 @@ impl LaunchSpec {
 /// that handler writes to corepool's own signal pipe (a phantom signal for the pool). The child
 /// inherits the full mask and clears it in `signals::reset_for_exec`; the parent gets its mask
 /// back on drop, and what arrived meanwhile is delivered then.
-struct AllSignalsBlocked(libc::sigset_t);
+struct AllSignalsBlocked(SigSet);
 
 impl AllSignalsBlocked {
     fn new() -> io::Result<AllSignalsBlocked> {
-        // SAFETY: sigset operations on stack values, then pthread_sigmask on this thread.
-        unsafe {
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            match libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) {
-                0 => Ok(AllSignalsBlocked(old)),
-                errno => Err(io::Error::from_raw_os_error(errno)),
-            }
-        }
+        // sigfillset: real-time signals included.
+        let old = SigSet::all().thread_swap_mask(SigmaskHow::SIG_SETMASK)?;
+        Ok(AllSignalsBlocked(old))
     }
 }
 
 impl Drop for AllSignalsBlocked {
     fn drop(&mut self) {
-        // SAFETY: restores the mask saved in `new`; cannot fail with a valid `how`.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+        // Restores the mask saved in `new`; cannot fail with a valid `how`.
+        let _ = self.0.thread_set_mask();
     }
 }
 
@@ -305,6 +298,11 @@ struct ChildFds {
 }
 
 /// The child's side, between fork and exec. Only raw, async-signal-safe system calls.
+///
+/// # Safety
+/// Call only in the child of a `fork` (it never returns: it execs or `_exit`s). Every pointer
+/// must be valid in the child's copy of memory: `program`, and the NULL-terminated `argv` and
+/// `envp` of NUL-terminated strings; `listen_pid_buf` null or with room for 11 bytes.
 unsafe fn child_exec(
     fds: &ChildFds,
     credentials: Option<&Credentials>,
@@ -314,6 +312,8 @@ unsafe fn child_exec(
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
 ) -> ! {
+    // SAFETY: the caller's contract above: valid pointers, a fresh single-threaded child; only
+    // async-signal-safe calls on memory prepared before the fork.
     unsafe {
         // Keep the report pipe clear of the numbers we are about to fill.
         let report = libc::fcntl(fds.report, libc::F_DUPFD_CLOEXEC, 64);
@@ -380,6 +380,9 @@ unsafe fn child_exec(
 }
 
 /// Writes `n` in decimal followed by a NUL at `buf` (room for 11 bytes). No allocation.
+///
+/// # Safety
+/// `buf` must be valid for writes of 11 bytes.
 unsafe fn write_decimal(buf: *mut u8, mut n: u32) {
     let mut digits = [0u8; 10];
     let mut len = 0;
@@ -395,6 +398,7 @@ unsafe fn write_decimal(buf: *mut u8, mut n: u32) {
         // SAFETY: the caller gives 11 writable bytes; len <= 10.
         unsafe { *buf.add(i) = digits[len - 1 - i] };
     }
+    // SAFETY: as above: len <= 10, so the NUL lands within the 11 bytes.
     unsafe { *buf.add(len) = 0 };
 }
 
@@ -487,6 +491,14 @@ fn check_executable(path: &Path) -> Result<(), Option<CommandError>> {
     Ok(())
 }
 
+/// Moves a descriptor to a number >= 10 (close-on-exec), so that placing handed-down
+/// descriptors on 3 and 4 in a child can never overwrite another one (see [`WorkerIo::fds`]).
+pub fn above_ten(fd: OwnedFd) -> io::Result<OwnedFd> {
+    let moved = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that we own.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(moved) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,6 +507,7 @@ mod tests {
     fn decimal_digits() {
         for n in [0u32, 7, 10, 4_194_304, u32::MAX] {
             let mut buf = [b'x'; 11];
+            // SAFETY: buf has the 11 bytes write_decimal needs.
             unsafe { write_decimal(buf.as_mut_ptr(), n) };
             let end = buf.iter().position(|&b| b == 0).unwrap();
             assert_eq!(std::str::from_utf8(&buf[..end]).unwrap(), n.to_string());

@@ -503,8 +503,7 @@ mod tests {
 
     #[test]
     fn own_group_usage() {
-        // SAFETY: getpgrp has no memory effects.
-        let me = unsafe { libc::getpgrp() };
+        let me = nix::unistd::getpgrp().as_raw();
         let usage = group_usage(&[me]);
         assert!(usage[&me].rss_bytes > 0 && usage[&me].processes >= 1);
     }

@@ -10,13 +10,14 @@
 //! `drain`, `ending`); this module only owns the real world (`os::RealOs`: launcher, balancer,
 //! output pumps), the channels and the reporters' view.
 
-use crate::balance::{Balancer, Ready};
+use crate::balance::Balancer;
 use crate::config::{Config, ReadyOn};
 use crate::control::{Command, ReloadAnswer};
 use crate::launch::LaunchSpec;
 use crate::logs::Output;
 use crate::metrics::{Shared, Snapshot};
 use crate::os::{Os, RealOs};
+use crate::readiness::Ready;
 use crate::reserve;
 use crate::signals::{Action, SignalStream};
 use crate::supervisor::{Settings, Supervisor};
@@ -62,7 +63,7 @@ impl Pool {
         shared: Arc<Shared>,
         commands: mpsc::UnboundedReceiver<Command>,
     ) -> Pool {
-        let proxy = balancer.mode == crate::balance::Mode::Proxy;
+        let proxy = balancer.mode() == crate::balance::Mode::Proxy;
         let not_ready_hint = if proxy {
             "its private port ($PORT on 127.0.0.1) never accepted a connection"
         } else if config.ready_on == ReadyOn::Message {
