@@ -22,8 +22,9 @@
 //! the parent reads them and reports the error. The parent never waits for the child: the
 //! reaper does.
 
+use crate::fatal::Fatal;
 use crate::user::RunAs;
-use crate::{limits, signals};
+use crate::{exit, limits, signals};
 use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::unistd::Pid;
 use std::ffi::{CString, OsString};
@@ -93,7 +94,7 @@ fn environment(io: &WorkerIo, user: Option<&RunAs>) -> io::Result<(Vec<CString>,
             || (io.listen_pid && name == b"LISTEN_PID")
     };
     let mut env = Vec::new();
-    for (name, value) in std::env::vars_os() {
+    for (name, value) in crate::config::env::inherited() {
         if !overridden(&name) {
             env.push(cstring(
                 &[name.as_bytes(), b"=", value.as_bytes()].concat(),
@@ -323,11 +324,11 @@ unsafe fn child_exec(
             bytes[..4].copy_from_slice(&(step as i32).to_ne_bytes());
             bytes[4..].copy_from_slice(&errno.to_ne_bytes());
             libc::write(report, bytes.as_ptr().cast(), 8);
-            libc::_exit(127)
+            libc::_exit(exit::NOT_FOUND)
         };
         let fail = |report: RawFd| -> ! { fail_at(report, Step::Exec) };
         if report < 0 {
-            libc::_exit(127);
+            libc::_exit(exit::NOT_FOUND);
         }
         if libc::setpgid(0, 0) != 0 {
             fail(report);
@@ -427,24 +428,20 @@ fn close_inherited_fds() {
     }
 }
 
-/// Why the worker command cannot run, with the exit code a shell would give.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandError {
-    pub code: i32,
-    pub message: String,
-}
-
 /// Finds the program as `execvp` would (PATH search unless it contains a slash) and checks that
 /// it is an executable file, so that a typo fails once, clearly, before any worker runs:
-/// 127 when missing, 126 when not executable or a directory.
+/// `exit::NOT_FOUND` (127) when missing, `exit::NOT_EXECUTABLE` (126) when not executable or a
+/// directory, as a shell would say.
 pub fn resolve_program(
     name: impl AsRef<std::ffi::OsStr>,
     path_var: Option<OsString>,
-) -> Result<PathBuf, CommandError> {
+) -> Result<PathBuf, Fatal> {
     let name = name.as_ref();
-    let not_found = || CommandError {
-        code: 127,
-        message: format!("command not found: {}", name.to_string_lossy()),
+    let not_found = || {
+        Fatal::new(
+            exit::NOT_FOUND,
+            format_args!("command not found: {}", name.to_string_lossy()),
+        )
     };
     if name.is_empty() {
         return Err(not_found());
@@ -471,22 +468,22 @@ pub fn resolve_program(
 }
 
 /// Ok for an executable file; Err(None) when absent; Err(Some) when present but unusable.
-fn check_executable(path: &Path) -> Result<(), Option<CommandError>> {
+fn check_executable(path: &Path) -> Result<(), Option<Fatal>> {
     let meta = std::fs::metadata(path).map_err(|_| None)?;
     let shown = path.display();
     if meta.is_dir() {
-        return Err(Some(CommandError {
-            code: 126,
-            message: format!("command is a directory: {shown}"),
-        }));
+        return Err(Some(Fatal::new(
+            exit::NOT_EXECUTABLE,
+            format_args!("command is a directory: {shown}"),
+        )));
     }
     let executable = meta.permissions().mode() & 0o111 != 0
         && nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_ok();
     if !executable {
-        return Err(Some(CommandError {
-            code: 126,
-            message: format!("command is not executable (permission denied): {shown}"),
-        }));
+        return Err(Some(Fatal::new(
+            exit::NOT_EXECUTABLE,
+            format_args!("command is not executable (permission denied): {shown}"),
+        )));
     }
     Ok(())
 }
@@ -569,20 +566,26 @@ mod tests {
 
     #[test]
     fn resolves_programs() {
-        assert!(resolve_program("sh", std::env::var_os("PATH")).is_ok());
+        assert!(resolve_program("sh", crate::config::env::path()).is_ok());
         assert_eq!(
-            resolve_program("no-such-cmd-xyz", std::env::var_os("PATH"))
+            resolve_program("no-such-cmd-xyz", crate::config::env::path())
                 .unwrap_err()
                 .code,
-            127
+            exit::NOT_FOUND
         );
-        assert_eq!(resolve_program("/etc", None).unwrap_err().code, 126);
+        assert_eq!(
+            resolve_program("/etc", None).unwrap_err().code,
+            exit::NOT_EXECUTABLE
+        );
         let plain = std::env::temp_dir().join(format!("corepool-plain-{}", std::process::id()));
         std::fs::write(&plain, "not a program").unwrap();
         let result = resolve_program(plain.to_str().unwrap(), None);
         std::fs::remove_file(&plain).unwrap();
-        assert_eq!(result.unwrap_err().code, 126);
-        assert_eq!(resolve_program("./missing", None).unwrap_err().code, 127);
-        assert_eq!(resolve_program("", None).unwrap_err().code, 127);
+        assert_eq!(result.unwrap_err().code, exit::NOT_EXECUTABLE);
+        assert_eq!(
+            resolve_program("./missing", None).unwrap_err().code,
+            exit::NOT_FOUND
+        );
+        assert_eq!(resolve_program("", None).unwrap_err().code, exit::NOT_FOUND);
     }
 }
