@@ -90,6 +90,9 @@ pub struct RealOs {
     pub balancer: Balancer,
     pub output: Rc<Output>,
     pub pumps: Vec<PumpHandle>,
+    /// The workers started for each slot that have not exited yet (group leaders): a new one
+    /// for a slot is told them as its predecessors (`COREPOOL_REPLACES`).
+    pub started: HashMap<usize, Vec<i32>>,
     pub owners: Owners,
     /// The pool's name in its workers' log lines (empty for the single unnamed pool).
     pub pool: String,
@@ -135,9 +138,20 @@ impl Owners {
 impl RealOs {
     /// `spawn` once, without the descriptor reserve.
     fn spawn_once(&mut self, slot: usize, instances: usize) -> std::io::Result<Pid> {
-        let handover = self.balancer.handover(slot, instances)?;
+        let mut handover = self.balancer.handover(slot, instances)?;
+        // A replacement (reload, memory) starts while the worker it replaces still runs, and
+        // may ask for the same port outside corepool's list (pm2's `base + NODE_APP_INSTANCE`
+        // admin port): the preload waits for these process groups to let go of it.
+        let predecessors = self.started.get(&slot).cloned().unwrap_or_default();
+        let replaces = predecessors
+            .iter()
+            .map(i32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        handover.io.env.push(("COREPOOL_REPLACES".into(), replaces));
         let launched = self.launch.launch(&handover.io)?;
         let pid = launched.pid.as_raw();
+        self.started.entry(slot).or_default().push(pid);
         self.balancer.watch(handover, pid);
         self.owners.claim(pid);
         self.pumps.push(self.output.pump_in(
@@ -230,6 +244,9 @@ impl Os for RealOs {
     }
 
     fn route_exited(&mut self, pid: Pid) {
+        for pids in self.started.values_mut() {
+            pids.retain(|&p| p != pid.as_raw());
+        }
         self.balancer.exited(pid.as_raw());
     }
 

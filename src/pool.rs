@@ -130,6 +130,7 @@ impl Pool {
                     balancer: part.balancer,
                     output: output.clone(),
                     pumps: Vec::new(),
+                    started: Default::default(),
                     owners: Owners::join(&owners, i),
                     pool: part.name.clone(),
                 };

@@ -192,6 +192,7 @@ impl Supervisor {
             Some(Role::Current(i)) => i,
         };
         let slot = self.slots.worker(i).slot();
+        self.replacements.current_exited(pid, slot, &status);
         if self.slots.worker(i).next().is_some() && !self.shutdown.is_ending() {
             // The old process died during its reload: the replacement takes over at once.
             tracing::warn!(
