@@ -24,8 +24,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 /// What a client may ask of the pool.
 #[derive(Debug)]
 pub enum Command {
-    /// A rolling reload; the pool says on the channel what it made of the request.
-    Reload(oneshot::Sender<ReloadAnswer>),
+    /// A rolling reload of one pool (by name) or of all; the pool says on the channel what it
+    /// made of the request.
+    Reload(Option<String>, oneshot::Sender<ReloadAnswer>),
 }
 
 /// What became of a reload request. Requests are coalesced as SIGHUPs are: one that arrives
@@ -154,14 +155,20 @@ async fn answer(
     if !matches!(got, Ok(Ok(_))) {
         return;
     }
-    let reply = match line.trim() {
+    let mut words = line.split_whitespace();
+    let (verb, pool) = (words.next().unwrap_or(""), words.next());
+    let reply = match verb {
         "status" => match serde_json::to_string(&status(&shared).await) {
             Ok(json) => format!("{json}\n"),
             Err(err) => format!("error: cannot encode the status: {err}\n"),
         },
+        "reload" if words.next().is_some() => "error: reload takes one pool name\n".to_string(),
+        "reload" if let Some(why) = pool.and_then(|p| unknown_pool(&shared, p)) => {
+            format!("error: {why}\n")
+        }
         "reload" => {
             let (tx, rx) = oneshot::channel();
-            match commands.send(Command::Reload(tx)) {
+            match commands.send(Command::Reload(pool.map(str::to_string), tx)) {
                 Ok(()) => match rx.await {
                     Ok(answer) => answer.line().to_string(),
                     Err(_) => "error: the pool is not running\n".to_string(),
@@ -169,9 +176,27 @@ async fn answer(
                 Err(_) => "error: the pool is not running\n".to_string(),
             }
         }
-        other => format!("error: unknown request '{other}'\n"),
+        _ => format!("error: unknown request '{}'\n", line.trim()),
     };
     let _ = tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(reply.as_bytes())).await;
+}
+
+/// Why `pool` names no pool of this corepool, if it does not.
+fn unknown_pool(shared: &Shared, pool: &str) -> Option<String> {
+    let snap = shared.snapshot();
+    if snap.pools.is_empty() {
+        return Some(format!(
+            "no pool '{pool}': this corepool runs one pool without a name (corepool reload)"
+        ));
+    }
+    if snap.pools.iter().any(|p| p.name == pool) {
+        return None;
+    }
+    let names: Vec<&str> = snap.pools.iter().map(|p| p.name.as_str()).collect();
+    Some(format!(
+        "no pool '{pool}' here (pools: {})",
+        names.join(", ")
+    ))
 }
 
 /// What `corepool status --json` prints: the pool and each of its slots.
@@ -181,11 +206,26 @@ pub struct Status {
     pub stopping: bool,
     pub reloads: u64,
     pub workers: Vec<WorkerStatus>,
+    /// Several pools: each with its balance mode and state, in order; a worker names its pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pools: Vec<PoolStatus>,
+}
+
+/// One pool of several in [`Status`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub name: String,
+    pub balance: String,
+    /// waiting, running, stopping, finished (a oneshot pool done with 0), done.
+    pub state: String,
 }
 
 /// One slot in [`Status`]; usage is of the worker's whole process group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerStatus {
+    /// Its pool, when there are several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
     pub slot: usize,
     pub pid: Option<i32>,
     pub state: String,
@@ -207,15 +247,16 @@ async fn status(shared: &Shared) -> Status {
     tokio::time::sleep(sample).await;
     let after = group_usage(&groups);
     let workers = snap
-        .slots
-        .iter()
-        .map(|s| {
+        .slots_by_pool()
+        .into_iter()
+        .map(|(pool, s)| {
             let usage = s.pid.and_then(|p| after.get(&p).copied());
             let cpu = s.pid.and_then(|p| {
                 let (a, b) = (after.get(&p)?, before.get(&p)?);
                 Some(((a.cpu_seconds - b.cpu_seconds) / sample.as_secs_f64() * 100.0).max(0.0))
             });
             WorkerStatus {
+                pool: (!pool.is_empty()).then(|| pool.to_string()),
                 slot: s.slot,
                 pid: s.pid,
                 state: s.state.to_string(),
@@ -233,6 +274,15 @@ async fn status(shared: &Shared) -> Status {
         stopping: snap.stopping,
         reloads: snap.reloads,
         workers,
+        pools: snap
+            .pools
+            .iter()
+            .map(|p| PoolStatus {
+                name: p.name.clone(),
+                balance: p.balance.to_string(),
+                state: p.state.to_string(),
+            })
+            .collect(),
     }
 }
 
@@ -260,14 +310,19 @@ pub fn status_command(args: &[String]) -> Result<String, Fatal> {
 
 /// `corepool reload`: a rolling reload of the pool running here; Ok is its answer.
 pub fn reload_command(args: &[String]) -> Result<String, Fatal> {
-    const USAGE: &str = "corepool reload   (a rolling reload of the pool running here)";
+    const USAGE: &str = "corepool reload [POOL]   (a rolling reload of the pool running here, or \
+                         of the pool named when it runs several)";
     if wants_help(args) {
         return Ok(format!("usage: {USAGE}\n"));
     }
-    if !args.is_empty() {
-        return Err(Fatal::usage(format_args!("usage: {USAGE}")));
-    }
-    request("reload").map_err(|err| Fatal::new(1, err))
+    let request_line = match args {
+        [] => "reload".to_string(),
+        [pool] if !pool.starts_with('-') && !pool.contains(char::is_whitespace) => {
+            format!("reload {pool}")
+        }
+        _ => return Err(Fatal::usage(format_args!("usage: {USAGE}"))),
+    };
+    request(&request_line).map_err(|err| Fatal::new(1, err))
 }
 
 fn wants_help(args: &[String]) -> bool {
@@ -340,14 +395,38 @@ fn peer_cred(stream: &std::os::unix::net::UnixStream) -> std::io::Result<libc::u
     Ok(cred)
 }
 
-/// The status as a table for people.
+/// The status as a table for people; with several pools, one table per pool under a line
+/// naming it.
 pub fn status_table(status: &Status) -> String {
+    if status.pools.is_empty() {
+        return worker_table(status.workers.iter());
+    }
+    let mut out = String::new();
+    for (i, pool) in status.pools.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&format!(
+            "pool {} ({}, {})\n",
+            pool.name, pool.balance, pool.state
+        ));
+        out.push_str(&worker_table(
+            status
+                .workers
+                .iter()
+                .filter(|w| w.pool.as_deref() == Some(pool.name.as_str())),
+        ));
+    }
+    out
+}
+
+fn worker_table<'a>(workers: impl Iterator<Item = &'a WorkerStatus>) -> String {
     let mut out = format!(
         "{:<5} {:<8} {:<9} {:<6} {:>9} {:>8} {:>10} {:>6}\n",
         "SLOT", "PID", "STATE", "READY", "UPTIME", "RESTARTS", "RSS", "CPU%"
     );
     let dash = || "-".to_string();
-    for w in &status.workers {
+    for w in workers {
         let pid = w.pid.map(|p| p.to_string()).unwrap_or_else(dash);
         let uptime = w
             .uptime_seconds

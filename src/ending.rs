@@ -82,6 +82,11 @@ impl Shutdown {
         self.ending.get_or_insert(ending);
     }
 
+    /// Why the pool ends, once it does.
+    pub fn ending(&self) -> Option<Ending> {
+        self.ending
+    }
+
     /// Whether the stop has begun.
     pub fn is_ending(&self) -> bool {
         self.ending.is_some()
@@ -120,6 +125,42 @@ pub fn pool_death_code(last: ExitStatus, policy: RestartPolicy) -> i32 {
     } else {
         code
     }
+}
+
+/// How one of several pools ended (see `fleet`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolEnd {
+    /// A `oneshot` pool whose every slot finished with 0: the others go on, and the pools
+    /// that wait for it (`after`) may start.
+    Finished,
+    /// The pool died (every slot over or given up) with this code: the container stops.
+    Died(i32),
+    /// The pool was stopped (a stop signal, or another pool died); its drain's code, 0 or 1.
+    Stopped(i32),
+}
+
+/// What a pool's ending means for the container: `oneshot` pools may finish with 0 alone.
+pub fn pool_end(oneshot: bool, ending: Ending, code: i32) -> PoolEnd {
+    match ending {
+        Ending::PoolDied(0) if oneshot => PoolEnd::Finished,
+        Ending::PoolDied(died) => PoolEnd::Died(died),
+        Ending::Stop(_) => PoolEnd::Stopped(code),
+    }
+}
+
+/// The container's exit code once every pool is over: the code of the first pool that died,
+/// else 1 when some stop needed SIGKILL, else 0. With one pool, that pool's own code.
+pub fn container_code(first_death: Option<i32>, ends: impl IntoIterator<Item = PoolEnd>) -> i32 {
+    if let Some(code) = first_death {
+        return code;
+    }
+    ends.into_iter()
+        .map(|end| match end {
+            PoolEnd::Finished => exit::STOPPED,
+            PoolEnd::Died(code) | PoolEnd::Stopped(code) => code,
+        })
+        .max()
+        .unwrap_or(exit::STOPPED)
 }
 
 #[cfg(test)]
@@ -192,5 +233,21 @@ mod tests {
         assert_eq!(pool_death_code(ExitStatus::Code(0), OnFailure), 0);
         assert_eq!(pool_death_code(ExitStatus::Code(4), Never), 4);
         assert_eq!(pool_death_code(ExitStatus::Signaled(9), Never), 137);
+    }
+
+    #[test]
+    fn several_pools_end_together() {
+        let term = Ending::Stop(Signal::SIGTERM);
+        assert_eq!(pool_end(true, Ending::PoolDied(0), 0), PoolEnd::Finished);
+        assert_eq!(pool_end(false, Ending::PoolDied(0), 0), PoolEnd::Died(0));
+        assert_eq!(pool_end(true, Ending::PoolDied(3), 3), PoolEnd::Died(3));
+        assert_eq!(pool_end(true, term, 1), PoolEnd::Stopped(1));
+        use PoolEnd::*;
+        // The first pool that died gives its code, whatever the others' drains did.
+        assert_eq!(container_code(Some(3), [Died(3), Stopped(1)]), 3);
+        assert_eq!(container_code(Some(0), [Died(0), Stopped(1)]), 0);
+        assert_eq!(container_code(None, [Finished, Stopped(0)]), 0);
+        assert_eq!(container_code(None, [Finished, Stopped(1)]), 1);
+        assert_eq!(container_code(None, [Finished, Finished]), 0);
     }
 }

@@ -4,7 +4,8 @@
 //! Where a behaviour lives:
 //! - `config`: flags, `COREPOOL_*` variables, the TOML file, `--print-config`: `options` declares
 //!   each option once (typed, with its scope), `resolve` applies precedence, `file` reads TOML,
-//!   `validate` checks options together, `env` is every read of the environment;
+//!   `validate` checks options together, `env` is every read of the environment, `pools` the
+//!   `[pool.NAME]` tables, `--only`, `oneshot`/`after`/`cpu_share`;
 //! - `fatal`: the one error that ends corepool early, with its exit code;
 //! - `cgroup`: usable CPUs and the memory limit, from cgroup v1/v2 and CPU affinity;
 //! - `signals`: which signals are caught and what each means;
@@ -22,9 +23,11 @@
 //! - `relay`: the bytes of one proxied connection, moved by splice(2);
 //! - `metrics`: /metrics, /healthz, /readyz and process-group usage; `metrics::health`: the
 //!   `corepool health` client;
-//! - `control`: `corepool status` and `corepool reload` over an abstract unix socket, server
-//!   and client;
+//! - `control`: `corepool status` and `corepool reload [POOL]` over an abstract unix socket,
+//!   server and client;
 //! - `pool`: the supervisor loop: wait, reap, dispatch to the core, publish;
+//! - `fleet`: several named pools driven by that loop: exits and readiness to their pool,
+//!   signals to all, `oneshot`/`after`, a dead pool stops the container;
 //! - `supervisor`: the core's decisions (start, restart, forward, stop), with no process or
 //!   clock of its own; `os`: its edge with the OS (real, and a fake for unit tests);
 //! - `slots`: the slots and which pid plays which role; `replace`: replacement processes,
@@ -44,6 +47,7 @@ pub mod drain;
 pub mod ending;
 pub mod exit;
 pub mod fatal;
+pub mod fleet;
 pub mod launch;
 pub mod limits;
 pub mod logs;

@@ -64,16 +64,25 @@ fn subcommand(args: &[OsString]) -> Result<Option<String>, Fatal> {
 }
 
 /// `--print-config`: the effective configuration, and what heap_share comes to here, as the
-/// pool would compute it at start.
+/// pool would compute it at start (for each pool, when there are several).
 fn print_config(config: &config::Config) -> String {
     let mut text = config.to_toml();
-    text.push_str(&match heap_share(config) {
-        Some((_, how)) => format!("# heap share: {how}\n"),
-        None if config.heap_share => "# heap share: none (no cgroup memory limit, or \
-                                      NODE_OPTIONS sets --max-old-space-size)\n"
-            .to_string(),
-        None => "# heap share: off\n".to_string(),
-    });
+    let workers = total_workers(config);
+    for (name, pool) in pools_of(config) {
+        let of = if name.is_empty() {
+            String::new()
+        } else {
+            format!(" of pool {name}")
+        };
+        text.push_str(&match heap_share(pool, workers) {
+            Some((_, how)) => format!("# heap share{of}: {how}\n"),
+            None if pool.heap_share => format!(
+                "# heap share{of}: none (no cgroup memory limit, or NODE_OPTIONS sets \
+                 --max-old-space-size)\n"
+            ),
+            None => format!("# heap share{of}: off\n"),
+        });
+    }
     text
 }
 
@@ -88,32 +97,44 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
 
     // From here a SIGTERM waits, pending, for the handlers instead of being lost.
     signals::hold().map_err(|err| Fatal::startup(format_args!("cannot block signals: {err}")))?;
-    let program = launch::resolve_program(&config.command[0], config.search_path.clone())?;
-
-    // Asked once, before any worker exists (and before the reaper runs).
-    // Proxy mode too, for the preload's drain (see preload.cjs); there it is not needed to
-    // serve, so a preload that cannot be written (an old Node on a read-only root) is only
-    // reported, once logging runs.
-    let mut preload_warning = None;
-    let prepare = || {
-        Preload::prepare(
-            node::node_version(&program, config.search_path.clone()),
-            config.runtime_dir.as_deref(),
-        )
-    };
-    let preload = match config.balance {
-        Mode::Socket => Some(prepare().map_err(Fatal::startup)?),
-        Mode::Proxy => match prepare() {
-            Ok(preload) => Some(preload),
-            Err(err) => {
-                preload_warning = Some(format!(
-                    "no Node preload in proxy mode, so no drain on the stop signal: {err}"
-                ));
-                None
+    let several = !config.pools.is_empty();
+    // Each pool's program, and its Node preload: asked once, before any worker exists (and
+    // before the reaper runs). Proxy mode too, for the preload's drain (see preload.cjs);
+    // there it is not needed to serve, so a preload that cannot be written (an old Node on a
+    // read-only root) is only reported, once logging runs.
+    let mut prepared = Vec::new();
+    for (name, pool) in pools_of(&config) {
+        let whose = if name.is_empty() {
+            String::new()
+        } else {
+            format!("pool {name}: ")
+        };
+        let program = launch::resolve_program(&pool.command[0], pool.search_path.clone())
+            .map_err(|err| Fatal::new(err.code, format_args!("{whose}{}", err.message)))?;
+        let mut preload_warning = None;
+        let prepare = || {
+            Preload::prepare(
+                node::node_version(&program, pool.search_path.clone()),
+                pool.runtime_dir.as_deref(),
+            )
+        };
+        let preload = match pool.balance {
+            Mode::Socket => {
+                Some(prepare().map_err(|err| Fatal::startup(format_args!("{whose}{err}")))?)
             }
-        },
-        _ => None,
-    };
+            Mode::Proxy => match prepare() {
+                Ok(preload) => Some(preload),
+                Err(err) => {
+                    preload_warning = Some(format!(
+                        "no Node preload in proxy mode, so no drain on the stop signal: {err}"
+                    ));
+                    None
+                }
+            },
+            _ => None,
+        };
+        prepared.push((program, preload, preload_warning));
+    }
 
     // Handlers first: a SIGTERM or SIGCHLD that arrives from here on is never lost.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -131,7 +152,7 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
                 "cannot serve metrics on {addr} (--metrics): {err}"
             ))
         })?;
-    let heap_option = heap_share(&config);
+    let workers = total_workers(&config);
     runtime.block_on(async move {
         let signals = signals::SignalStream::install()
             .map_err(|err| Fatal::startup(format_args!("cannot install signal handlers: {err}")))?;
@@ -139,12 +160,6 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
             .map_err(|err| Fatal::startup(format_args!("cannot start log writers: {err}")))?;
         output.install_tracing(config.log_level);
         for warning in &config.unknown_env {
-            tracing::warn!("{warning}");
-        }
-        if let Some(warning) = grace_warning(&config) {
-            tracing::warn!("{warning}");
-        }
-        if let Some(warning) = &preload_warning {
             tracing::warn!("{warning}");
         }
         match &nofile {
@@ -159,92 +174,89 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
             Err(err) => tracing::warn!("cannot raise the descriptor limit: {err}"),
         }
         let role = reaper::adopt_orphans();
-        tracing::info!(
-            "corepool {} starting {} worker{} ({}); {role}",
-            env!("CARGO_PKG_VERSION"),
-            config.instances,
-            if config.instances == 1 { "" } else { "s" },
-            config.cpu
-        );
-        if let Some(user) = &config.user {
+        if several {
+            let names: Vec<&str> = config.pools.iter().map(|p| p.name.as_str()).collect();
             tracing::info!(
-                "workers run as {} (groups {:?}, HOME={})",
-                user.describe(),
-                user.groups,
-                user.home
+                "corepool {} starting {} pools ({}; {workers} workers in all; {}); {role}",
+                env!("CARGO_PKG_VERSION"),
+                names.len(),
+                names.join(", "),
+                config.cpu
+            );
+        } else {
+            tracing::info!(
+                "corepool {} starting {} worker{} ({}); {role}",
+                env!("CARGO_PKG_VERSION"),
+                config.instances,
+                if config.instances == 1 { "" } else { "s" },
+                config.cpu
             );
         }
-        let proxy_limits = proxy_limits(&config);
-        match (&preload, config.balance) {
-            (Some(p), Mode::Proxy) => tracing::info!(
-                "balance proxy on {}:{}, workers on private loopback ports; {}; Node preload \
-                 via {}",
-                config.host,
-                config.port,
-                proxy_limits.1,
-                p.how
-            ),
-            (Some(p), _) => tracing::info!(
-                "balance socket on {}:{}; Node preload via {}",
-                config.host,
-                config
-                    .ports
-                    .iter()
-                    .map(u16::to_string)
-                    .collect::<Vec<_>>()
-                    .join(","),
-                p.how
-            ),
-            (None, Mode::Proxy) => tracing::info!(
-                "balance proxy on {}:{}, workers on private loopback ports; {}",
-                config.host,
-                config.port,
-                proxy_limits.1
-            ),
-            (None, mode) => tracing::info!("balance {}", mode.name()),
-        }
-        let (ready_tx, ready_rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut balancer = match Balancer::new(
-            config.balance,
-            config.host,
-            config.port,
-            config.instances,
-            config.port_increment,
-            NodeEnv::new(preload, config.node_options.clone()),
-            ready_tx,
-        ) {
-            Ok(balancer) => balancer,
-            Err(err) => {
-                tracing::error!("{err}");
-                output.finish(std::time::Duration::from_secs(1));
-                return Ok(exit::STARTUP);
-            }
+        let shared = if several {
+            metrics::Shared::new("pools", 1)
+        } else {
+            metrics::Shared::new(config.balance.name(), config.min_ready)
         };
-        if let Err(err) = balancer.share_ports(config.ports.get(1..).unwrap_or_default()) {
-            tracing::error!("{err}");
-            output.finish(std::time::Duration::from_secs(1));
-            return Ok(exit::STARTUP);
+        let (ready_tx, ready_rx) = tokio::sync::mpsc::unbounded_channel();
+        let pools = pools_of(&config);
+        let mut parts = Vec::new();
+        for ((name, pool), (program, preload, preload_warning)) in pools.iter().zip(prepared) {
+            let _span =
+                (!name.is_empty()).then(|| tracing::info_span!("pool", pool = %name).entered());
+            if let Some(warning) = grace_warning(pool) {
+                tracing::warn!("{warning}");
+            }
+            if let Some(warning) = &preload_warning {
+                tracing::warn!("{warning}");
+            }
+            if several {
+                tracing::info!(
+                    "{} worker{} of {}",
+                    pool.instances,
+                    if pool.instances == 1 { "" } else { "s" },
+                    program.display()
+                );
+            }
+            let heap_option = heap_share(pool, workers);
+            let balancer = match setup_balancer(
+                pool,
+                preload,
+                &program,
+                heap_option,
+                ready_tx.clone(),
+                &shared,
+            ) {
+                Ok(balancer) => balancer,
+                Err(err) => {
+                    tracing::error!("{err}");
+                    output.finish(std::time::Duration::from_secs(1));
+                    return Ok(exit::STARTUP);
+                }
+            };
+            let (oneshot, after) = match config.pools.iter().find(|p| p.name == *name) {
+                Some(p) => (
+                    p.oneshot,
+                    p.after
+                        .iter()
+                        .filter_map(|a| pools.iter().position(|(n, _)| n == a))
+                        .collect(),
+                ),
+                None => (false, Vec::new()),
+            };
+            parts.push(pool::Part {
+                name: name.to_string(),
+                oneshot,
+                after,
+                config: (*pool).clone(),
+                launch: launch::LaunchSpec {
+                    program,
+                    argv: pool.command.clone(),
+                    user: pool.user.clone(),
+                },
+                balancer,
+            });
         }
-        balancer.set_proxy_limits(proxy_limits.0);
-        balancer.set_ready_on_message(config.ready_on == config::ReadyOn::Message);
-        balancer.set_stop_signal(config.stop_signal);
-        balancer.set_node_workers(
-            program
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("node")),
-        );
-        if config.sticky {
-            balancer.set_sticky(config.instances);
-        }
-        if !balancer.spread().is_empty() {
-            tracing::info!("balance socket: {}", balancer.spread());
-        }
-        balancer.set_heap_option(heap_option.map(|(option, how)| {
-            tracing::info!("{how}");
-            option
-        }));
-        let shared = metrics::Shared::new(config.balance.name(), config.min_ready);
-        balancer.watch_port(shared.clone());
+        drop(ready_tx);
         if let Some(listener) = metrics_listener {
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => {
@@ -268,18 +280,108 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
                 control::socket_name().to_string_lossy()
             ),
         }
-        let launch = launch::LaunchSpec {
-            program,
-            argv: config.command.clone(),
-            user: config.user.clone(),
-        };
-        let code = pool::Pool::new(
-            config, launch, balancer, ready_rx, output, shared, command_rx,
-        )
-        .run(signals)
-        .await;
+        let code = pool::Pool::new(parts, ready_rx, output, shared, command_rx)
+            .run(signals)
+            .await;
         Ok(code)
     })
+}
+
+/// The pools to run, each with its name: the `[pool.NAME]` tables `--only` selected, else
+/// the single unnamed pool of the whole configuration.
+fn pools_of(config: &config::Config) -> Vec<(&str, &config::Config)> {
+    if config.pools.is_empty() {
+        return vec![("", config)];
+    }
+    config
+        .pools
+        .iter()
+        .map(|p| (p.name.as_str(), &p.config))
+        .collect()
+}
+
+/// Workers of every pool, for the heap share of the container's memory.
+fn total_workers(config: &config::Config) -> usize {
+    pools_of(config).iter().map(|(_, c)| c.instances).sum()
+}
+
+/// One pool's balancer: the public port bound (socket and proxy mode), its settings made, and
+/// the start-up log lines that say how it balances.
+fn setup_balancer(
+    config: &config::Config,
+    preload: Option<Preload>,
+    program: &std::path::Path,
+    heap_option: Option<(String, String)>,
+    ready_tx: tokio::sync::mpsc::UnboundedSender<corepool::readiness::Ready>,
+    shared: &std::sync::Arc<metrics::Shared>,
+) -> Result<Balancer, String> {
+    if let Some(user) = &config.user {
+        tracing::info!(
+            "workers run as {} (groups {:?}, HOME={})",
+            user.describe(),
+            user.groups,
+            user.home
+        );
+    }
+    let proxy_limits = proxy_limits(config);
+    match (&preload, config.balance) {
+        (Some(p), Mode::Proxy) => tracing::info!(
+            "balance proxy on {}:{}, workers on private loopback ports; {}; Node preload \
+             via {}",
+            config.host,
+            config.port,
+            proxy_limits.1,
+            p.how
+        ),
+        (Some(p), _) => tracing::info!(
+            "balance socket on {}:{}; Node preload via {}",
+            config.host,
+            config
+                .ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            p.how
+        ),
+        (None, Mode::Proxy) => tracing::info!(
+            "balance proxy on {}:{}, workers on private loopback ports; {}",
+            config.host,
+            config.port,
+            proxy_limits.1
+        ),
+        (None, mode) => tracing::info!("balance {}", mode.name()),
+    }
+    let mut balancer = Balancer::new(
+        config.balance,
+        config.host,
+        config.port,
+        config.instances,
+        config.port_increment,
+        NodeEnv::new(preload, config.node_options.clone()),
+        ready_tx,
+    )?;
+    balancer.share_ports(config.ports.get(1..).unwrap_or_default())?;
+    balancer.set_proxy_limits(proxy_limits.0);
+    balancer.set_ready_on_message(config.ready_on == config::ReadyOn::Message);
+    balancer.set_stop_signal(config.stop_signal);
+    balancer.set_node_workers(
+        program
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("node")),
+    );
+    if config.sticky {
+        balancer.set_sticky(config.instances);
+    }
+    if !balancer.spread().is_empty() {
+        tracing::info!("balance socket: {}", balancer.spread());
+    }
+    balancer.set_heap_option(heap_option.map(|(option, how)| {
+        tracing::info!("{how}");
+        option
+    }));
+    balancer.watch_port(shared.clone());
+    Ok(balancer)
 }
 
 /// The proxy's bounds, and how they were chosen for the start-up log. `--max-connections
@@ -331,13 +433,14 @@ fn proxy_limits(config: &config::Config) -> (proxy::Limits, String) {
     )
 }
 
-/// The `--max-old-space-size` option for each Node worker, and a log line saying why.
-fn heap_share(config: &config::Config) -> Option<(String, String)> {
+/// The `--max-old-space-size` option for each Node worker, and a log line saying why
+/// (`workers`: of every pool, which share the container's memory).
+fn heap_share(config: &config::Config, workers: usize) -> Option<(String, String)> {
     if !config.heap_share {
         return None;
     }
     let limit = cgroup::memory_limit()?;
-    let mib = node::heap_share_mib(limit.bytes, config.instances, &config.node_options)?;
+    let mib = node::heap_share_mib(limit.bytes, workers, &config.node_options)?;
     Some((
         format!("--max-old-space-size={mib}"),
         format!(
@@ -345,7 +448,7 @@ fn heap_share(config: &config::Config) -> Option<(String, String)> {
              (70% of the limit shared; --heap-share off to disable)",
             limit.bytes >> 20,
             limit.dir.display(),
-            config.instances
+            workers
         ),
     ))
 }

@@ -14,7 +14,9 @@ use crate::reserve;
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 /// Something corepool signals and waits to see gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -82,25 +84,90 @@ pub struct Child {
 }
 
 /// The operating system itself, with the launcher, the balancer and the output pumps that a
-/// worker start and the routing go through.
+/// worker start and the routing go through (one per pool; the output is the container's).
 pub struct RealOs {
     pub launch: LaunchSpec,
     pub balancer: Balancer,
-    pub output: Output,
+    pub output: Rc<Output>,
     pub pumps: Vec<PumpHandle>,
+    /// The workers started for each slot that have not exited yet (group leaders): a new one
+    /// for a slot is told them as its predecessors (`COREPOOL_REPLACES`).
+    pub started: HashMap<usize, Vec<i32>>,
+    pub owners: Owners,
+    /// The pool's name in its workers' log lines (empty for the single unnamed pool).
+    pub pool: String,
+}
+
+/// Which pool started which process group, when several pools share the container: a pool's
+/// stray sweep (its stop) must leave the other pools' workers alone. Entries whose group is
+/// gone are dropped at each claim, so the table holds at most the live groups.
+#[derive(Debug, Clone, Default)]
+pub struct Owners {
+    /// This pool's index.
+    pub me: usize,
+    table: Rc<RefCell<HashMap<i32, usize>>>,
+}
+
+impl Owners {
+    /// The registry of pool `me`, sharing `other`'s table (`other`: any pool's registry).
+    pub fn join(other: &Owners, me: usize) -> Owners {
+        Owners {
+            me,
+            table: other.table.clone(),
+        }
+    }
+
+    /// This pool started the process group `pgid`.
+    fn claim(&self, pgid: i32) {
+        let mut table = self.table.borrow_mut();
+        table.retain(|&g, _| !matches!(kill(Pid::from_raw(-g), None), Err(Errno::ESRCH)));
+        table.insert(pgid, self.me);
+    }
+
+    /// `pid` (or its group `pgid`) belongs to another pool.
+    fn foreign(&self, pid: Pid, pgid: Option<Pid>) -> bool {
+        let table = self.table.borrow();
+        [Some(pid), pgid].into_iter().flatten().any(|p| {
+            table
+                .get(&p.as_raw())
+                .is_some_and(|&owner| owner != self.me)
+        })
+    }
 }
 
 impl RealOs {
     /// `spawn` once, without the descriptor reserve.
     fn spawn_once(&mut self, slot: usize, instances: usize) -> std::io::Result<Pid> {
-        let handover = self.balancer.handover(slot, instances)?;
+        let mut handover = self.balancer.handover(slot, instances)?;
+        // A replacement (reload, memory) starts while the worker it replaces still runs, and
+        // may ask for the same port outside corepool's list (pm2's `base + NODE_APP_INSTANCE`
+        // admin port): the preload waits for these process groups to let go of it.
+        let predecessors = self.started.get(&slot).cloned().unwrap_or_default();
+        let replaces = predecessors
+            .iter()
+            .map(i32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        handover.io.env.push(("COREPOOL_REPLACES".into(), replaces));
         let launched = self.launch.launch(&handover.io)?;
         let pid = launched.pid.as_raw();
+        self.started.entry(slot).or_default().push(pid);
         self.balancer.watch(handover, pid);
-        self.pumps
-            .push(self.output.pump(launched.stdout, Stream::Stdout, slot, pid));
-        self.pumps
-            .push(self.output.pump(launched.stderr, Stream::Stderr, slot, pid));
+        self.owners.claim(pid);
+        self.pumps.push(self.output.pump_in(
+            &self.pool,
+            launched.stdout,
+            Stream::Stdout,
+            slot,
+            pid,
+        ));
+        self.pumps.push(self.output.pump_in(
+            &self.pool,
+            launched.stderr,
+            Stream::Stderr,
+            slot,
+            pid,
+        ));
         self.pumps.retain(|p| !p.is_finished());
         Ok(launched.pid)
     }
@@ -144,6 +211,7 @@ impl Os for RealOs {
                 pgid: nix::unistd::getpgid(Some(pid)).ok(),
                 zombie: is_zombie(pid),
             })
+            .filter(|child| !self.owners.foreign(child.pid, child.pgid))
             .collect()
     }
 
@@ -176,6 +244,9 @@ impl Os for RealOs {
     }
 
     fn route_exited(&mut self, pid: Pid) {
+        for pids in self.started.values_mut() {
+            pids.retain(|&p| p != pid.as_raw());
+        }
         self.balancer.exited(pid.as_raw());
     }
 

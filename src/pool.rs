@@ -7,22 +7,26 @@
 //! status can be collected behind anyone's back.
 //!
 //! Every decision lives in `supervisor` (and the types it ties together: `reload`, `memory`,
-//! `drain`, `ending`); this module only owns the real world (`os::RealOs`: launcher, balancer,
-//! output pumps), the channels and the reporters' view.
+//! `drain`, `ending`) and, with several named pools, in `fleet`, which routes each exit and
+//! readiness report to its pool; this module only owns the real world (one `os::RealOs` per
+//! pool: launcher, balancer, output pumps), the channels and the reporters' view.
 
 use crate::balance::Balancer;
 use crate::config::{Config, ReadyOn};
 use crate::control::{Command, ReloadAnswer};
+use crate::fleet::{Fleet, Member};
 use crate::launch::LaunchSpec;
 use crate::logs::Output;
-use crate::metrics::{Shared, Snapshot};
+use crate::metrics::{PoolView, Shared, Snapshot};
+use crate::os::Owners;
 use crate::os::{Os, RealOs};
 use crate::readiness::Ready;
 use crate::reserve;
 use crate::signals::{Action, SignalStream};
-use crate::supervisor::{Settings, Supervisor};
+use crate::supervisor::Settings;
 use crate::worker::RestartRules;
 use nix::unistd::Pid;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -40,145 +44,230 @@ enum Event {
     Tick,
     Signal(Action),
     Ready(Ready),
-    Reload(tokio::sync::oneshot::Sender<ReloadAnswer>),
+    Reload(Option<String>, tokio::sync::oneshot::Sender<ReloadAnswer>),
 }
 
-/// The loop's state: the core, the world it acts on, and the channels.
+/// One pool as `main` prepared it: its configuration, launcher and balancer.
+pub struct Part {
+    /// `[pool.NAME]`; empty for the single pool of a configuration without tables.
+    pub name: String,
+    /// Finishing with 0 ends this pool alone (`oneshot = true`).
+    pub oneshot: bool,
+    /// Indices of the parts it waits for (`after`).
+    pub after: Vec<usize>,
+    pub config: Config,
+    pub launch: LaunchSpec,
+    pub balancer: Balancer,
+}
+
+/// The loop's state: the pools, the world they act on, and the channels.
 pub struct Pool {
-    core: Supervisor,
-    os: RealOs,
+    fleet: Fleet<RealOs>,
+    /// Each pool's `min_ready`, for the reporters.
+    min_ready: Vec<usize>,
+    output: Rc<Output>,
     ready_rx: mpsc::UnboundedReceiver<Ready>,
     /// What the reporters (metrics, status) see.
     shared: Arc<Shared>,
     commands: mpsc::UnboundedReceiver<Command>,
 }
 
+/// The core's settings for one pool.
+fn settings(config: &Config, launch: &LaunchSpec, balancer: &Balancer) -> Settings {
+    let proxy = balancer.mode() == crate::balance::Mode::Proxy;
+    let not_ready_hint = if proxy {
+        "its private port ($PORT on 127.0.0.1) never accepted a connection"
+    } else if config.ready_on == ReadyOn::Message {
+        "with --ready-on message a worker is ready once it calls process.send('ready'), \
+         and it never did"
+    } else {
+        "a Node server reports itself through corepool's preload when it listens; another \
+         program sends READY=1 to $NOTIFY_SOCKET, or use --balance proxy. A worker that \
+         serves no port (a queue consumer) wants --balance none; one that listens on \
+         another port wants --port"
+    };
+    Settings {
+        rules: RestartRules {
+            policy: config.restart,
+            delay: config.restart_delay,
+            max_delay: config.max_restart_delay,
+            min_uptime: config.min_uptime,
+            max_restarts: config.max_restarts,
+            fail_fast: config.fail_fast,
+        },
+        instances: config.instances,
+        ready_timeout: config.ready_timeout,
+        reload_batch: config.reload_batch,
+        stop_signal: config.stop_signal,
+        kill_timeout: config.kill_timeout,
+        shutdown_delay: config.shutdown_delay,
+        max_memory: config.max_memory,
+        needs_ready: balancer.needs_ready(),
+        handoff: if proxy { PROXY_HANDOFF } else { Duration::ZERO },
+        not_ready_hint,
+        program: launch.program.display().to_string(),
+    }
+}
+
 impl Pool {
     pub fn new(
-        config: Config,
-        launch: LaunchSpec,
-        balancer: Balancer,
+        parts: Vec<Part>,
         ready_rx: mpsc::UnboundedReceiver<Ready>,
         output: Output,
         shared: Arc<Shared>,
         commands: mpsc::UnboundedReceiver<Command>,
     ) -> Pool {
-        let proxy = balancer.mode() == crate::balance::Mode::Proxy;
-        let not_ready_hint = if proxy {
-            "its private port ($PORT on 127.0.0.1) never accepted a connection"
-        } else if config.ready_on == ReadyOn::Message {
-            "with --ready-on message a worker is ready once it calls process.send('ready'), \
-             and it never did"
-        } else {
-            "a Node server reports itself through corepool's preload when it listens; another \
-             program sends READY=1 to $NOTIFY_SOCKET, or use --balance proxy. A worker that \
-             serves no port (a queue consumer) wants --balance none; one that listens on \
-             another port wants --port"
-        };
-        let settings = Settings {
-            rules: RestartRules {
-                policy: config.restart,
-                delay: config.restart_delay,
-                max_delay: config.max_restart_delay,
-                min_uptime: config.min_uptime,
-                max_restarts: config.max_restarts,
-                fail_fast: config.fail_fast,
-            },
-            instances: config.instances,
-            ready_timeout: config.ready_timeout,
-            reload_batch: config.reload_batch,
-            stop_signal: config.stop_signal,
-            kill_timeout: config.kill_timeout,
-            shutdown_delay: config.shutdown_delay,
-            max_memory: config.max_memory,
-            needs_ready: balancer.needs_ready(),
-            handoff: if proxy { PROXY_HANDOFF } else { Duration::ZERO },
-            not_ready_hint,
-            program: launch.program.display().to_string(),
-        };
+        let output = Rc::new(output);
+        let owners = Owners::default();
+        let min_ready = parts.iter().map(|p| p.config.min_ready).collect();
+        let members = parts
+            .into_iter()
+            .enumerate()
+            .map(|(i, part)| {
+                let settings = settings(&part.config, &part.launch, &part.balancer);
+                let os = RealOs {
+                    launch: part.launch,
+                    balancer: part.balancer,
+                    output: output.clone(),
+                    pumps: Vec::new(),
+                    started: Default::default(),
+                    owners: Owners::join(&owners, i),
+                    pool: part.name.clone(),
+                };
+                let mut member = Member::new(part.name, settings, os);
+                member.oneshot = part.oneshot;
+                member.after = part.after;
+                member
+            })
+            .collect();
         Pool {
-            core: Supervisor::new(settings, Instant::now()),
-            os: RealOs {
-                launch,
-                balancer,
-                output,
-                pumps: Vec::new(),
-            },
+            fleet: Fleet::new(members),
+            min_ready,
+            output,
             ready_rx,
             shared,
             commands,
         }
     }
 
-    /// Runs the pool until it is finished; returns corepool's exit code.
+    /// Runs the pools until they are finished; returns corepool's exit code.
     ///
     /// The clock is read once per turn, at the top; every step below is given that time.
     pub async fn run(mut self, mut signals: SignalStream) -> i32 {
-        self.os.balancer.start();
+        for m in &mut self.fleet.members {
+            m.os.balancer.start();
+        }
         reserve::refill();
         let mut event = Event::Tick;
         loop {
             let now = Instant::now();
-            let (core, os) = (&mut self.core, &mut self.os);
+            let fleet = &mut self.fleet;
             match event {
                 Event::Tick => {}
-                Event::Signal(action) => core.on_signal(action, now, os),
-                Event::Ready(ready) => core.on_ready(Pid::from_raw(ready.pid), now, os),
-                Event::Reload(reply) => {
-                    let _ = reply.send(core.reload_answer());
-                    core.request_reload();
+                Event::Signal(action) => fleet.on_signal(action, now),
+                Event::Ready(ready) => fleet.on_ready(Pid::from_raw(ready.pid), now),
+                Event::Reload(pool, reply) => {
+                    let _ = reply.send(fleet.request_reload(pool.as_deref()));
                 }
             }
-            // A reap after every wake, whatever woke us.
-            for exit in os.reap() {
-                core.on_exit(exit, now, os);
+            // A reap after every wake, whatever woke us: one waiter for every pool.
+            let exits = match fleet.members.first_mut() {
+                Some(first) => first.os.reap(),
+                None => Vec::new(),
+            };
+            for exit in exits {
+                fleet.on_exit(exit, now);
             }
-            core.step(now, os);
+            fleet.step(now);
             self.publish(now);
-            if let Some(code) = self.core.outcome(now, &mut self.os) {
+            if let Some(code) = self.fleet.outcome() {
                 return self.finish(code).await;
             }
             let mut wake = now + SAFETY_TICK;
-            if let Some(at) = self.core.next_deadline(now) {
+            if let Some(at) = self.fleet.next_deadline(now) {
                 wake = wake.min(at);
             }
             event = tokio::select! {
                 action = signals.next() => Event::Signal(action),
                 Some(ready) = self.ready_rx.recv() => Event::Ready(ready),
-                Some(Command::Reload(reply)) = self.commands.recv() => Event::Reload(reply),
+                Some(Command::Reload(pool, reply)) = self.commands.recv() => {
+                    Event::Reload(pool, reply)
+                }
                 _ = tokio::time::sleep_until(wake.into()) => Event::Tick,
             };
         }
     }
 
-    /// Hands the reporters a fresh view of the pool.
+    /// Hands the reporters a fresh view of the pools.
     fn publish(&self, now: Instant) {
-        let (open, total) = self.os.balancer.connections();
-        let (reloads, memory_restarts) = self.core.counters();
-        self.shared.publish(Snapshot {
+        let mut snap = Snapshot {
             heartbeat: now,
-            slots: self.core.slots(now),
-            stopping: self.core.stopping(),
-            reloads,
-            memory_restarts,
-            open_connections: open,
-            connections_total: total,
-            connection_limit: self.os.balancer.connection_limit(),
-        });
+            slots: Vec::new(),
+            stopping: false,
+            reloads: 0,
+            memory_restarts: 0,
+            open_connections: None,
+            connections_total: None,
+            connection_limit: None,
+            pools: Vec::new(),
+        };
+        let several = self.fleet.members.iter().any(|m| !m.name.is_empty());
+        for (m, &min_ready) in self.fleet.members.iter().zip(&self.min_ready) {
+            let balancer = &m.os.balancer;
+            let (open, total) = balancer.connections();
+            let add = |a: Option<u64>, b: Option<u64>| match (a, b) {
+                (None, None) => None,
+                (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
+            };
+            snap.open_connections = add(
+                snap.open_connections.map(|n| n as u64),
+                open.map(|n| n as u64),
+            )
+            .map(|n| n as usize);
+            snap.connections_total = add(snap.connections_total, total);
+            snap.connection_limit = snap.connection_limit.or(balancer.connection_limit());
+            let slots = match &m.core {
+                Some(core) => {
+                    let (reloads, memory_restarts) = core.counters();
+                    snap.reloads += reloads;
+                    snap.memory_restarts += memory_restarts;
+                    snap.stopping |= core.stopping();
+                    core.slots(now)
+                }
+                None => Vec::new(),
+            };
+            if several {
+                snap.pools.push(PoolView {
+                    name: m.name.clone(),
+                    balance: balancer.mode().name(),
+                    state: m.state(),
+                    slots: slots.len(),
+                    min_ready,
+                });
+            }
+            snap.slots.extend(slots);
+        }
+        self.shared.publish(snap);
     }
 
     /// Lets the workers' last output through, then closes the log writers.
     async fn finish(self, code: i32) -> i32 {
-        let pumps = &self.os.pumps;
         let deadline = Instant::now() + PIPE_GRACE;
-        while pumps.iter().any(|p| !p.is_finished()) && Instant::now() < deadline {
+        let pumps = || self.fleet.members.iter().flat_map(|m| &m.os.pumps);
+        while pumps().any(|p| !p.is_finished()) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        for pump in pumps {
+        for pump in pumps() {
             pump.abort();
         }
         tracing::info!("exiting with code {code}");
-        self.os.output.finish(PIPE_GRACE);
+        let Pool { fleet, output, .. } = self;
+        // The pools' launchers hold the other references to the output.
+        drop(fleet);
+        match Rc::try_unwrap(output) {
+            Ok(output) => output.finish(PIPE_GRACE),
+            Err(_) => tracing::error!("log writers still shared at exit: not flushed"),
+        }
         code
     }
 }

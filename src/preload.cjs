@@ -11,7 +11,8 @@
 // port:fd:inode,...), and a listen() on one of those ports gets that socket. A listen() on a
 // port corepool was not told about gets reusePort where Node has it (22.12+, 23.1+), so every
 // worker shares it; on older Node an EADDRINUSE there prints one line naming the --port list
-// that shares it (see shareUnlisted).
+// that shares it (see shareUnlisted). A reload's replacement whose predecessor still holds such
+// a port (pm2's admin port of `base + NODE_APP_INSTANCE`) waits for it (waitForPredecessor).
 //
 // When that server is listening, "READY=1" is written to the readiness pipe (COREPOOL_READY_FD),
 // which tells corepool this worker accepts connections; with COREPOOL_READY_ON=message, only
@@ -55,11 +56,24 @@
   state.extraFds = new Set(state.extra.values());
   claimSocketActivation(env, state);
   installProcessSend(fs, state);
-  if (state.listenFd < 0 || !(state.port > 0)) return;
-  installHandDown(state);
-
   const net = require('net');
   const originalListen = net.Server.prototype.listen;
+  if (state.listenFd < 0 || !(state.port > 0)) {
+    // Proxy mode (PORT is this worker's own private port), or a process without corepool's
+    // descriptors: only the wait for a predecessor's ports.
+    const own = Number(env.PORT);
+    if (predecessors(env).length > 0) {
+      net.Server.prototype.listen = function corepoolProxyListen(...args) {
+        const port = portOf(args);
+        if (Number.isInteger(port) && port > 0 && port !== own) {
+          waitForPredecessor(fs, this, args, port, originalListen, () => false);
+        }
+        return originalListen.apply(this, args);
+      };
+    }
+    return;
+  }
+  installHandDown(state);
 
   function portOf(args) {
     let first = args[0];
@@ -132,26 +146,19 @@
           : originalListen.call(server, options.opts);
       }
     }
-    const emit = server.emit;
-    server.emit = function corepoolEmit(name, error, ...rest) {
-      if (name === 'error' && error && error.code === 'EADDRINUSE') {
-        server.emit = emit;
-        const listed = [state.port, ...state.listedExtra, port].join(',');
-        const node = process.versions.node;
-        try {
-          fs.writeSync(2, `corepool: worker ${env.COREPOOL_WORKER || '?'}: port ${port} is not ` +
-            `shared by the pool (EADDRINUSE; Node ${node} has no reusePort): list it, ` +
-            `--port ${listed}` +
-            (server.listenerCount('error') === 0 ? '; serving on without it\n' : '\n'));
-        } catch (_) {
-          // No stderr.
-        }
-        if (server.listenerCount('error') === 0) return true;
-      } else if (name === 'listening') {
-        server.emit = emit;
+    waitForPredecessor(fs, server, args, port, originalListen, () => {
+      const listed = [state.port, ...state.listedExtra, port].join(',');
+      const node = process.versions.node;
+      const alone = server.listenerCount('error') === 0;
+      try {
+        fs.writeSync(2, `corepool: worker ${env.COREPOOL_WORKER || '?'}: port ${port} is not ` +
+          `shared by the pool (EADDRINUSE; Node ${node} has no reusePort): list it, ` +
+          `--port ${listed}` + (alone ? '; serving on without it\n' : '\n'));
+      } catch (_) {
+        // No stderr.
       }
-      return emit.call(this, name, error, ...rest);
-    };
+      return alone;
+    });
     return originalListen.apply(server, args);
   }
 
@@ -172,6 +179,87 @@
     return { opts, callback };
   }
 })();
+
+// The process groups of the workers this one replaces (COREPOOL_REPLACES: corepool names the
+// slot's workers still running when it starts this one: a reload's or a memory replacement's
+// predecessor).
+function predecessors(env) {
+  return (env.COREPOOL_REPLACES || '').split(',').map(Number).filter((p) => Number.isInteger(p) && p > 1);
+}
+
+// Whether one of those groups still has a process (zombies included, until corepool reaps).
+function predecessorLives(env) {
+  return predecessors(env).some((pid) => {
+    try {
+      process.kill(-pid, 0);
+      return true;
+    } catch (error) {
+      return error.code === 'EPERM';
+    }
+  });
+}
+
+// A listen() on a port corepool did not hand over (pm2's admin port of `base +
+// NODE_APP_INSTANCE`): a replacement and the worker it replaces share the instance number,
+// so the replacement's bind fails with EADDRINUSE while its predecessor still has the port.
+// Node's cluster (pm2) shares the handle; without reusePort (Node < 22.12) corepool cannot, so
+// the listen is tried again every RETRY_MS while a predecessor lives: the replacement gets
+// ready on the public port, corepool stops the old worker, the port frees, and this listen
+// completes ('listening' and the listen callback fire then). Once no predecessor is left,
+// one last try; if that fails too, `fallback()` runs (true: the error is swallowed) and the
+// app gets its error as without corepool. Without a predecessor (no reload: two live workers
+// asking for the same port) the error comes at once, as before.
+function waitForPredecessor(fs, server, args, port, originalListen, fallback) {
+  const RETRY_MS = 100;
+  const env = process.env;
+  const callback = typeof args[args.length - 1] === 'function' ? args[args.length - 1] : undefined;
+  const again = callback ? args.slice(0, -1) : args;
+  let lastTry = false;
+  let said = false;
+  const retry = () => {
+    // Node keeps the callback as a 'listening' listener across a failed listen (some
+    // versions drop it): it must fire once.
+    if (callback && !server.listeners('listening').includes(callback)) {
+      server.once('listening', callback);
+    }
+    try {
+      originalListen.apply(server, again);
+    } catch (error) {
+      server.emit = emit;
+      server.emit('error', error);
+    }
+  };
+  const emit = server.emit;
+  server.emit = function corepoolEmit(name, error, ...rest) {
+    if (name === 'error' && error && error.code === 'EADDRINUSE' && !lastTry &&
+        predecessors(env).length > 0) {
+      if (predecessorLives(env)) {
+        if (!said) {
+          said = true;
+          try {
+            fs.writeSync(2, `corepool: worker ${env.COREPOOL_WORKER || '?'}: port ${port} is ` +
+              `still held, by the worker this one replaces (pid ${predecessors(env).join(',')}` +
+              `): listening once it lets go\n`);
+          } catch (_) {
+            // No stderr.
+          }
+        }
+        setTimeout(retry, RETRY_MS);
+        return true;
+      }
+      lastTry = true;
+      setImmediate(retry);
+      return true;
+    }
+    if (name === 'error' && error && error.code === 'EADDRINUSE') {
+      server.emit = emit;
+      if (fallback()) return true;
+    } else if (name === 'listening' || name === 'error') {
+      server.emit = emit;
+    }
+    return emit.call(this, name, error, ...rest);
+  };
+}
 
 // Whether net.Server's listen() takes reusePort (Node 22.12+, 23.1+).
 function reusePortSupported() {
@@ -333,8 +421,9 @@ function handDown(options, state) {
 // request on such a connection meanwhile gets a reset or an empty reply (20-25 lost requests
 // per reload under `wrk -c20`). So every server the app makes listen (http, https, http2,
 // net) is tracked, and when the stop signal (COREPOOL_STOP_SIGNAL, default SIGTERM) arrives:
-// - if the app has no handler of its own for the signal, each server stops accepting; if it
-//   has one, the servers are the app's to close (or not: an app may ignore the signal);
+// - each server stops accepting (a close() the app makes later is answered as the close it
+//   would have been: its callback runs, without ERR_SERVER_NOT_RUNNING, once the server is
+//   closed);
 // - a response not yet started says `Connection: close` and its connection is closed after it,
 //   and so does every response on a request that arrives later on an open connection;
 // - a connection without a request in progress is closed after DRAIN_GRACE_MS if no request
@@ -343,11 +432,18 @@ function handDown(options, state) {
 //   (final GOAWAY, its streams finish) after DRAIN_GRACE_MS;
 // - upgraded connections (WebSocket) and plain net connections are left to the app.
 // If the app has no handler of its own for the signal, the process exits with code 0 once no
-// HTTP connection is left (before, the signal killed it); if it has one, that handler keeps
-// doing what it did (exit when it wants) and the drain only runs beside it. Nothing is
-// installed before the first listen(), so a launcher (npm, a wrapper) behaves as before.
+// HTTP connection is left (before, the signal killed it). If it has one, that handler runs
+// after the drain: once no HTTP connection is left, or after DEFER_MAX_MS at most. A
+// framework's own graceful shutdown (nitro's, in Nuxt: a vendored http-graceful-shutdown)
+// destroys idle keep-alive connections at once, and every connection accepted after the
+// signal; run first, it lost the requests clients had on the wire. Run after the drain, it
+// finds nothing left to destroy and exits as it means to. Nothing acts before the first
+// listen(), so a launcher (npm, a wrapper) behaves as before: its handlers run at once.
 (function corepoolDrain() {
   const DRAIN_GRACE_MS = 1000;
+  // The longest an app's own stop handler waits for the drain (well within --kill-timeout's
+  // 10 s default, so that the handler still runs its cleanup).
+  const DEFER_MAX_MS = 2 * DRAIN_GRACE_MS;
   const net = require('net');
   const http = require('http');
   const https = require('https');
@@ -362,6 +458,12 @@ function handDown(options, state) {
   let draining = false;
   let exitWhenDrained = false;
   let closing = false; // the drain has stopped the servers
+  let deferred = null; // the app's stop handlers waiting for the drain: [fn, this, args]
+  let deferTimer = null;
+  let released = false; // the app's stop handlers have run after the drain
+  const drainClosed = new WeakSet(); // servers the drain closed
+  const closeDone = new WeakSet(); // ... that have emitted 'close'
+  const wrappers = new WeakMap(); // an app's stop listener -> the deferring one registered
 
   // An upgraded socket (WebSocket) has left the HTTP parser: it is the app's business now.
   function isHttp(socket) {
@@ -385,15 +487,46 @@ function handDown(options, state) {
     return n;
   }
 
+  function drained() {
+    for (const server of servers) if (server.listening || open(server) > 0) return false;
+    return true;
+  }
+
   function maybeDone() {
-    if (!exitWhenDrained) return;
-    for (const server of servers) if (server.listening || open(server) > 0) return;
+    if (deferred && drained()) release();
+    if (!exitWhenDrained || !drained()) return;
     process.exit(0);
   }
 
   // Counts are updated as sockets are destroyed, a moment before their 'close' events.
   function checkSoon() {
-    if (exitWhenDrained) setImmediate(maybeDone);
+    if (exitWhenDrained || deferred) setImmediate(maybeDone);
+  }
+
+  // The drain is over (or took too long): the app's own stop handlers run now, in order.
+  function release() {
+    clearTimeout(deferTimer);
+    const calls = deferred || [];
+    deferred = null;
+    released = true;
+    for (const [fn, self, args] of calls) fn.apply(self, args);
+  }
+
+  // The app's listener for the stop signal, as registered: it waits for the drain while one
+  // runs (a signal before the first listen(), or after the drain, calls it at once).
+  function deferring(fn) {
+    const wrapped = function corepoolAfterDrain(...args) {
+      if (installed && !draining) onStop();
+      if (deferred) {
+        deferred.push([fn, this, args]);
+        return undefined;
+      }
+      return fn.apply(this, args);
+    };
+    // removeListener(fn) and listeners() see the app's own function (as for once()).
+    wrapped.listener = fn.listener || fn;
+    wrappers.set(fn, wrapped);
+    return wrapped;
   }
 
   // Closes `socket` after the grace unless a request arrives on it meanwhile.
@@ -463,7 +596,8 @@ function handDown(options, state) {
   function onStop() {
     // Every delivery asks again: a library like signal-exit removes its own handler and raises
     // the signal again to die of it, which leaves the exit (and the servers) to the drain.
-    if (!process.listeners(signal).length) exitWhenDrained = true;
+    const appHandlers = process.listeners(signal).length > 0;
+    if (!appHandlers) exitWhenDrained = true;
     if (!draining) {
       draining = true;
       for (const [socket, state] of conns) {
@@ -471,13 +605,17 @@ function handDown(options, state) {
         closeWhenIdle(socket, state);
       }
       for (const session of sessions) goaway(session);
+      // The app's handlers (called right after this one) wait for the drain.
+      if (appHandlers && !released) {
+        deferred = [];
+        deferTimer = setTimeout(release, DEFER_MAX_MS);
+      }
     }
-    // An app with a handler of its own decides whether and when its servers stop accepting
-    // (it may ignore the signal and serve on): the drain only makes its connections close
-    // politely. Without one, the drain stops the servers, as the signal would have.
-    if (exitWhenDrained && !closing) {
+    // The servers stop accepting, as the signal means; a close() the app makes later (in its
+    // handler, after the drain) gets its callback as if it had closed them.
+    if (!closing) {
       closing = true;
-      setImmediate(closeServers);
+      closeServers();
     }
     checkSoon();
   }
@@ -485,14 +623,18 @@ function handDown(options, state) {
   function closeServers() {
     for (const server of servers) {
       if (!server.listening) continue;
-      server.once('close', checkSoon);
+      drainClosed.add(server);
+      server.once('close', () => {
+        closeDone.add(server);
+        checkSoon();
+      });
       try {
         server.close();
       } catch (_) {
         // Closed meanwhile.
       }
     }
-    maybeDone();
+    checkSoon();
   }
 
   // The drain's listener is not the app's: `process.listeners()` does not show it, so that
@@ -541,13 +683,47 @@ function handDown(options, state) {
     track(this);
     return listen.apply(this, args);
   };
+  // A server the drain closed: the app's own close() (http, https, http2 and tls servers all
+  // end in this one) waits for 'close' as it would have, instead of failing with
+  // ERR_SERVER_NOT_RUNNING (nitro exits with code 1 on that).
+  const close = net.Server.prototype.close;
+  net.Server.prototype.close = function corepoolClose(callback, ...rest) {
+    if (!drainClosed.has(this) || this._handle) return close.call(this, callback, ...rest);
+    if (typeof callback === 'function') {
+      if (closeDone.has(this)) process.nextTick(callback);
+      else this.once('close', () => callback());
+    }
+    return this;
+  };
   // While draining, the idle connections are closed after the grace, not at once.
   for (const Server of [http.Server, https.Server]) {
     const closeIdle = Server.prototype.closeIdleConnections;
     if (typeof closeIdle !== 'function') continue;
     Server.prototype.closeIdleConnections = function corepoolCloseIdle(...args) {
-      if (draining && servers.has(this)) return undefined;
+      if (draining && (servers.has(this) || drainClosed.has(this))) return undefined;
       return closeIdle.apply(this, args);
+    };
+  }
+  // The app's listeners for the stop signal are registered deferring (once() and
+  // prependOnceListener() come through on() and prependListener()).
+  for (const name of ['on', 'addListener', 'prependListener']) {
+    const original = process[name];
+    if (typeof original !== 'function') continue;
+    process[name] = function corepoolStopListener(type, listener, ...rest) {
+      if (type === signal && typeof listener === 'function' && listener !== onStop) {
+        return original.call(this, type, deferring(listener), ...rest);
+      }
+      return original.call(this, type, listener, ...rest);
+    };
+  }
+  for (const name of ['removeListener', 'off']) {
+    const original = process[name];
+    if (typeof original !== 'function') continue;
+    process[name] = function corepoolRemoveStopListener(type, listener, ...rest) {
+      if (type === signal && wrappers.has(listener)) {
+        return original.call(this, type, wrappers.get(listener), ...rest);
+      }
+      return original.call(this, type, listener, ...rest);
     };
   }
 })();

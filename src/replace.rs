@@ -89,7 +89,11 @@ impl Replacements {
             return;
         }
         let running = slots.running();
-        let mut batch = self.reload.next_batch(|| running);
+        let mut batch = self.reload.next_batch(|| running, slots.any_retiring());
+        if batch.is_empty() && self.reload.is_running() {
+            // The reload's last old workers are still being stopped.
+            return;
+        }
         let cause = if batch.is_empty() {
             batch = (0..self.batch)
                 .map_while(|_| self.memory.take_next())
@@ -140,6 +144,7 @@ impl Replacements {
         let Some((old, took)) = slots.promote(i, now) else {
             return;
         };
+        self.reload.took_over(pid);
         tracing::info!(
             "worker {}: replacement pid {pid} ready after {}; stopping old pid {old}",
             slots.worker(i).slot(),
@@ -179,6 +184,17 @@ impl Replacements {
                     human(timeout)
                 ),
             );
+        }
+    }
+
+    /// A slot's current process exited: if it took its slot in the reload under way, the new
+    /// code does not hold, and the reload stops (the slot restarts as after any exit).
+    pub fn current_exited(&mut self, pid: Pid, slot: usize, status: &dyn std::fmt::Display) {
+        if self.reload.is_new_worker(pid) {
+            self.reload.abort(&format!(
+                "the replacement of worker {slot} (pid {pid}) exited after it took over: \
+                 {status}"
+            ));
         }
     }
 

@@ -130,6 +130,11 @@ impl Slots {
             .collect()
     }
 
+    /// Whether an old process (replaced, or a replacement given up) is still being stopped.
+    pub fn any_retiring(&self) -> bool {
+        self.roles.values().any(|r| matches!(r, Role::Retiring(_)))
+    }
+
     pub fn any_replacing(&self) -> bool {
         self.workers.iter().any(|w| w.next().is_some())
     }

@@ -66,6 +66,8 @@ pub struct Supervisor {
     started_at: Instant,
     /// Some worker has served: been ready for `--min-uptime`. Until then `--fail-fast` holds.
     served: bool,
+    /// A `oneshot` pool of several: its workers finishing with 0 is its success, not a death.
+    oneshot: bool,
 }
 
 impl Supervisor {
@@ -84,8 +86,14 @@ impl Supervisor {
             launched_once: false,
             started_at: now,
             served: false,
+            oneshot: false,
             s,
         }
+    }
+
+    /// Marks the pool `oneshot` (for its log lines: finishing with 0 is what it is for).
+    pub fn set_oneshot(&mut self, oneshot: bool) {
+        self.oneshot = oneshot;
     }
 
     /// What is due at `now`: starts, readiness timeouts, the memory check, the reload's next
@@ -184,6 +192,7 @@ impl Supervisor {
             Some(Role::Current(i)) => i,
         };
         let slot = self.slots.worker(i).slot();
+        self.replacements.current_exited(pid, slot, &status);
         if self.slots.worker(i).next().is_some() && !self.shutdown.is_ending() {
             // The old process died during its reload: the replacement takes over at once.
             tracing::warn!(
@@ -195,7 +204,7 @@ impl Supervisor {
             return;
         }
         let was_stopping = matches!(self.slots.worker(i).state(), State::Stopping { .. });
-        if was_stopping || self.shutdown.is_ending() {
+        if was_stopping || self.shutdown.is_ending() || (self.oneshot && status.success()) {
             tracing::info!("worker {slot} (pid {pid}) exited: {status}");
         } else {
             tracing::warn!("worker {slot} (pid {pid}) exited: {status}");
@@ -242,7 +251,11 @@ impl Supervisor {
         }
         if !self.shutdown.is_ending() && self.slots.all_over() {
             let code = pool_death_code(status, rules.policy);
-            tracing::error!("every worker slot is finished: the pool is dead (exit {code})");
+            if self.oneshot && code == 0 {
+                tracing::info!("every worker slot finished with 0");
+            } else {
+                tracing::error!("every worker slot is finished: the pool is dead (exit {code})");
+            }
             self.begin_stop(Ending::PoolDied(code), now, os);
         }
     }
@@ -424,6 +437,26 @@ impl Supervisor {
     /// Reloads begun and memory replacements decided, for the metrics.
     pub fn counters(&self) -> (u64, u64) {
         self.replacements.counters()
+    }
+
+    /// Why the pool ends, once it does.
+    pub fn ending(&self) -> Option<Ending> {
+        self.shutdown.ending()
+    }
+
+    /// Another pool of the container died: stop this one as a stop signal would (no
+    /// shutdown delay; the container's exit code is the dead pool's).
+    pub fn stop_now(&mut self, why: &str, now: Instant, os: &mut dyn Os) {
+        if self.shutdown.is_ending() {
+            return;
+        }
+        tracing::info!(
+            "{why}: stopping {} workers with {}, kill timeout {}",
+            self.live_workers(),
+            self.s.stop_signal,
+            human(self.s.kill_timeout)
+        );
+        self.begin_stop(Ending::Stop(Signal::SIGTERM), now, os);
     }
 
     /// Who `pid` is, if it is one of the pool's processes.

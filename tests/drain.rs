@@ -271,3 +271,28 @@ fn keep_alive_reload_of_an_app_with_a_signal_exit_hook_loses_nothing() {
         );
     }
 }
+
+/// An app whose own graceful shutdown destroys idle keep-alive connections at once (Express
+/// with http-graceful-shutdown from the npm registry, the library nitro vendors as Nuxt's
+/// SIGTERM handler): the app's handler runs after the preload's drain, finds no connection
+/// left to destroy, and exits with code 0 as it means to (its close() of the server the drain
+/// closed does not fail). Without that order a reload lost 2-8 requests to resets here.
+#[test]
+fn keep_alive_reload_of_an_app_with_http_graceful_shutdown_loses_nothing() {
+    let app = fixture("tests/fixtures/express/build.sh", &[]);
+    let app = app.replace("/app.js", "/graceful-shutdown-app.js");
+    for mode in ["socket", "proxy"] {
+        let (outcome, stderr) =
+            reload_under_load(mode, Load::KeepAlive, false, &[], &["node", &app]);
+        let shutdowns = outcome
+            .stdout
+            .matches("graceful shutdown (SIGTERM)")
+            .count();
+        assert_lossless(mode, (outcome, stderr), "exit code 0");
+        // The app's own handler ran in each old worker, and in both at the stop.
+        assert_eq!(
+            shutdowns, 4,
+            "{mode}: the app's handler should run in each worker"
+        );
+    }
+}

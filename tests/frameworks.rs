@@ -10,9 +10,7 @@
 //! without a build step (Fastify, Koa, Hono, NestJS, `ws`, socket.io, an ES module server,
 //! Express) run in ./test.sh. The ones with a build step (Nuxt, Astro, React Router, SvelteKit,
 //! Next.js) are `#[ignore]`d to keep CI fast; run the whole matrix with
-//! `cargo test --test frameworks -- --include-ignored --skip known_failure`, and the case that
-//! fails today (Nuxt with nitro's own SIGTERM handler) with
-//! `cargo test --test frameworks -- --ignored known_failure`.
+//! `cargo test --test frameworks -- --include-ignored`.
 
 mod common;
 
@@ -301,20 +299,21 @@ fn es_module_with_top_level_await() {
     });
 }
 
-/// Nuxt as built. Fails: nitro's node-server sets up its own graceful shutdown on SIGTERM (a
-/// vendored http-graceful-shutdown) that destroys every idle keep-alive connection at once and
-/// every connection accepted after the signal, so clients that send on such a connection get
-/// ECONNRESET; the preload's drain cannot keep what the app itself destroys.
+/// Nuxt as built: nitro's node-server sets up its own graceful shutdown on SIGTERM (a vendored
+/// http-graceful-shutdown) that destroys every idle keep-alive connection at once and every
+/// connection accepted after the signal. The preload runs it after its drain (the servers
+/// closed, the keep-alive connections closed politely), so it finds nothing to destroy and
+/// exits with code 0. Run first, it lost 2-8 requests per reload to ECONNRESET.
 #[test]
-#[ignore = "nitro's own SIGTERM handler destroys idle keep-alive connections: resets in a reload, issue 10"]
-fn known_failure_nuxt_with_nitros_own_shutdown_handler() {
+#[ignore = "heavy build (npm ci + nuxi build); run: cargo test --test frameworks -- --include-ignored"]
+fn nuxt_with_nitros_own_shutdown_handler() {
     matrix(app("nuxt", &["node", ".output/server/index.mjs"]));
 }
 
 /// Nuxt with nitro's own shutdown handler turned off (`NITRO_SHUTDOWN_DISABLED=1`, nitro's
 /// documented switch): the preload drains it, and a reload loses nothing.
 #[test]
-#[ignore = "heavy build (npm ci + nuxi build); run: cargo test --test frameworks -- --include-ignored --skip known_failure"]
+#[ignore = "heavy build (npm ci + nuxi build); run: cargo test --test frameworks -- --include-ignored"]
 fn nuxt_without_nitros_shutdown_handler() {
     let mut app = app("nuxt", &["node", ".output/server/index.mjs"]);
     app.env.push(("NITRO_SHUTDOWN_DISABLED", "1"));
@@ -322,13 +321,13 @@ fn nuxt_without_nitros_shutdown_handler() {
 }
 
 #[test]
-#[ignore = "heavy build (npm ci + astro build); run: cargo test --test frameworks -- --include-ignored --skip known_failure"]
+#[ignore = "heavy build (npm ci + astro build); run: cargo test --test frameworks -- --include-ignored"]
 fn astro_node_standalone() {
     matrix(app("astro", &["node", "dist/server/entry.mjs"]));
 }
 
 #[test]
-#[ignore = "heavy build (npm ci + react-router build); run: cargo test --test frameworks -- --include-ignored --skip known_failure"]
+#[ignore = "heavy build (npm ci + react-router build); run: cargo test --test frameworks -- --include-ignored"]
 fn react_router_serve() {
     matrix(app(
         "react-router",
@@ -337,13 +336,13 @@ fn react_router_serve() {
 }
 
 #[test]
-#[ignore = "heavy build (npm ci + vite build, shared with tests/launchers.rs); run: cargo test --test frameworks -- --include-ignored --skip known_failure"]
+#[ignore = "heavy build (npm ci + vite build, shared with tests/launchers.rs); run: cargo test --test frameworks -- --include-ignored"]
 fn sveltekit_adapter_node() {
     matrix(app("sveltekit-node", &["node", "build"]));
 }
 
 #[test]
-#[ignore = "heavy build (npm ci + next build, shared with tests/nextjs.rs); run: cargo test --test frameworks -- --include-ignored --skip known_failure"]
+#[ignore = "heavy build (npm ci + next build, shared with tests/nextjs.rs); run: cargo test --test frameworks -- --include-ignored"]
 fn nextjs_standalone() {
     require("npm");
     let server = fixture("tests/fixtures/nextapp/build.sh", &[]);

@@ -279,6 +279,46 @@ fn a_reload_whose_replacement_never_gets_ready_keeps_the_old_workers() {
     }
 }
 
+/// A replacement that dies right after it took its slot (new code that crashes once it
+/// listens, as an app whose second listener fails) stops the reload, which does not claim to be
+/// complete: it completes only once the old workers it replaced have exited.
+#[test]
+fn a_replacement_that_dies_after_it_took_over_stops_the_reload() {
+    let dir = scratch("diesafter");
+    let marker = dir.join("new-code");
+    let server = dir.join("server.js");
+    // The old code takes 2 s to stop after the drain; the new code exits 300 ms after it
+    // listens (and is ready).
+    std::fs::write(
+        &server,
+        format!(
+            "const http = require('http');\n\
+             const s = http.createServer((q, r) => r.end(String(process.pid)));\n\
+             if (require('fs').existsSync({marker:?})) {{\n\
+               s.listen(Number(process.env.PORT), () => setTimeout(() => process.exit(1), 300));\n\
+             }} else {{\n\
+               s.listen(Number(process.env.PORT));\n\
+               process.on('SIGTERM', () => setTimeout(() => process.exit(0), 2000));\n\
+             }}\n"
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let run = socket_pool(1, port, &[], &["node", server.to_str().unwrap()], &[]);
+    run.wait_stderr(" ready (pid", 1, SECS(15));
+    std::fs::write(&marker, "").unwrap();
+    run.signal(libc::SIGHUP);
+    run.wait_stderr("rolling reload stopped", 1, SECS(15));
+    run.wait_stderr("exited after its replacement", 1, SECS(15));
+    let stderr = run.stderr();
+    assert!(
+        stderr.contains("the replacement of worker 0 (pid ")
+            && stderr.contains("exited after it took over: exit code 1"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("rolling reload complete"), "{stderr}");
+}
+
 /// SIGHUPs that arrive while a reload runs (new code deployed twice in a row) are one more
 /// whole reload after it, so no worker keeps code older than the last request.
 #[test]

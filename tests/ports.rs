@@ -323,3 +323,103 @@ fn a_listed_port_in_use_fails_at_once_with_code_3() {
     );
     assert!(!err.contains(" started, pid"), "no worker started: {err}");
 }
+
+const ADMIN_APP: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/adminport/server.js"
+);
+
+/// Two consecutive free ports on 127.0.0.1: the admin ports of instance 0 and 1.
+fn admin_base() -> u16 {
+    loop {
+        let base = free_port();
+        if base < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", base + 1)).is_ok() {
+            return base;
+        }
+    }
+}
+
+/// pm2's admin port of `base + NODE_APP_INSTANCE` (tests/fixtures/adminport): a reload's
+/// replacement has its predecessor's instance number, so the same admin port, which the
+/// predecessor holds until it is stopped. The replacement gets ready on the public port, the
+/// old worker is stopped, and then the replacement's admin listen completes: after the reload
+/// both admin ports answer from the new workers, with no restart.
+fn admin_port_survives_a_reload(node: &str, mode: &str) {
+    let (main, base) = (free_port(), admin_base());
+    let base_text = base.to_string();
+    let main_text = main.to_string();
+    let args = [
+        "-i",
+        "2",
+        "--balance",
+        mode,
+        "--host",
+        "127.0.0.1",
+        "-p",
+        &main_text,
+        "--",
+        node,
+        ADMIN_APP,
+    ];
+    let mut run = Run::start(&args, &[("ADMIN_BASE", base_text.as_str())]);
+    run.wait_stdout("admin listening", 2, SECS(20));
+    run.wait_stderr(" ready (pid", 2, SECS(20));
+    let pid_on = |port: u16| -> i64 {
+        let v = get_json(port).unwrap_or_else(|e| panic!("{mode}: admin port {port}: {e}"));
+        assert_eq!(v["name"], "admin");
+        v["pid"].as_i64().unwrap()
+    };
+    let old = [pid_on(base), pid_on(base + 1)];
+    run.signal(libc::SIGHUP);
+    run.wait_stderr("rolling reload complete", 1, SECS(40));
+    // The replacements' admin listens complete once their predecessors let go.
+    run.wait_stdout("admin listening", 4, SECS(20));
+    let stdout = run.stdout();
+    let stderr = run.stderr();
+    for (instance, port) in [(0, base), (1, base + 1)] {
+        let pid = pid_on(port);
+        assert_ne!(
+            pid, old[instance],
+            "{mode}: admin port {port} from the old worker"
+        );
+        assert!(
+            stdout.contains(&format!("admin listening on {port} (pid {pid})")),
+            "{mode}: admin port {port} answered by pid {pid}\n--- stdout:\n{stdout}"
+        );
+    }
+    assert!(!stderr.contains("is not shared"), "{mode}: {stderr}");
+    assert!(!stderr.contains("reload stopped"), "{mode}: {stderr}");
+    // Two workers and two replacements, nothing restarted.
+    assert_eq!(
+        started_pids(&stderr).len(),
+        4,
+        "{mode}: no restart: {stderr}"
+    );
+    run.signal(libc::SIGTERM);
+    let code = run.exit_code(SECS(20));
+    assert_eq!(code, 0, "{mode}: {}", run.stderr());
+}
+
+#[test]
+fn an_admin_port_of_base_plus_instance_survives_a_reload_in_socket_mode() {
+    // Node 20: no reusePort; the replacement waits for its predecessor to let go.
+    admin_port_survives_a_reload("node", "socket");
+}
+
+#[test]
+fn an_admin_port_of_base_plus_instance_survives_a_reload_in_proxy_mode() {
+    admin_port_survives_a_reload("node", "proxy");
+}
+
+#[test]
+fn an_admin_port_of_base_plus_instance_survives_a_reload_on_node_22() {
+    require("npm");
+    let cache = concat!(env!("CARGO_MANIFEST_DIR"), "/target/nodes");
+    let node = PathBuf::from(fixture(
+        "tests/fixtures/nodes/fetch.sh",
+        &["22.23.3", cache],
+    ));
+    for mode in ["socket", "proxy"] {
+        admin_port_survives_a_reload(node.to_str().unwrap(), mode);
+    }
+}

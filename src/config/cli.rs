@@ -22,7 +22,7 @@ pub fn command() -> Command {
         .after_help(
             "Subcommands, to the pool running in this container:\n  \
              corepool status [--json]   each worker: pid, state, uptime, restarts, RSS, CPU%\n  \
-             corepool reload            a rolling reload (as SIGHUP)\n  \
+             corepool reload [POOL]     a rolling reload (as SIGHUP), of one pool if named\n  \
              corepool health [--live] [ADDR]  exit 0 when the metrics endpoint answers /readyz \
              (/healthz with --live), else 1",
         )

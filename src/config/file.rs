@@ -21,8 +21,10 @@ const MAX_FILE_BYTES: u64 = 1 << 20;
 
 /// A TOML file read into raw values with their lines.
 pub struct ConfigFile {
-    path: String,
-    values: BTreeMap<String, (toml::Value, usize)>,
+    pub(super) path: String,
+    pub(super) values: BTreeMap<String, (toml::Value, usize)>,
+    /// `[pool.NAME]` tables, in the file's order: name, line, and the table's own values.
+    pub(super) pools: Vec<(String, usize, ConfigFile)>,
 }
 
 impl ConfigFile {
@@ -55,9 +57,14 @@ impl ConfigFile {
                 Fatal::usage(format!("{path}:{line}: invalid TOML: {message}"))
             })?;
         let mut values = BTreeMap::new();
+        let mut has_pools = false;
         for (raw_key, spanned) in table {
             let line = line_of(spanned.span().start);
             let key = raw_key.replace('-', "_");
+            if key == "pool" {
+                has_pools = true;
+                continue;
+            }
             let known = key == COMMAND || OPTIONS.iter().any(|o| o.key == key);
             if !known {
                 return Err(Fatal::usage(format!(
@@ -71,9 +78,15 @@ impl ConfigFile {
             }
             values.insert(key, (spanned.into_inner(), line));
         }
+        let pools = if has_pools {
+            super::pools::parse_pools(path, text)?
+        } else {
+            Vec::new()
+        };
         Ok(ConfigFile {
             path: path.to_string(),
             values,
+            pools,
         })
     }
 

@@ -13,6 +13,7 @@ mod cli;
 pub mod env;
 mod file;
 pub mod options;
+mod pools;
 mod resolve;
 mod validate;
 pub mod values;
@@ -21,6 +22,7 @@ pub use crate::worker::RestartPolicy;
 pub use cli::{COMMAND as COMMAND_ARG, command};
 pub use file::DEFAULT_FILE;
 pub use options::{OPTIONS, Opt, OptSpec, Scope};
+pub use pools::PoolConfig;
 pub use resolve::{from_file_text, load, resolve};
 pub use values::*;
 
@@ -119,6 +121,9 @@ pub struct Config {
     pub search_path: Option<OsString>,
     /// `--sticky ip`: a client address reaches the same slot while that slot is ready.
     pub sticky: bool,
+    /// `[pool.NAME]` tables (those `--only` selects), in the file's order; empty without tables,
+    /// when this configuration is the single pool's.
+    pub pools: Vec<PoolConfig>,
 }
 
 /// What `main` should do.
@@ -141,6 +146,12 @@ impl Config {
         }
         for warning in &self.unknown_env {
             out.push_str(&format!("# warning: {warning}\n"));
+        }
+        for pool in &self.pools {
+            out.push_str(&format!("\n[pool.{}]\n", pool.name));
+            for (key, value, source) in &pool.config.provenance {
+                out.push_str(&format!("{key} = {value}  # {source}\n"));
+            }
         }
         out
     }

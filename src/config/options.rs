@@ -521,6 +521,24 @@ pub const STICKY: Opt<bool> = Opt {
     render: render_sticky,
 };
 
+pub const ONLY: Opt<Option<Vec<String>>> = Opt {
+    spec: OptSpec {
+        key: "only",
+        long: "only",
+        short: None,
+        env: "COREPOOL_ONLY",
+        fallback_env: None,
+        switch: false,
+        value_name: "POOL[,POOL...]",
+        default: "all",
+        help: "With [pool.NAME] tables in the config file: run only these pools \
+               (pm2-runtime's --only)",
+        scope: Scope::Global,
+    },
+    parse: super::pools::parse_only,
+    render: super::pools::render_only,
+};
+
 /// Lists the options once: [`OPTIONS`] for clap, the file and the README test, and a test hook
 /// that checks every declaration with its own type.
 macro_rules! options {
@@ -564,6 +582,7 @@ options![
     IDLE_TIMEOUT,
     READY_ON,
     STICKY,
+    ONLY,
 ];
 
 #[cfg(test)]

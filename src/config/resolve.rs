@@ -26,16 +26,23 @@ impl Sources {
 }
 
 /// Resolves raw values to typed ones, recording where each came from.
-struct Resolver<'a> {
-    matches: &'a ArgMatches,
-    file: Option<&'a ConfigFile>,
-    provenance: Vec<(String, String, String)>,
-    sources: Sources,
+pub(super) struct Resolver<'a> {
+    pub(super) matches: &'a ArgMatches,
+    pub(super) file: Option<&'a ConfigFile>,
+    /// A `[pool.NAME]` table: its keys beat flags, variables and the top level.
+    pub(super) pool: Option<&'a ConfigFile>,
+    pub(super) provenance: Vec<(String, String, String)>,
+    pub(super) sources: Sources,
 }
 
 impl Resolver<'_> {
     /// The raw text of an option and its source, by precedence.
-    fn raw(&self, spec: &OptSpec) -> Result<(String, Source), Fatal> {
+    pub(super) fn raw(&self, spec: &OptSpec) -> Result<(String, Source), Fatal> {
+        if let Some(pool) = self.pool
+            && let Some(found) = pool.scalar(spec.key)?
+        {
+            return Ok(found);
+        }
         if let Some(value) = self.matches.get_one::<OsString>(spec.key) {
             let source = match self.matches.value_source(spec.key) {
                 Some(ValueSource::EnvVariable) => Source::Env(spec.env.to_string()),
@@ -60,7 +67,7 @@ impl Resolver<'_> {
 
     /// Reads one option through its declaration: its parser, and its renderer for
     /// `--print-config`.
-    fn get<T>(&mut self, opt: &Opt<T>) -> Result<T, Fatal> {
+    pub(super) fn get<T>(&mut self, opt: &Opt<T>) -> Result<T, Fatal> {
         let key = opt.spec.key;
         let (text, source) = self.raw(&opt.spec)?;
         if text.trim().is_empty() {
@@ -97,6 +104,9 @@ pub fn load(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, Fata
     let config = resolve(&matches, cgroup::cpu_report())?;
     if matches.get_flag(cli::PRINT_CONFIG) {
         Ok(Invocation::PrintConfig(config))
+    } else if !config.pools.is_empty() {
+        // Each pool's command was checked as it was resolved.
+        Ok(Invocation::Run(config))
     } else if config.command.is_empty() {
         Err(Fatal::usage(
             "no command to run: give one after -- (corepool -- node server.js) or set command in corepool.toml",
@@ -117,7 +127,7 @@ pub fn load(args: impl IntoIterator<Item = OsString>) -> Result<Invocation, Fata
 /// Builds the configuration from parsed arguments and the CPU report.
 pub fn resolve(matches: &ArgMatches, cpu: CpuReport) -> Result<Config, Fatal> {
     let file = find_file(matches)?;
-    resolve_from(matches, file, cpu)
+    super::pools::resolve_from(matches, file, cpu)
 }
 
 /// The configuration a file's text gives, defaults and environment aside from flags: the whole
@@ -127,14 +137,22 @@ pub fn from_file_text(path: &str, text: &str, cpu: CpuReport) -> Result<Config, 
     let matches = cli::command()
         .try_get_matches_from(["corepool"])
         .map_err(|e| Fatal::usage(e.to_string()))?;
-    resolve_from(&matches, Some(file), cpu)
+    super::pools::resolve_from(&matches, Some(file), cpu)
 }
 
-/// The worker's argv from the command line, else the file, and how to show where it came from.
+/// The worker's argv from a pool's table, else the command line, else the file, and how to
+/// show where it came from.
 fn worker_command(
     matches: &ArgMatches,
     file: Option<&ConfigFile>,
+    pool: Option<&ConfigFile>,
 ) -> Result<(Vec<OsString>, String), Fatal> {
+    if let Some((argv, source)) = pool.map(ConfigFile::command).transpose()?.flatten() {
+        return Ok((
+            argv.into_iter().map(OsString::from).collect(),
+            source.to_string(),
+        ));
+    }
     if let Some(args) = matches.get_many::<OsString>(cli::COMMAND) {
         return Ok((args.cloned().collect(), "command line".to_string()));
     }
@@ -147,19 +165,23 @@ fn worker_command(
     })
 }
 
-fn resolve_from(
+/// One configuration: the whole one of a single pool, the top level's, or (`pool`: its table)
+/// one pool's.
+pub(super) fn resolve_one(
     matches: &ArgMatches,
-    file: Option<ConfigFile>,
+    file: Option<&ConfigFile>,
+    pool: Option<&ConfigFile>,
     cpu: CpuReport,
 ) -> Result<Config, Fatal> {
     let mut r = Resolver {
         matches,
-        file: file.as_ref(),
+        file,
+        pool,
         provenance: Vec::new(),
         sources: Sources::default(),
     };
 
-    let (command, command_source) = worker_command(matches, file.as_ref())?;
+    let (command, command_source) = worker_command(matches, file, pool)?;
     // TOML has no bytes: an argument that is not UTF-8 is shown with U+FFFD here only.
     let rendered: Vec<String> = command
         .iter()
@@ -258,6 +280,7 @@ fn resolve_from(
         node_options: env::node_options(),
         search_path: env::path(),
         sticky,
+        pools: Vec::new(),
     };
     validate::check(&config, &r.sources)?;
     Ok(config)

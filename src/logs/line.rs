@@ -19,6 +19,8 @@ pub(super) struct WorkerLine<'a> {
     /// JSON only: the timestamp and the worker's text as a message or as an object's members.
     ts: String,
     body: Body<'a>,
+    /// The worker's pool, when the container runs several (else empty: not shown).
+    pool: &'a str,
 }
 
 enum Body<'a> {
@@ -52,7 +54,14 @@ impl<'a> WorkerLine<'a> {
             piece,
             ts,
             body,
+            pool: "",
         }
+    }
+
+    /// The line of a worker of pool `pool` (empty: no pool shown).
+    pub(super) fn in_pool(mut self, pool: &'a str) -> WorkerLine<'a> {
+        self.pool = pool;
+        self
     }
 
     /// Bytes the line will take, newline included.
@@ -80,7 +89,11 @@ impl<'a> WorkerLine<'a> {
         match &self.body {
             Body::Bytes => {
                 if self.format == LogFormat::Prefix {
-                    write!(out, "[{}:{}] ", self.slot, self.pid)?;
+                    if self.pool.is_empty() {
+                        write!(out, "[{}:{}] ", self.slot, self.pid)?;
+                    } else {
+                        write!(out, "[{}/{}:{}] ", self.pool, self.slot, self.pid)?;
+                    }
                 }
                 out.write_all(&self.piece.bytes)?;
                 if self.piece.split {
@@ -111,6 +124,10 @@ impl<'a> WorkerLine<'a> {
     fn write_ours(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
         out.write_all(b"{\"ts\":")?;
         serde_json::to_writer(&mut *out, &self.ts)?;
+        if !self.pool.is_empty() {
+            out.write_all(b",\"pool\":")?;
+            serde_json::to_writer(&mut *out, self.pool)?;
+        }
         write!(
             out,
             ",\"worker\":{},\"pid\":{},\"stream\":\"{}\"",

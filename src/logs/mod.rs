@@ -158,6 +158,19 @@ impl Output {
 
     /// Starts a pump for one of a worker's output pipes.
     pub fn pump(&self, pipe: OwnedFd, stream: Stream, slot: usize, pid: i32) -> PumpHandle {
+        self.pump_in("", pipe, stream, slot, pid)
+    }
+
+    /// `pump` for a worker of the pool named `pool` (several pools in one container): its
+    /// lines name the pool (`[web/0:pid]`, `"pool":"web"`).
+    pub fn pump_in(
+        &self,
+        pool: &str,
+        pipe: OwnedFd,
+        stream: Stream,
+        slot: usize,
+        pid: i32,
+    ) -> PumpHandle {
         let sink = match stream {
             Stream::Stdout => self.stdout.clone(),
             Stream::Stderr => self.stderr.clone(),
@@ -167,6 +180,7 @@ impl Output {
             stream,
             slot,
             pid,
+            pool: pool.to_string(),
         });
         PumpHandle(tokio::spawn(pump(pipe, origin, sink)))
     }

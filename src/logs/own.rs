@@ -66,10 +66,46 @@ impl EventLayer {
     }
 }
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for EventLayer {
-    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+/// The name of the pool a `pool` span speaks for (several pools in one container).
+struct PoolName(String);
+
+impl<S> tracing_subscriber::Layer<S> for EventLayer
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: Context<'_, S>,
+    ) {
+        if attrs.metadata().name() != "pool" {
+            return;
+        }
+        let mut fields = Fields::default();
+        attrs.record(&mut fields);
+        if let Some((_, name)) = fields.pairs.into_iter().find(|(k, _)| k == "pool")
+            && let Some(span) = ctx.span(id)
+        {
+            span.extensions_mut().insert(PoolName(name));
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
         let mut fields = Fields::default();
         event.record(&mut fields);
+        // Said inside a pool's span: the line names the pool.
+        let pool = ctx.event_scope(event).and_then(|scope| {
+            scope
+                .from_root()
+                .find_map(|span| span.extensions().get::<PoolName>().map(|p| p.0.clone()))
+        });
+        if let Some(pool) = pool {
+            match self.format {
+                LogFormat::Json => fields.pairs.insert(0, ("pool".into(), pool)),
+                _ => fields.message = format!("pool {pool}: {}", fields.message),
+            }
+        }
         let line = self.own_line(event.metadata().level(), fields);
         let Some(queue) = self.queue.upgrade() else {
             return;

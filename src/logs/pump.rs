@@ -15,6 +15,8 @@ pub(super) struct Origin {
     pub(super) stream: Stream,
     pub(super) slot: usize,
     pub(super) pid: i32,
+    /// The worker's pool, when the container runs several (else empty).
+    pub(super) pool: String,
 }
 
 pub(super) async fn pump(pipe: OwnedFd, origin: Arc<Origin>, sink: Sink) {
@@ -69,7 +71,8 @@ async fn forward(origin: &Origin, piece: &Piece, sink: &Sink) -> bool {
         origin.stream,
         piece,
         SystemTime::now(),
-    );
+    )
+    .in_pool(&origin.pool);
     let len = line.len();
     let Ok(charge) = sink
         .budget

@@ -222,3 +222,23 @@ fn dates() {
     let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
     assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
 }
+
+#[test]
+fn a_pool_is_named_in_its_workers_lines() {
+    let hi = piece("hi");
+    let line =
+        WorkerLine::new(LogFormat::Prefix, 1, 42, Stream::Stdout, &hi, UNIX_EPOCH).in_pool("web");
+    assert_eq!(line.to_bytes(line.len()), b"[web/1:42] hi\n");
+    for text in ["plain", "{\"level\":\"info\"}"] {
+        let p = piece(text);
+        let line =
+            WorkerLine::new(LogFormat::Json, 1, 42, Stream::Stdout, &p, UNIX_EPOCH).in_pool("web");
+        let bytes = line.to_bytes(line.len());
+        assert_eq!(bytes.len(), line.len());
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            (v["pool"].as_str(), v["worker"].as_u64()),
+            (Some("web"), Some(1))
+        );
+    }
+}

@@ -67,6 +67,35 @@ pub struct Snapshot {
     pub connections_total: Option<u64>,
     /// Proxy mode: `--max-connections`, and the times the accept loop stopped at it.
     pub connection_limit: Option<(usize, u64)>,
+    /// Several pools (`[pool.NAME]`): each, in order, owning the next `slots` of `slots`.
+    /// Empty for the single unnamed pool (no `pool` label anywhere).
+    pub pools: Vec<PoolView>,
+}
+
+/// One pool of several, as reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolView {
+    pub name: String,
+    pub balance: &'static str,
+    /// waiting, running, stopping, finished (a oneshot pool done with 0), done.
+    pub state: &'static str,
+    /// How many of the snapshot's slots are this pool's (they follow the previous pool's).
+    pub slots: usize,
+    pub min_ready: usize,
+}
+
+impl Snapshot {
+    /// Each slot with the name of its pool ("" for the single unnamed pool).
+    pub fn slots_by_pool(&self) -> Vec<(&str, &SlotView)> {
+        if self.pools.is_empty() {
+            return self.slots.iter().map(|s| ("", s)).collect();
+        }
+        let names = self
+            .pools
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.name.as_str(), p.slots));
+        names.zip(&self.slots).collect()
+    }
 }
 
 /// Usage of some process groups, and when it was read.
@@ -95,6 +124,7 @@ impl Shared {
                 open_connections: None,
                 connections_total: None,
                 connection_limit: None,
+                pools: Vec::new(),
             }),
             usage: Mutex::new(None),
             balance,
@@ -146,14 +176,20 @@ impl Shared {
         self.snapshot().heartbeat.elapsed() < HEARTBEAT_LIMIT
     }
 
-    /// Enough workers are ready, no stop is under way and the port is the pool's alone.
+    /// Enough workers are ready, no stop is under way and the port is the pool's alone. With
+    /// several pools: each has its `min_ready` ready, but a oneshot pool that finished.
     pub fn ready(&self) -> bool {
         let snap = self.snapshot();
-        let ready = snap.slots.iter().filter(|s| s.ready).count();
-        !snap.stopping
-            && ready >= self.min_ready.max(1)
-            && self.healthy()
-            && self.port_taken().is_none()
+        let enough = if snap.pools.is_empty() {
+            snap.slots.iter().filter(|s| s.ready).count() >= self.min_ready.max(1)
+        } else {
+            let mut slots = snap.slots.iter();
+            snap.pools.iter().all(|p| {
+                let ready = slots.by_ref().take(p.slots).filter(|s| s.ready).count();
+                p.state == "finished" || ready >= p.min_ready.max(1)
+            })
+        };
+        !snap.stopping && enough && self.healthy() && self.port_taken().is_none()
     }
 }
 
@@ -234,27 +270,72 @@ pub fn render(shared: &Shared) -> String {
     ]))
     .set(1);
     registry.register("info", "corepool version and balance mode", info);
+    if !snap.pools.is_empty() {
+        let pools = Family::<Labels, Gauge>::default();
+        for p in &snap.pools {
+            pools
+                .get_or_create(&labels(&[
+                    ("pool", p.name.clone()),
+                    ("balance", p.balance.to_string()),
+                    ("state", p.state.to_string()),
+                ]))
+                .set(1);
+        }
+        registry.register("pool_info", "Each pool, its balance mode and state", pools);
+    }
 
+    // Several pools: every worker series gets a `pool` label (none for a single pool).
+    let by_pool = snap.slots_by_pool();
+    let names: Vec<&str> = if snap.pools.is_empty() {
+        vec![""]
+    } else {
+        snap.pools.iter().map(|p| p.name.as_str()).collect()
+    };
+    let with_pool = |pool: &str, mut pairs: Vec<(&str, String)>| {
+        if !pool.is_empty() {
+            pairs.insert(0, ("pool", pool.to_string()));
+        }
+        labels(&pairs)
+    };
     let states = Family::<Labels, Gauge>::default();
-    for state in ["waiting", "running", "stopping", "done", "given-up"] {
-        let n = snap.slots.iter().filter(|s| s.state == state).count();
-        states
-            .get_or_create(&labels(&[("state", state.to_string())]))
-            .set(n as i64);
+    for &pool in &names {
+        for state in ["waiting", "running", "stopping", "done", "given-up"] {
+            let n = by_pool
+                .iter()
+                .filter(|(p, s)| *p == pool && s.state == state)
+                .count();
+            states
+                .get_or_create(&with_pool(pool, vec![("state", state.to_string())]))
+                .set(n as i64);
+        }
     }
     registry.register("workers", "Worker slots by state", states);
 
-    let ready = Gauge::<i64>::default();
-    ready.set(snap.slots.iter().filter(|s| s.ready).count() as i64);
-    registry.register("workers_ready", "Workers accepting connections", ready);
+    if snap.pools.is_empty() {
+        let ready = Gauge::<i64>::default();
+        ready.set(snap.slots.iter().filter(|s| s.ready).count() as i64);
+        registry.register("workers_ready", "Workers accepting connections", ready);
+    } else {
+        let ready = Family::<Labels, Gauge>::default();
+        for &pool in &names {
+            let n = by_pool
+                .iter()
+                .filter(|(p, s)| *p == pool && s.ready)
+                .count();
+            ready
+                .get_or_create(&with_pool(pool, Vec::new()))
+                .set(n as i64);
+        }
+        registry.register("workers_ready", "Workers accepting connections", ready);
+    }
 
     let restarts = Family::<Labels, Counter>::default();
     let rss = Family::<Labels, Gauge<f64, AtomicU64>>::default();
     let cpu = Family::<Labels, Counter<f64, AtomicU64>>::default();
     let groups: Vec<i32> = snap.slots.iter().filter_map(|s| s.pid).collect();
     let usage = shared.cached_usage(&groups);
-    for s in &snap.slots {
-        let slot = labels(&[("slot", s.slot.to_string())]);
+    for (pool, s) in &by_pool {
+        let slot = with_pool(pool, vec![("slot", s.slot.to_string())]);
         restarts.get_or_create(&slot).inc_by(s.restarts);
         if let Some(u) = s.pid.and_then(|p| usage.get(&p)) {
             rss.get_or_create(&slot).set(u.rss_bytes as f64);
