@@ -39,6 +39,7 @@ fn settings(instances: usize, policy: RestartPolicy) -> Settings {
         handoff: Duration::ZERO,
         not_ready_hint: "test",
         program: "app".into(),
+        start_concurrency: 0,
     }
 }
 

@@ -106,6 +106,7 @@ fn settings(config: &Config, launch: &LaunchSpec, balancer: &Balancer) -> Settin
         handoff: if proxy { PROXY_HANDOFF } else { Duration::ZERO },
         not_ready_hint,
         program: launch.program.display().to_string(),
+        start_concurrency: config.start_concurrency,
     }
 }
 

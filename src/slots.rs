@@ -159,10 +159,29 @@ impl Slots {
             .collect()
     }
 
-    /// Starts due, and when each unready process (current or replacement) runs out of
-    /// `timeout`.
-    pub fn deadlines(&self, timeout: Duration) -> impl Iterator<Item = Instant> + '_ {
-        let starts = self.workers.iter().filter_map(Worker::due);
+    /// Processes spawned and not ready yet: current ones, and replacements.
+    pub fn unready(&self) -> usize {
+        self.workers
+            .iter()
+            .map(|w| {
+                usize::from(matches!(w.state(), State::Running { ready: false, .. }))
+                    + usize::from(w.next().is_some())
+            })
+            .sum()
+    }
+
+    /// Starts due (only when `can_start`: a queued start waits for news, not the clock), and
+    /// when each unready process (current or replacement) runs out of `timeout`.
+    pub fn deadlines(
+        &self,
+        timeout: Duration,
+        can_start: bool,
+    ) -> impl Iterator<Item = Instant> + '_ {
+        let starts = self
+            .workers
+            .iter()
+            .filter(move |_| can_start)
+            .filter_map(Worker::due);
         let readiness = self.workers.iter().flat_map(move |w| {
             let current = match w.state() {
                 State::Running {
@@ -185,6 +204,8 @@ impl Slots {
             .iter()
             .map(|w| {
                 let (state, uptime) = match w.state() {
+                    // Its time came, but --start-concurrency holds it back.
+                    State::Waiting { at } if at <= now && !ending => ("queued", None),
                     State::Waiting { .. } => ("waiting", None),
                     State::Running { since, .. } => {
                         ("running", Some(now.saturating_duration_since(since)))

@@ -49,6 +49,9 @@ pub struct Settings {
     pub not_ready_hint: &'static str,
     /// The program, for messages.
     pub program: String,
+    /// Workers spawned but not yet ready at once (`--start-concurrency`; 0: no bound). The
+    /// other due starts queue, and each one's --ready-timeout counts from its actual spawn.
+    pub start_concurrency: usize,
 }
 
 /// The core's whole state.
@@ -68,6 +71,9 @@ pub struct Supervisor {
     served: bool,
     /// A `oneshot` pool of several: its workers finishing with 0 is its success, not a death.
     oneshot: bool,
+    /// The queue length last logged (0 once the queue is empty), so that the queue is told
+    /// once, not at every turn.
+    queue_logged: usize,
 }
 
 impl Supervisor {
@@ -87,6 +93,7 @@ impl Supervisor {
             started_at: now,
             served: false,
             oneshot: false,
+            queue_logged: 0,
             s,
         }
     }
@@ -118,13 +125,56 @@ impl Supervisor {
         self.drains.escalate(os, now, self.shutdown.is_ending());
     }
 
+    /// Starts the slots whose time has come, while fewer than `--start-concurrency` workers
+    /// are spawned and not yet ready (the rest stay queued, earliest due first, and start as
+    /// others become ready or exit).
     fn start_due(&mut self, now: Instant, os: &mut dyn Os) {
-        for i in 0..self.slots.len() {
-            if !self.shutdown.is_ending() && self.slots.worker(i).due().is_some_and(|at| at <= now)
-            {
-                self.start(i, now, os);
+        if self.shutdown.is_ending() {
+            return;
+        }
+        let mut due: Vec<(Instant, usize)> = (0..self.slots.len())
+            .filter_map(|i| Some((self.slots.worker(i).due()?, i)))
+            .filter(|&(at, _)| at <= now)
+            .collect();
+        due.sort_unstable();
+        let mut room = self.start_room();
+        let total = due.len();
+        for (n, &(_, i)) in due.iter().enumerate() {
+            if room == 0 {
+                self.log_queue(total - n);
+                return;
+            }
+            if self.shutdown.is_ending() {
+                return;
+            }
+            self.start(i, now, os);
+            if self.slots.worker(i).pid().is_some() && self.s.needs_ready {
+                room -= 1;
             }
         }
+        self.queue_logged = 0;
+    }
+
+    /// How many more workers may be spawned now (`usize::MAX`: no bound).
+    fn start_room(&self) -> usize {
+        if self.s.start_concurrency == 0 || !self.s.needs_ready {
+            return usize::MAX;
+        }
+        self.s
+            .start_concurrency
+            .saturating_sub(self.slots.unready())
+    }
+
+    /// Says once how many due workers wait for a start, and again when the queue grows.
+    fn log_queue(&mut self, queued: usize) {
+        if queued > self.queue_logged {
+            tracing::info!(
+                "{queued} workers queued: at most {} start at once (--start-concurrency); each \
+                 starts as another becomes ready or exits",
+                self.s.start_concurrency
+            );
+        }
+        self.queue_logged = queued;
     }
 
     fn start(&mut self, i: usize, now: Instant, os: &mut dyn Os) {
@@ -420,7 +470,10 @@ impl Supervisor {
         poll.into_iter()
             .chain(self.drains.next_deadline())
             .chain(self.shutdown.next_deadline())
-            .chain(self.slots.deadlines(self.s.ready_timeout))
+            .chain(
+                self.slots
+                    .deadlines(self.s.ready_timeout, self.start_room() > 0),
+            )
             .min()
     }
 

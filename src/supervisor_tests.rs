@@ -40,6 +40,7 @@ fn settings(instances: usize) -> Settings {
         handoff: Duration::ZERO,
         not_ready_hint: "test",
         program: "app".into(),
+        start_concurrency: 0,
     }
 }
 
@@ -300,4 +301,101 @@ fn forwarded_signals_reach_every_live_group() {
     to.sort_by_key(|t| format!("{t}"));
     let groups = [101, 102, 103].map(|n| Target::Group(pid(n)));
     assert_eq!(to, groups.to_vec());
+}
+
+/// Slots whose process is spawned and not ready, in the reporters' view.
+fn unready(r: &Rig) -> usize {
+    r.core
+        .slots(r.t0)
+        .iter()
+        .filter(|s| s.pid.is_some() && !s.ready)
+        .count()
+}
+
+#[test]
+fn a_large_pool_starts_at_most_k_workers_at_once() {
+    let mut s = settings(64);
+    s.start_concurrency = 4;
+    s.ready_timeout = ms(1000);
+    let mut r = Rig::new(s);
+    r.turn(0);
+    assert_eq!(r.os.spawned.len(), 4);
+    assert_eq!(r.states().iter().filter(|&&s| s == "queued").count(), 60);
+    // A full queue waits for news, not the clock: the next deadline is a readiness timeout.
+    assert_eq!(r.core.next_deadline(r.at(0)), Some(r.at(1000)));
+    let mut t = 0;
+    while r.os.spawned.len() < 64 || unready(&r) > 0 {
+        t += 10;
+        assert!(t < 10_000, "the pool never finished starting");
+        // The oldest unready worker becomes ready, then the loop turns.
+        let next = r
+            .os
+            .spawned
+            .iter()
+            .map(|&(_, p)| p)
+            .find(|&p| r.core.slots(r.t0).iter().any(|s| s.pid == Some(p.as_raw()) && !s.ready));
+        if let Some(p) = next {
+            r.ready(p.as_raw(), t);
+        }
+        r.turn(t);
+        assert!(unready(&r) <= 4, "{} unready at {t}", unready(&r));
+    }
+    assert_eq!(r.os.spawned.len(), 64);
+    assert!(r.core.slots(r.t0).iter().all(|s| s.ready));
+    assert!(r.os.sent.is_empty(), "no worker was restarted");
+}
+
+#[test]
+fn a_queued_worker_times_out_from_its_own_spawn() {
+    let mut s = settings(2);
+    s.start_concurrency = 1;
+    let mut r = Rig::new(s);
+    r.turn(0);
+    assert_eq!(r.pids(), vec![Some(101), None]);
+    assert_eq!(r.states(), vec!["running", "queued"]);
+    r.ready(101, 400);
+    r.turn(400);
+    assert_eq!(r.pids(), vec![Some(101), Some(102)]);
+    // 500 ms after the pool started, but only 200 ms after its spawn: not restarted.
+    r.turn(600);
+    assert!(r.os.signals_to(Target::Group(pid(102))).is_empty());
+    assert_eq!(r.core.next_deadline(r.at(600)), Some(r.at(900)));
+    r.turn(900);
+    assert_eq!(r.os.signals_to(Target::Group(pid(102))), vec![TERM]);
+}
+
+#[test]
+fn restarts_after_backoff_wait_their_turn() {
+    let mut s = settings(3);
+    s.start_concurrency = 2;
+    let mut r = Rig::new(s);
+    r.turn(0);
+    assert_eq!(r.pids(), vec![Some(101), Some(102), None]);
+    // Slot 0 crashes before it is ready: slot 2 takes its place in the start window.
+    r.os.exit(pid(101), ExitStatus::Code(1));
+    r.turn(10);
+    assert_eq!(r.pids(), vec![None, Some(102), Some(103)]);
+    // Slot 0's backoff is over, but two workers are still starting: it queues.
+    r.turn(110);
+    let states: Vec<_> = r.core.slots(r.at(110)).iter().map(|s| s.state).collect();
+    assert_eq!(states, vec!["queued", "running", "running"]);
+    r.ready(102, 150);
+    r.turn(150);
+    assert_eq!(r.pids(), vec![Some(104), Some(102), Some(103)]);
+}
+
+#[test]
+fn a_pool_within_the_bound_starts_at_once() {
+    let mut s = settings(4);
+    s.start_concurrency = 4;
+    let mut r = Rig::new(s);
+    r.turn(0);
+    assert_eq!(r.os.spawned.len(), 4);
+    // Without readiness to wait for, no bound applies at all.
+    let mut s = settings(16);
+    s.start_concurrency = 4;
+    s.needs_ready = false;
+    let mut r = Rig::new(s);
+    r.turn(0);
+    assert_eq!(r.os.spawned.len(), 16);
 }

@@ -124,6 +124,8 @@ pub struct Config {
     /// `[pool.NAME]` tables (those `--only` selects), in the file's order; empty without tables,
     /// when this configuration is the single pool's.
     pub pools: Vec<PoolConfig>,
+    /// `--start-concurrency`: workers spawned but not yet ready at once (0: no bound).
+    pub start_concurrency: usize,
 }
 
 /// What `main` should do.

@@ -539,6 +539,24 @@ pub const ONLY: Opt<Option<Vec<String>>> = Opt {
     render: super::pools::render_only,
 };
 
+pub const START_CONCURRENCY: Opt<Option<usize>> = Opt {
+    spec: OptSpec {
+        key: "start_concurrency",
+        long: "start-concurrency",
+        short: None,
+        env: "COREPOOL_START_CONCURRENCY",
+        fallback_env: None,
+        switch: false,
+        value_name: "N|auto",
+        default: "auto",
+        help: "Workers started but not yet ready at once; the others queue (first start, \
+                   restarts). auto: max(4, 2 x usable CPUs); 0: no bound",
+        scope: Scope::Pool,
+    },
+    parse: parse_start_concurrency,
+    render: render_start_concurrency,
+};
+
 /// Lists the options once: [`OPTIONS`] for clap, the file and the README test, and a test hook
 /// that checks every declaration with its own type.
 macro_rules! options {
@@ -583,6 +601,7 @@ options![
     READY_ON,
     STICKY,
     ONLY,
+    START_CONCURRENCY,
 ];
 
 #[cfg(test)]

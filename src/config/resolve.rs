@@ -237,6 +237,9 @@ pub(super) fn resolve_one(
     let idle_timeout = r.get(&IDLE_TIMEOUT)?;
     let ready_on = r.get(&READY_ON)?;
     let sticky = r.get(&STICKY)?;
+    let start_concurrency = r
+        .get(&START_CONCURRENCY)?
+        .unwrap_or_else(|| auto_start_concurrency(cpu.usable));
 
     let Some(&port) = ports.first() else {
         return Err(Fatal::usage(format!(
@@ -281,7 +284,14 @@ pub(super) fn resolve_one(
         search_path: env::path(),
         sticky,
         pools: Vec::new(),
+        start_concurrency,
     };
     validate::check(&config, &r.sources)?;
     Ok(config)
+}
+
+/// `--start-concurrency auto`: enough starts at once to keep every usable CPU busy (a start is
+/// not all CPU), few enough that a loaded machine brings each one up within --ready-timeout.
+pub fn auto_start_concurrency(usable_cpus: usize) -> usize {
+    usable_cpus.saturating_mul(2).max(4)
 }

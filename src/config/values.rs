@@ -214,6 +214,20 @@ pub fn parse_max_connections(text: &str) -> Result<Option<usize>, String> {
     }
 }
 
+/// `auto` (None) or a count of workers starting at once (`0`: no bound).
+pub fn parse_start_concurrency(text: &str) -> Result<Option<usize>, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("auto") {
+        return Ok(None);
+    }
+    match t.parse::<usize>() {
+        Ok(n) if n <= 100_000 => Ok(Some(n)),
+        _ => Err(format!(
+            "'{t}' is not a start concurrency (auto, 0 for no bound, or 1 to 100000)"
+        )),
+    }
+}
+
 /// `off` or `0` (never), or a duration.
 pub fn parse_idle_timeout(text: &str) -> Result<Option<Duration>, String> {
     let t = text.trim();
@@ -322,6 +336,10 @@ pub fn render_user(u: &Option<RunAs>) -> String {
 }
 
 pub fn render_max_connections(m: &Option<usize>) -> String {
+    m.map(|n| n.to_string()).unwrap_or_else(|| quoted("auto"))
+}
+
+pub fn render_start_concurrency(m: &Option<usize>) -> String {
     m.map(|n| n.to_string()).unwrap_or_else(|| quoted("auto"))
 }
 
