@@ -71,8 +71,8 @@ pub struct Supervisor {
     served: bool,
     /// A `oneshot` pool of several: its workers finishing with 0 is its success, not a death.
     oneshot: bool,
-    /// The queue length last logged (0 once the queue is empty), so that the queue is told
-    /// once, not at every turn.
+    /// The queue length at the last turn (0 once it is empty), so that a queue is told once,
+    /// not at every turn.
     queue_logged: usize,
 }
 
@@ -165,9 +165,9 @@ impl Supervisor {
             .saturating_sub(self.slots.unready())
     }
 
-    /// Says once how many due workers wait for a start, and again when the queue grows.
+    /// Says how many due workers wait for a start, once each time a queue forms.
     fn log_queue(&mut self, queued: usize) {
-        if queued > self.queue_logged {
+        if self.queue_logged == 0 {
             tracing::info!(
                 "{queued} workers queued: at most {} start at once (--start-concurrency); each \
                  starts as another becomes ready or exits",

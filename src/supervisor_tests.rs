@@ -328,12 +328,12 @@ fn a_large_pool_starts_at_most_k_workers_at_once() {
         t += 10;
         assert!(t < 10_000, "the pool never finished starting");
         // The oldest unready worker becomes ready, then the loop turns.
-        let next = r
-            .os
-            .spawned
-            .iter()
-            .map(|&(_, p)| p)
-            .find(|&p| r.core.slots(r.t0).iter().any(|s| s.pid == Some(p.as_raw()) && !s.ready));
+        let next = r.os.spawned.iter().map(|&(_, p)| p).find(|&p| {
+            r.core
+                .slots(r.t0)
+                .iter()
+                .any(|s| s.pid == Some(p.as_raw()) && !s.ready)
+        });
         if let Some(p) = next {
             r.ready(p.as_raw(), t);
         }

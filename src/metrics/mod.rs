@@ -299,7 +299,9 @@ pub fn render(shared: &Shared) -> String {
     };
     let states = Family::<Labels, Gauge>::default();
     for &pool in &names {
-        for state in ["waiting", "queued", "running", "stopping", "done", "given-up"] {
+        for state in [
+            "waiting", "queued", "running", "stopping", "done", "given-up",
+        ] {
             let n = by_pool
                 .iter()
                 .filter(|(p, s)| *p == pool && s.state == state)
