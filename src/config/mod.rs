@@ -212,6 +212,26 @@ mod tests {
     }
 
     #[test]
+    fn start_concurrency_auto_follows_the_cpus() {
+        let of = |args: &[&str], usable: usize| {
+            let argv = std::iter::once("corepool").chain(args.iter().copied());
+            let matches = command().try_get_matches_from(argv).expect("clap accepts");
+            resolve(&matches, cpu(usable)).map(|c| c.start_concurrency)
+        };
+        assert_eq!(of(&["--", "x"], 1).ok(), Some(4));
+        assert_eq!(of(&["--", "x"], 8).ok(), Some(16));
+        assert_eq!(
+            of(&["--start-concurrency", "1", "--", "x"], 8).ok(),
+            Some(1)
+        );
+        assert_eq!(
+            of(&["--start-concurrency", "0", "--", "x"], 8).ok(),
+            Some(0)
+        );
+        assert!(of(&["--start-concurrency", "many", "--", "x"], 8).is_err());
+    }
+
+    #[test]
     fn unknown_variables_are_named_with_the_nearest_known_one() {
         let names = [
             "COREPOOL_INSTANCE",

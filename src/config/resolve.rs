@@ -237,9 +237,22 @@ pub(super) fn resolve_one(
     let idle_timeout = r.get(&IDLE_TIMEOUT)?;
     let ready_on = r.get(&READY_ON)?;
     let sticky = r.get(&STICKY)?;
-    let start_concurrency = r
-        .get(&START_CONCURRENCY)?
-        .unwrap_or_else(|| auto_start_concurrency(cpu.usable));
+    let start_concurrency = match r.get(&START_CONCURRENCY)? {
+        Some(n) => n,
+        None => {
+            // `--print-config` shows the count `auto` came to, and how.
+            let n = auto_start_concurrency(cpu.usable);
+            let source = r.sources.of(&START_CONCURRENCY).clone();
+            if let Some(last) = r.provenance.last_mut() {
+                *last = (
+                    START_CONCURRENCY.spec.key.into(),
+                    n.to_string(),
+                    format!("{source}: auto = max(4, 2 x {})", usable_cpus(cpu.usable)),
+                );
+            }
+            n
+        }
+    };
 
     let Some(&port) = ports.first() else {
         return Err(Fatal::usage(format!(
