@@ -465,14 +465,18 @@ const PORT_WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(2)
 /// the public port that are not the pool's. One that joined the group (SO_REUSEPORT, same user)
 /// takes a share of the connections, or all of them if it brings its own eBPF program: a
 /// warning once, and /readyz fails with the reason until it is gone.
-async fn watch_port(host: IpAddr, port: u16, ours: HashSet<u64>, shared: Arc<Shared>) {
+async fn watch_port(host: IpAddr, port: u16, ours: OurSockets, shared: Arc<Shared>) {
     let mut intruders: Vec<u64> = Vec::new();
     let mut read_error = false;
     let mut tick = tokio::time::interval(PORT_WATCH_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let found = match foreign_listeners(host, port, &ours) {
+        let mine = ours
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let found = match foreign_listeners(host, port, &mine) {
             Ok(found) => found,
             Err(err) => {
                 if !read_error {
@@ -506,6 +510,10 @@ async fn watch_port(host: IpAddr, port: u16, ours: HashSet<u64>, shared: Arc<Sha
         intruders = found;
     }
 }
+
+/// The inode numbers of the pool's own sockets on the public port, shared with the port watch
+/// (a scale adds and removes slot sockets).
+type OurSockets = Arc<std::sync::Mutex<HashSet<u64>>>;
 
 /// How the Node preload reaches a worker: the NODE_OPTIONS words to append.
 #[derive(Debug)]
@@ -780,6 +788,11 @@ pub struct Balancer {
     /// Socket mode: the ports after the first (`--port 3000,4041`), each with one SO_REUSEPORT
     /// socket per slot, handed over at fds 4.. (spread by the kernel's hash, no steering).
     extra_ports: Vec<(u16, Vec<Option<OwnedFd>>)>,
+    /// Socket mode: the inodes of our sockets on the public port, for the port watch.
+    ours: OurSockets,
+    /// Socket mode: steering and migration were tried (a pool of one tries at its first scale
+    /// up).
+    group_tried: bool,
 }
 
 /// What a launch needs kept until the worker runs: the readiness pipe, the private port.
@@ -812,11 +825,15 @@ impl Balancer {
             Mode::Socket => bind_group(host, port, slots)?,
             _ => Vec::new(),
         };
+        let ours = Arc::new(std::sync::Mutex::new(socket_inodes(
+            slot_sockets.iter().flatten(),
+        )));
+        let group_tried = slot_sockets.len() > 1;
         let (steering, mut spread) = match slot_sockets.len() {
             0 | 1 => (None, String::new()),
             _ => {
                 let group: Vec<&OwnedFd> = slot_sockets.iter().flatten().collect();
-                match steer::round_robin(&group) {
+                match steer::round_robin(&group, crate::scale::MAX_WORKERS as u32) {
                     Ok(steering) => (Some(steering), "connections in turn (eBPF)".to_string()),
                     Err(err) => (
                         None,
@@ -836,6 +853,7 @@ impl Balancer {
                 .map(|_| SlotState::default())
                 .collect(),
             steered: (0..slot_sockets.len() as u32).collect(),
+            leaving: Vec::new(),
         };
         let notify = match mode {
             Mode::None => None,
@@ -867,6 +885,8 @@ impl Balancer {
             ready_on_message: false,
             stop_signal: nix::sys::signal::Signal::SIGTERM,
             extra_ports: Vec::new(),
+            group_tried,
+            ours,
         })
     }
 
@@ -1116,7 +1136,7 @@ impl Balancer {
     /// them through /readyz (once, in the runtime).
     pub fn watch_port(&mut self, shared: Arc<Shared>) {
         if self.mode == Mode::Socket && self.port_watch.is_none() {
-            let ours = socket_inodes(self.slot_sockets.iter().flatten());
+            let ours = self.ours.clone();
             self.port_watch = Some(tokio::spawn(watch_port(self.host, self.port, ours, shared)));
         }
     }
@@ -1195,6 +1215,9 @@ impl Balancer {
             for state in &mut table.slots {
                 state.live.remove(&pid);
             }
+            for leaving in &mut table.leaving {
+                leaving.pids.remove(&pid);
+            }
         });
         self.forget(pid);
     }
@@ -1240,6 +1263,7 @@ impl Balancer {
     /// Takes the sockets of slots without a live process out of the group while another
     /// slot is ready, and tells the steering which slots are ready.
     fn settle(&self, table: &mut SlotTable) {
+        self.close_leaving(table);
         let n = table.slots.len().min(self.slot_sockets.len());
         let serving = |table: &SlotTable, s: usize| {
             self.slot_sockets[s].is_some()
@@ -1290,6 +1314,130 @@ impl Balancer {
         }
     }
 
+    /// Socket mode: the pool now has `n` slots (`corepool scale`, the CPU follow). A new slot
+    /// gets a socket of the group, bound but not listening (taken out, as a dead slot's is):
+    /// it joins the group when its worker listens (Node) or just before it starts (another
+    /// program), and the steering deals to it once it is ready. A removed slot's sockets stay
+    /// until its processes are gone (they may still accept what is queued there), then are
+    /// shut down and closed: with net.ipv4.tcp_migrate_req the kernel moves what is still
+    /// queued to the other sockets of the group.
+    pub fn resize(&mut self, n: usize) -> io::Result<()> {
+        if self.mode != Mode::Socket {
+            return Ok(());
+        }
+        let from = self.slot_sockets.len();
+        let mut added = Vec::new();
+        for _ in from..n {
+            let socket = above_ten(bind_only(self.host, self.port, true)?)?;
+            let mut extra = Vec::new();
+            for (port, _) in &self.extra_ports {
+                extra.push(bind_public(self.host, *port, true)?);
+            }
+            added.push((socket, extra));
+        }
+        let mut ours = self
+            .ours
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (socket, extra) in added {
+            ours.extend(socket_inodes(std::iter::once(&socket)));
+            self.slot_sockets.push(Some(socket));
+            for ((_, group), socket) in self.extra_ports.iter_mut().zip(extra) {
+                group.push(Some(socket));
+            }
+        }
+        drop(ours);
+        let mut leaving = Vec::new();
+        for slot in (n..from).rev() {
+            let mut sockets: Vec<OwnedFd> = self.slot_sockets.pop().flatten().into_iter().collect();
+            for (_, group) in &mut self.extra_ports {
+                sockets.extend(group.pop().flatten());
+            }
+            leaving.push((slot, sockets));
+        }
+        if n > 1 && !self.group_tried {
+            self.group_tried = true;
+            self.steer_group();
+        }
+        self.with_slots(|table| {
+            for (slot, sockets) in leaving {
+                let state = table.slots.pop().unwrap_or_default();
+                table.leaving.push(Leaving {
+                    slot,
+                    pids: state.live,
+                    sockets,
+                });
+            }
+            while table.slots.len() < n {
+                table.slots.push(SlotState {
+                    out: true,
+                    ..SlotState::default()
+                });
+            }
+            self.settle(table);
+        });
+        Ok(())
+    }
+
+    /// A pool that started with one slot and grew: round-robin steering and queue migration,
+    /// as a pool started with several gets them.
+    fn steer_group(&mut self) {
+        let (migrate, how) = enable_migration();
+        self.migrate = migrate;
+        // Slot i's socket is entry i: the listening ones from slot 0 on (the new ones join
+        // the map as they listen).
+        let listening: Vec<&OwnedFd> = self
+            .slot_sockets
+            .iter()
+            .map_while(|s| s.as_ref().filter(|s| accepting(s)))
+            .collect();
+        let spread = match steer::round_robin(&listening, crate::scale::MAX_WORKERS as u32) {
+            Ok(steering) => {
+                self.with_slots(|table| table.steered = (0..listening.len() as u32).collect());
+                self.steering = Some(steering);
+                "connections in turn (eBPF)".to_string()
+            }
+            Err(err) => format!("connections by the kernel's hash (no eBPF round robin: {err})"),
+        };
+        self.spread = format!("{spread}; {how}");
+        tracing::info!("balance socket: {}", self.spread);
+    }
+
+    /// Closes the sockets of removed slots whose processes are all gone. Shut down first, so
+    /// that a descendant still holding a copy cannot keep it listening; what is queued moves
+    /// to the other sockets when the kernel may migrate it, else it is reset (said once).
+    fn close_leaving(&self, table: &mut SlotTable) {
+        let (done, kept): (Vec<Leaving>, Vec<Leaving>) = std::mem::take(&mut table.leaving)
+            .into_iter()
+            .partition(|l| l.pids.is_empty());
+        table.leaving = kept;
+        for leaving in done {
+            let slot = leaving.slot;
+            let mut ours = self
+                .ours
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for socket in &leaving.sockets {
+                if !self.migrate
+                    && let Ok(n @ 1..) = queued(socket)
+                {
+                    tracing::warn!(
+                        "worker {slot} removed: {n} connection(s) still queued on its socket are                          reset (net.ipv4.tcp_migrate_req is off)"
+                    );
+                }
+                if let Err(err) = socket::shutdown(socket.as_raw_fd(), socket::Shutdown::Read)
+                    && err != nix::errno::Errno::ENOTCONN
+                {
+                    tracing::warn!("worker {slot} removed: cannot shut its socket down: {err}");
+                }
+                if let Ok(st) = nix::sys::stat::fstat(socket) {
+                    ours.remove(&st.st_ino);
+                }
+            }
+            tracing::debug!("worker {slot} removed: its sockets are closed");
+        }
+    }
+
     /// The pool is stopping: close the public socket, so that once the workers have closed
     /// theirs new connections are refused at once (and a client retries elsewhere) instead of
     /// waiting in a backlog nobody will accept from.
@@ -1303,6 +1451,15 @@ impl Balancer {
             task.abort();
         }
     }
+}
+
+/// Socket mode: the sockets of a slot a scale removed, kept until its processes are gone (they
+/// may still accept what is queued there), then closed.
+struct Leaving {
+    slot: usize,
+    pids: HashSet<i32>,
+    /// The public port's socket first, then the further ports'.
+    sockets: Vec<OwnedFd>,
 }
 
 /// Socket mode: a slot's processes (group leaders), the ready ones, and whether corepool took
@@ -1324,6 +1481,8 @@ struct SlotTable {
     slots: Vec<SlotState>,
     /// The ready slots the steering deals to, as last written.
     steered: Vec<u32>,
+    /// Removed slots' sockets, until their processes are gone.
+    leaving: Vec<Leaving>,
 }
 
 /// Connections waiting in a listening socket's accept queue (`tcpi_unacked` of a listener).

@@ -341,6 +341,18 @@ pub const OPTIONS: &[OptSpec] = &[
         help: "When a worker is ready: once it listens, or (socket mode) once it calls \
                process.send('ready') (pm2's wait_ready)",
     },
+    OptSpec {
+        key: "cpu_watch",
+        long: "cpu-watch",
+        short: None,
+        env: "COREPOOL_CPU_WATCH",
+        fallback_env: None,
+        switch: false,
+        value_name: "DURATION|off",
+        default: "5s",
+        help: "With instances = max or -K: re-read the CPU quota and affinity this often (and \
+               on SIGHUP) and scale the pool to match. A fixed count never follows",
+    },
 ];
 
 /// The config file given by flag or variable, else this one when present.
@@ -414,8 +426,11 @@ impl Instances {
             return Ok(Instances::MinusK(k));
         }
         let n: usize = t.parse().map_err(|_| bad())?;
-        if n > 4096 {
-            return Err(format!("{n} workers is more than the limit of 4096"));
+        if n > crate::scale::MAX_WORKERS {
+            return Err(format!(
+                "{n} workers is more than the limit of {}",
+                crate::scale::MAX_WORKERS
+            ));
         }
         Ok(Instances::Fixed(n))
     }
@@ -493,6 +508,10 @@ pub struct Config {
     /// When a worker counts as ready: listening, or (socket mode) after process.send('ready').
     pub ready_on: ReadyOn,
     pub cpu: CpuReport,
+    /// `instances` as written: `max` and `-K` follow the CPUs, a number does not.
+    pub instances_spec: Instances,
+    /// How often the CPU follow re-reads the quota and affinity; None: off (or a fixed count).
+    pub cpu_watch: Option<Duration>,
     /// Every port the workers share (`--port 3000,4041`), the primary first.
     pub ports: Vec<u16>,
     /// For `--print-config`: each key, its value as TOML, and a comment on where it came from.
@@ -680,6 +699,7 @@ pub fn command() -> Command {
             "Subcommands, to the pool running in this container:\n  \
              corepool status [--json]   each worker: pid, state, uptime, restarts, RSS, CPU%\n  \
              corepool reload            a rolling reload (as SIGHUP)\n  \
+             corepool scale N|+K|-K|auto  change the worker count (auto: follow --instances)\n  \
              corepool health [--live] [ADDR]  exit 0 when the metrics endpoint answers /readyz \
              (/healthz with --live), else 1",
         )
@@ -1210,9 +1230,26 @@ fn resolve_from(
         )));
     }
 
+    let (cpu_watch, _) = r.get("cpu_watch", parse_idle_timeout, |d: &Option<Duration>| {
+        quoted(&d.map(format_duration).unwrap_or_else(|| "off".into()))
+    })?;
+    let cpu_watch = match spec {
+        Instances::Fixed(_) => {
+            if let Some(last) = r.provenance.last_mut() {
+                last.2.push_str(
+                    ": not used, instances is a fixed number (it never follows the CPUs)",
+                );
+            }
+            None
+        }
+        _ => cpu_watch,
+    };
+
     Ok(Config {
         command,
         instances,
+        instances_spec: spec,
+        cpu_watch,
         kill_timeout,
         stop_signal,
         restart,

@@ -1,10 +1,11 @@
-//! Control: `corepool status` and `corepool reload` from inside the container.
+//! Control: `corepool status`, `corepool reload` and `corepool scale` from inside the container.
 //!
 //! The running supervisor listens on a Linux abstract unix socket (`@corepool-<pid namespace
 //! inode>`, or `@$COREPOOL_CONTROL`): nothing is written to disk, so it works on a read-only root. The
 //! kernel tells us who connects (SO_PEERCRED); anyone but our own user and root is refused at
 //! accept. One request per connection, one line: `status` answers JSON, `reload` asks for a
-//! rolling reload (coalesced like SIGHUP) and answers what the pool made of it. The listener
+//! rolling reload (coalesced like SIGHUP) and answers what the pool made of it; `scale [POOL]
+//! N|+K|-K|auto` changes the worker count (see `scale`) and answers likewise. The listener
 //! serves at most `MAX_CONNECTIONS` clients at once, each for at most `REQUEST_TIMEOUT` per
 //! step. The client checks the server's credentials (root, its own user or PID 1) before
 //! trusting its answer.
@@ -24,6 +25,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 pub enum Command {
     /// A rolling reload; the pool says on the channel what it made of the request.
     Reload(oneshot::Sender<ReloadAnswer>),
+    /// A scale; the pool answers what it did, or why not.
+    Scale(
+        crate::scale::Request,
+        oneshot::Sender<Result<String, String>>,
+    ),
 }
 
 /// What became of a reload request. Requests are coalesced as SIGHUPs are: one that arrives
@@ -167,6 +173,23 @@ async fn answer(
                 Err(_) => "error: the pool is not running\n".to_string(),
             }
         }
+        scale if scale.starts_with("scale ") => {
+            let words: Vec<&str> = scale.split_whitespace().skip(1).collect();
+            match crate::scale::Request::parse(&words) {
+                Err(err) => format!("error: {err}\n"),
+                Ok(request) => {
+                    let (tx, rx) = oneshot::channel();
+                    match commands.send(Command::Scale(request, tx)) {
+                        Ok(()) => match rx.await {
+                            Ok(Ok(done)) => format!("ok: {done}\n"),
+                            Ok(Err(err)) => format!("error: {err}\n"),
+                            Err(_) => "error: the pool is not running\n".to_string(),
+                        },
+                        Err(_) => "error: the pool is not running\n".to_string(),
+                    }
+                }
+            }
+        }
         other => format!("error: unknown request '{other}'\n"),
     };
     let _ = tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(reply.as_bytes())).await;
@@ -178,6 +201,12 @@ pub struct Status {
     pub balance: String,
     pub stopping: bool,
     pub reloads: u64,
+    /// The worker count the pool runs now (after any scale).
+    #[serde(default)]
+    pub instances: usize,
+    /// A manual `corepool scale` pinned the count (`corepool scale auto` un-pins it).
+    #[serde(default)]
+    pub pinned: bool,
     pub workers: Vec<WorkerStatus>,
 }
 
@@ -230,6 +259,8 @@ async fn status(shared: &Shared) -> Status {
         balance: shared.balance.to_string(),
         stopping: snap.stopping,
         reloads: snap.reloads,
+        instances: snap.slots.len(),
+        pinned: snap.pinned,
         workers,
     }
 }

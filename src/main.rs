@@ -28,7 +28,7 @@ fn run() -> i32 {
     // would panic on it).
     let args: Vec<OsString> = std::env::args_os().collect();
     let subcommand = args.get(1).and_then(|a| a.to_str());
-    if let Some(name @ ("status" | "reload" | "health")) = subcommand {
+    if let Some(name @ ("status" | "reload" | "health" | "scale")) = subcommand {
         let Some(rest) = args[2..]
             .iter()
             .map(|a| a.to_str().map(str::to_string))
@@ -42,6 +42,7 @@ fn run() -> i32 {
         return match name {
             "status" => client_status(&rest),
             "reload" => client_reload(&rest),
+            "scale" => client_scale(&rest),
             _ => client_health(&rest),
         };
     }
@@ -442,6 +443,27 @@ fn client_reload(args: &[String]) -> i32 {
             0
         }
         Err(err) => fail(1, err),
+    }
+}
+
+/// `corepool scale [POOL] N|+K|-K|auto`.
+fn client_scale(args: &[String]) -> i32 {
+    const USAGE: &str = "corepool scale [POOL] N|+K|-K|auto   (change the worker count of the pool \
+                         running here; N, +K, -K pin it, auto follows --instances again)";
+    if wants_help(args) {
+        return usage(USAGE);
+    }
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let request = match corepool::scale::Request::parse(&words) {
+        Ok(request) => request,
+        Err(err) => return fail(exit::USAGE, format_args!("scale: {err} (usage: {USAGE})")),
+    };
+    match control::request(&request.line()) {
+        Ok(answer) => {
+            let _ = std::io::stdout().write_all(answer.as_bytes());
+            0
+        }
+        Err(err) => fail(1, format_args!("scale: {err}")),
     }
 }
 

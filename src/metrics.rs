@@ -65,6 +65,8 @@ pub struct Snapshot {
     pub connections_total: Option<u64>,
     /// Proxy mode: `--max-connections`, and the times the accept loop stopped at it.
     pub connection_limit: Option<(usize, u64)>,
+    /// A manual `corepool scale` pinned the worker count.
+    pub pinned: bool,
 }
 
 /// Usage of some process groups, and when it was read.
@@ -93,6 +95,7 @@ impl Shared {
                 open_connections: None,
                 connections_total: None,
                 connection_limit: None,
+                pinned: false,
             }),
             usage: Mutex::new(None),
             balance,
@@ -241,6 +244,21 @@ pub fn render(shared: &Shared) -> String {
             .set(n as i64);
     }
     registry.register("workers", "Worker slots by state", states);
+
+    let configured = Gauge::<i64>::default();
+    configured.set(snap.slots.len() as i64);
+    registry.register(
+        "workers_configured",
+        "The worker count the pool runs (--instances, then corepool scale or the CPU follow)",
+        configured,
+    );
+    let pinned = Gauge::<i64>::default();
+    pinned.set(i64::from(snap.pinned));
+    registry.register(
+        "workers_pinned",
+        "1 while a manual corepool scale pins the worker count",
+        pinned,
+    );
 
     let ready = Gauge::<i64>::default();
     ready.set(snap.slots.iter().filter(|s| s.ready).count() as i64);

@@ -69,6 +69,9 @@ pub trait Os {
     fn route_exited(&mut self, pid: Pid);
     /// Routing: `slot` is given up for good.
     fn abandon(&mut self, slot: usize);
+    /// Routing: the pool now has `slots` slots (a scale): socket mode adds a socket for each
+    /// new slot, and closes a removed slot's once its process is gone.
+    fn resize(&mut self, slots: usize) -> std::io::Result<()>;
     /// Routing: the pool stops; accept nothing more.
     fn close(&mut self);
 }
@@ -183,6 +186,10 @@ impl Os for RealOs {
         self.balancer.abandon(slot);
     }
 
+    fn resize(&mut self, slots: usize) -> std::io::Result<()> {
+        self.balancer.resize(slots)
+    }
+
     fn close(&mut self) {
         self.balancer.close();
     }
@@ -292,6 +299,10 @@ pub mod fake {
         }
         fn abandon(&mut self, slot: usize) {
             self.routing.push(format!("abandon {slot}"));
+        }
+        fn resize(&mut self, slots: usize) -> std::io::Result<()> {
+            self.routing.push(format!("resize {slots}"));
+            Ok(())
         }
         fn close(&mut self) {
             self.routing.push("close".into());

@@ -11,13 +11,15 @@
 //! output pumps), the channels and the reporters' view.
 
 use crate::balance::{Balancer, Ready};
-use crate::config::{Config, ReadyOn};
+use crate::cgroup;
+use crate::config::{Config, Instances, ReadyOn};
 use crate::control::{Command, ReloadAnswer};
 use crate::launch::LaunchSpec;
 use crate::logs::Output;
 use crate::metrics::{Shared, Snapshot};
 use crate::os::{Os, RealOs};
 use crate::reserve;
+use crate::scale::{self, Origin};
 use crate::signals::{Action, SignalStream};
 use crate::supervisor::{Settings, Supervisor};
 use crate::worker::RestartRules;
@@ -40,6 +42,29 @@ enum Event {
     Signal(Action),
     Ready(Ready),
     Reload(tokio::sync::oneshot::Sender<ReloadAnswer>),
+    Scale(
+        scale::Request,
+        tokio::sync::oneshot::Sender<Result<String, String>>,
+    ),
+}
+
+/// The CPU follow: with `instances = max` or `-K`, the derived count is worked out again from
+/// the cgroup quota and the affinity every `every` (and on SIGHUP), and the pool scaled to it.
+struct CpuFollow {
+    spec: Instances,
+    every: Option<Duration>,
+    next: Option<Instant>,
+    /// The derived count at the last look: the pool follows changes of it only (so a manual
+    /// scale stays until the CPUs change, and the log says so once).
+    last: usize,
+}
+
+impl CpuFollow {
+    /// The count `instances` gives with the CPUs usable now, and the report that says why.
+    fn derived(&self) -> (usize, cgroup::CpuReport) {
+        let report = cgroup::cpu_report();
+        (self.spec.resolve(report.usable), report)
+    }
 }
 
 /// The loop's state: the core, the world it acts on, and the channels.
@@ -50,6 +75,7 @@ pub struct Pool {
     /// What the reporters (metrics, status) see.
     shared: Arc<Shared>,
     commands: mpsc::UnboundedReceiver<Command>,
+    cpu: CpuFollow,
 }
 
 impl Pool {
@@ -94,9 +120,17 @@ impl Pool {
             handoff: if proxy { PROXY_HANDOFF } else { Duration::ZERO },
             not_ready_hint,
             program: launch.program.display().to_string(),
+            min_ready: config.min_ready,
+        };
+        let now = Instant::now();
+        let cpu = CpuFollow {
+            spec: config.instances_spec,
+            every: config.cpu_watch,
+            next: config.cpu_watch.map(|every| now + every),
+            last: config.instances,
         };
         Pool {
-            core: Supervisor::new(settings, Instant::now()),
+            core: Supervisor::new(settings, now),
             os: RealOs {
                 launch,
                 balancer,
@@ -106,6 +140,7 @@ impl Pool {
             ready_rx,
             shared,
             commands,
+            cpu,
         }
     }
 
@@ -121,12 +156,27 @@ impl Pool {
             let (core, os) = (&mut self.core, &mut self.os);
             match event {
                 Event::Tick => {}
+                Event::Signal(Action::Reload) => {
+                    // SIGHUP looks at the CPUs first: the reload then covers the new count.
+                    if self.cpu.every.is_some() {
+                        follow_cpu(&mut self.cpu, core, now, os);
+                    }
+                    core.on_signal(Action::Reload, now, os);
+                }
                 Event::Signal(action) => core.on_signal(action, now, os),
                 Event::Ready(ready) => core.on_ready(Pid::from_raw(ready.pid), now, os),
                 Event::Reload(reply) => {
                     let _ = reply.send(core.reload_answer());
                     core.request_reload();
                 }
+                Event::Scale(request, reply) => {
+                    let answer = scale_request(&mut self.cpu, &request, core, now, os);
+                    let _ = reply.send(answer);
+                }
+            }
+            if self.cpu.next.is_some_and(|at| at <= now) {
+                self.cpu.next = self.cpu.every.map(|every| now + every);
+                follow_cpu(&mut self.cpu, core, now, os);
             }
             // A reap after every wake, whatever woke us.
             for exit in os.reap() {
@@ -141,10 +191,16 @@ impl Pool {
             if let Some(at) = self.core.next_deadline(now) {
                 wake = wake.min(at);
             }
+            if let Some(at) = self.cpu.next {
+                wake = wake.min(at);
+            }
             event = tokio::select! {
                 action = signals.next() => Event::Signal(action),
                 Some(ready) = self.ready_rx.recv() => Event::Ready(ready),
-                Some(Command::Reload(reply)) = self.commands.recv() => Event::Reload(reply),
+                Some(command) = self.commands.recv() => match command {
+                    Command::Reload(reply) => Event::Reload(reply),
+                    Command::Scale(request, reply) => Event::Scale(request, reply),
+                },
                 _ = tokio::time::sleep_until(wake.into()) => Event::Tick,
             };
         }
@@ -163,6 +219,7 @@ impl Pool {
             open_connections: open,
             connections_total: total,
             connection_limit: self.os.balancer.connection_limit(),
+            pinned: self.core.pinned(),
         });
     }
 
@@ -179,5 +236,56 @@ impl Pool {
         tracing::info!("exiting with code {code}");
         self.os.output.finish(PIPE_GRACE);
         code
+    }
+}
+
+/// `corepool scale [POOL] N|+K|-K|auto`: what the pool made of it, for the client.
+fn scale_request(
+    cpu: &mut CpuFollow,
+    request: &scale::Request,
+    core: &mut Supervisor,
+    now: Instant,
+    os: &mut dyn Os,
+) -> Result<String, String> {
+    if let Some(pool) = &request.pool {
+        return Err(format!(
+            "no pool named '{pool}': this corepool runs one unnamed pool (corepool scale {})",
+            request.change
+        ));
+    }
+    let (target, origin) = match request.change.target(core.configured()) {
+        Some(target) => (target?, Origin::Manual),
+        None => {
+            let (derived, _) = cpu.derived();
+            cpu.last = derived;
+            (derived, Origin::Unpin)
+        }
+    };
+    core.scale(target, origin, now, os)
+}
+
+/// Looks at the CPUs again; when the derived count changed, scales the pool to it (unless a
+/// manual scale pinned it: then says so, once per change).
+fn follow_cpu(cpu: &mut CpuFollow, core: &mut Supervisor, now: Instant, os: &mut dyn Os) {
+    let (derived, report) = cpu.derived();
+    if derived == cpu.last {
+        return;
+    }
+    let from = std::mem::replace(&mut cpu.last, derived);
+    let why = format!(
+        "usable CPUs changed: instances {} now comes to {derived}, was {from} ({report})",
+        match cpu.spec {
+            Instances::MinusK(k) => format!("-{k}"),
+            _ => "max".to_string(),
+        }
+    );
+    match core.scale(derived, Origin::Cpu(why.clone()), now, os) {
+        Ok(_) if core.pinned() => tracing::info!(
+            "{why}; the count stays at {} workers, pinned by corepool scale (corepool scale \
+             auto follows the CPUs again)",
+            core.configured()
+        ),
+        Ok(_) => {}
+        Err(err) => tracing::warn!("{why}; not scaled: {err}"),
     }
 }

@@ -257,15 +257,17 @@ pub struct Steering {
 }
 
 /// Attaches round-robin steering to the group formed by `sockets` (listening, SO_REUSEPORT,
-/// same address), socket `i` being slot `i`'s. Every slot starts ready (in the order).
-pub fn round_robin(sockets: &[&OwnedFd]) -> io::Result<Steering> {
+/// same address), socket `i` being slot `i`'s. Every slot starts ready (in the order). The maps
+/// hold up to `capacity` slots, so that a scale can add sockets later (`rejoin`).
+pub fn round_robin(sockets: &[&OwnedFd], capacity: u32) -> io::Result<Steering> {
     let slots = u32::try_from(sockets.len())
         .ok()
         .filter(|&n| n > 0)
         .ok_or_else(|| io::Error::other("no sockets to steer"))?;
+    let capacity = capacity.max(slots);
     let state = create_map(BPF_MAP_TYPE_ARRAY, 4, 8, 2)?;
-    let order = create_map(BPF_MAP_TYPE_ARRAY, 4, 8, slots)?;
-    let group = create_map(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, slots)?;
+    let order = create_map(BPF_MAP_TYPE_ARRAY, 4, 8, capacity)?;
+    let group = create_map(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, capacity)?;
     for (i, socket) in sockets.iter().enumerate() {
         update(&group, i as u32, socket.as_raw_fd() as u64)?;
     }
