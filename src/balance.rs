@@ -1422,7 +1422,8 @@ impl Balancer {
                     && let Ok(n @ 1..) = queued(socket)
                 {
                     tracing::warn!(
-                        "worker {slot} removed: {n} connection(s) still queued on its socket are                          reset (net.ipv4.tcp_migrate_req is off)"
+                        "worker {slot} removed: {n} connection(s) still queued on its socket are \
+                         reset (net.ipv4.tcp_migrate_req is off)"
                     );
                 }
                 if let Err(err) = socket::shutdown(socket.as_raw_fd(), socket::Shutdown::Read)

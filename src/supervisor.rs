@@ -52,6 +52,10 @@ pub struct Settings {
     pub program: String,
     /// `--min-ready`: a scale never goes below it.
     pub min_ready: usize,
+    /// Time between routing away from a worker a scale removes and signalling it: a worker
+    /// still accepting empties its socket's queue meanwhile (socket mode), and the relay stops
+    /// choosing it (proxy mode).
+    pub scale_handoff: Duration,
 }
 
 /// The core's whole state.
@@ -476,7 +480,8 @@ impl Supervisor {
                 break;
             };
             for pid in pids {
-                self.drains.add(os, Target::Group(pid), self.s.handoff, now);
+                self.drains
+                    .add(os, Target::Group(pid), self.s.scale_handoff, now);
             }
         }
         Ok(())

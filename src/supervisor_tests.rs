@@ -42,6 +42,7 @@ fn settings(instances: usize) -> Settings {
         not_ready_hint: "test",
         program: "app".into(),
         min_ready: 1,
+        scale_handoff: Duration::ZERO,
     }
 }
 
