@@ -519,6 +519,12 @@ pub struct Config {
     /// `COREPOOL_*` variables corepool does not know (a misspelling, most likely), each with
     /// the known name it resembles: logged as warnings once logging runs.
     pub unknown_env: Vec<String>,
+    /// `$COREPOOL_RUNTIME_DIR`: where a Node without `--import` gets its preload file.
+    pub runtime_dir: Option<std::path::PathBuf>,
+    /// `$NODE_OPTIONS` as corepool found it: the words corepool adds are appended to it.
+    pub node_options: String,
+    /// `$PATH`: where the command and `node` are looked up.
+    pub search_path: Option<OsString>,
 }
 
 /// What `main` should do.
@@ -1279,6 +1285,9 @@ fn resolve_from(
         ports,
         provenance: r.provenance,
         unknown_env: unknown_variables(std::env::vars_os().map(|(name, _)| name)),
+        runtime_dir: std::env::var_os("COREPOOL_RUNTIME_DIR").map(Into::into),
+        node_options: std::env::var("NODE_OPTIONS").unwrap_or_default(),
+        search_path: std::env::var_os("PATH"),
     })
 }
 

@@ -487,6 +487,14 @@ fn check_executable(path: &Path) -> Result<(), Option<CommandError>> {
     Ok(())
 }
 
+/// Moves a descriptor to a number >= 10 (close-on-exec), so that placing handed-down
+/// descriptors on 3 and 4 in a child can never overwrite another one (see [`WorkerIo::fds`]).
+pub fn above_ten(fd: OwnedFd) -> io::Result<OwnedFd> {
+    let moved = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(10))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor that we own.
+    Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(moved) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

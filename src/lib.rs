@@ -7,8 +7,10 @@
 //! - `signals`: which signals are caught and what each means;
 //! - `reaper`: the one `waitpid(-1)` loop;
 //! - `worker`: a slot's lifecycle state machine, and how a worker process is started;
-//! - `balance`: one public port for the pool (shared socket, kept the pool's alone; preload;
-//!   readiness);
+//! - `balance`: one public port for the pool, one type per mode (`balance/socket.rs`,
+//!   `balance/proxied.rs`; `balance/ports.rs` binds the port and keeps it the pool's alone);
+//! - `readiness`: how a worker says it is ready (ready pipe, sd_notify socket);
+//! - `node`: the Node preload, the Node version probe, NODE_OPTIONS and the heap share;
 //! - `steer`: socket mode's round robin over the slot sockets (an eBPF reuseport program);
 //! - `launch`: fork and exec of a worker, and command resolution;
 //! - `limits`: the descriptor limit raised for corepool, restored for its workers;
@@ -40,9 +42,11 @@ pub mod limits;
 pub mod logs;
 pub mod memory;
 pub mod metrics;
+pub mod node;
 pub mod os;
 pub mod pool;
 pub mod proxy;
+pub mod readiness;
 pub mod reaper;
 pub mod relay;
 pub mod reload;

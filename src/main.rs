@@ -5,8 +5,9 @@
 //! single-threaded tokio runtime. Every early failure is one line on stderr and a distinct exit
 //! code (see `exit`).
 
-use corepool::balance::{self, Balancer, Mode, Preload};
+use corepool::balance::{Balancer, Mode};
 use corepool::config::{self, ClapOrConfig, Invocation};
+use corepool::node::{self, NodeEnv, Preload};
 use corepool::{
     cgroup, control, exit, launch, limits, logs, metrics, pool, proxy, reaper, signals,
 };
@@ -73,7 +74,7 @@ fn run() -> i32 {
     if let Err(err) = signals::hold() {
         return fail(exit::STARTUP, format_args!("cannot block signals: {err}"));
     }
-    let program = match launch::resolve_program(&config.command[0], std::env::var_os("PATH")) {
+    let program = match launch::resolve_program(&config.command[0], config.search_path.clone()) {
         Ok(program) => program,
         Err(err) => return fail(err.code, err.message),
     };
@@ -83,12 +84,18 @@ fn run() -> i32 {
     // serve, so a preload that cannot be written (an old Node on a read-only root) is only
     // reported, once logging runs.
     let mut preload_warning = None;
+    let prepare = || {
+        Preload::prepare(
+            node::node_version(&program, config.search_path.clone()),
+            config.runtime_dir.as_deref(),
+        )
+    };
     let preload = match config.balance {
-        Mode::Socket => match Preload::prepare(balance::node_version(&program)) {
+        Mode::Socket => match prepare() {
             Ok(preload) => Some(preload),
             Err(err) => return fail(exit::STARTUP, err),
         },
-        Mode::Proxy => match Preload::prepare(balance::node_version(&program)) {
+        Mode::Proxy => match prepare() {
             Ok(preload) => Some(preload),
             Err(err) => {
                 preload_warning = Some(format!(
@@ -217,7 +224,7 @@ fn run() -> i32 {
             config.port,
             config.instances,
             config.port_increment,
-            preload,
+            NodeEnv::new(preload, config.node_options.clone()),
             ready_tx,
         ) {
             Ok(balancer) => balancer,
@@ -240,8 +247,8 @@ fn run() -> i32 {
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("node")),
         );
-        if !balancer.spread.is_empty() {
-            tracing::info!("balance socket: {}", balancer.spread);
+        if !balancer.spread().is_empty() {
+            tracing::info!("balance socket: {}", balancer.spread());
         }
         balancer.set_heap_option(heap_option.map(|(option, how)| {
             tracing::info!("{how}");
@@ -357,8 +364,7 @@ fn heap_share(config: &config::Config) -> Option<(String, String)> {
         return None;
     }
     let limit = cgroup::memory_limit()?;
-    let user = std::env::var("NODE_OPTIONS").unwrap_or_default();
-    let mib = balance::heap_share_mib(limit.bytes, config.instances, &user)?;
+    let mib = node::heap_share_mib(limit.bytes, config.instances, &config.node_options)?;
     Some((
         format!("--max-old-space-size={mib}"),
         format!(

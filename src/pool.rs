@@ -10,7 +10,7 @@
 //! `drain`, `ending`); this module only owns the real world (`os::RealOs`: launcher, balancer,
 //! output pumps), the channels and the reporters' view.
 
-use crate::balance::{Balancer, Ready};
+use crate::balance::Balancer;
 use crate::cgroup;
 use crate::config::{Config, Instances, ReadyOn};
 use crate::control::{Command, ReloadAnswer};
@@ -18,6 +18,7 @@ use crate::launch::LaunchSpec;
 use crate::logs::Output;
 use crate::metrics::{Shared, Snapshot};
 use crate::os::{Os, RealOs};
+use crate::readiness::Ready;
 use crate::reserve;
 use crate::scale::{self, Origin};
 use crate::signals::{Action, SignalStream};
@@ -93,7 +94,7 @@ impl Pool {
         shared: Arc<Shared>,
         commands: mpsc::UnboundedReceiver<Command>,
     ) -> Pool {
-        let proxy = balancer.mode == crate::balance::Mode::Proxy;
+        let proxy = balancer.mode() == crate::balance::Mode::Proxy;
         let not_ready_hint = if proxy {
             "its private port ($PORT on 127.0.0.1) never accepted a connection"
         } else if config.ready_on == ReadyOn::Message {
@@ -126,7 +127,7 @@ impl Pool {
             not_ready_hint,
             program: launch.program.display().to_string(),
             min_ready: config.min_ready,
-            scale_handoff: if balancer.mode == crate::balance::Mode::None {
+            scale_handoff: if balancer.mode() == crate::balance::Mode::None {
                 Duration::ZERO
             } else {
                 SCALE_HANDOFF

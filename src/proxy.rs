@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::balance::Ready;
+use crate::readiness::Ready;
 use crate::relay;
 
 /// How often a starting worker's private port is probed.
