@@ -65,6 +65,50 @@ struct CpuFollow {
     last: usize,
 }
 
+/// `--heap-share`: each new Node worker's `--max-old-space-size` is 70% of the memory limit
+/// over the worker count; worked out again when the count changes (a scale) or `memory.max`
+/// does (re-read with the CPUs, and on SIGHUP).
+struct HeapShare {
+    node_options: String,
+    limit: Option<u64>,
+    workers: usize,
+}
+
+impl HeapShare {
+    /// Recomputes the share for new workers if the count or (with `reread`) the limit changed.
+    fn refresh(&mut self, workers: usize, reread: bool, os: &mut RealOs) {
+        let limit = if reread {
+            cgroup::memory_limit().map(|m| m.bytes)
+        } else {
+            self.limit
+        };
+        if (workers, limit) == (self.workers, self.limit) {
+            return;
+        }
+        let was = self.limit;
+        (self.workers, self.limit) = (workers, limit);
+        let mib = limit.and_then(|l| crate::node::heap_share_mib(l, workers, &self.node_options));
+        os.balancer
+            .set_heap_option(mib.map(|m| format!("--max-old-space-size={m}")));
+        let limit_text =
+            |l: Option<u64>| l.map_or("none".to_string(), |l| format!("{} MiB", l >> 20));
+        match mib {
+            Some(mib) => tracing::info!(
+                "heap share: new Node workers get --max-old-space-size={mib} (memory limit {}, \
+                 was {}; {workers} workers)",
+                limit_text(limit),
+                limit_text(was)
+            ),
+            None => tracing::info!(
+                "heap share: none for new workers (memory limit {}, was {}; NODE_OPTIONS may set \
+                 --max-old-space-size)",
+                limit_text(limit),
+                limit_text(was)
+            ),
+        }
+    }
+}
+
 impl CpuFollow {
     /// The count `instances` gives with the CPUs usable now, and the report that says why.
     fn derived(&self) -> (usize, cgroup::CpuReport) {
@@ -82,6 +126,8 @@ pub struct Pool {
     shared: Arc<Shared>,
     commands: mpsc::UnboundedReceiver<Command>,
     cpu: CpuFollow,
+    /// None with `--heap-share off`.
+    heap: Option<HeapShare>,
 }
 
 impl Pool {
@@ -152,6 +198,11 @@ impl Pool {
             shared,
             commands,
             cpu,
+            heap: config.heap_share.then(|| HeapShare {
+                node_options: config.node_options.clone(),
+                limit: cgroup::memory_limit().map(|m| m.bytes),
+                workers: config.instances,
+            }),
         }
     }
 
@@ -168,9 +219,13 @@ impl Pool {
             match event {
                 Event::Tick => {}
                 Event::Signal(Action::Reload) => {
-                    // SIGHUP looks at the CPUs first: the reload then covers the new count.
+                    // SIGHUP looks at the CPUs and the memory limit first: the reload then
+                    // covers the new count, with the new heap share.
                     if self.cpu.every.is_some() {
                         follow_cpu(&mut self.cpu, core, now, os);
+                    }
+                    if let Some(heap) = &mut self.heap {
+                        heap.refresh(core.configured(), true, os);
                     }
                     core.on_signal(Action::Reload, now, os);
                 }
@@ -185,9 +240,15 @@ impl Pool {
                     let _ = reply.send(answer);
                 }
             }
+            let mut reread = false;
             if self.cpu.next.is_some_and(|at| at <= now) {
                 self.cpu.next = self.cpu.every.map(|every| now + every);
                 follow_cpu(&mut self.cpu, core, now, os);
+                reread = true;
+            }
+            // Before the step that starts new slots' workers.
+            if let Some(heap) = &mut self.heap {
+                heap.refresh(core.configured(), reread, os);
             }
             // A reap after every wake, whatever woke us.
             for exit in os.reap() {

@@ -460,3 +460,101 @@ fn sighup_rereads_the_quota_before_its_reload() {
     run.signal(libc::SIGTERM);
     assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
 }
+
+/// A cgroup v1 memory directory with a limit, removed on drop.
+struct MemoryCgroup(PathBuf);
+
+impl MemoryCgroup {
+    fn new(name: &str, bytes: u64) -> MemoryCgroup {
+        let root = Path::new("/sys/fs/cgroup/memory");
+        assert!(
+            root.join("memory.limit_in_bytes").exists(),
+            "prerequisite missing: a cgroup v1 memory hierarchy at {} (run as root)",
+            root.display()
+        );
+        let dir = root.join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::create_dir(&dir);
+        let cg = MemoryCgroup(dir);
+        cg.limit(bytes);
+        cg
+    }
+
+    fn limit(&self, bytes: u64) {
+        std::fs::write(self.0.join("memory.limit_in_bytes"), bytes.to_string()).unwrap();
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        if let Ok(procs) = std::fs::read_to_string(self.0.join("cgroup.procs")) {
+            for pid in procs.lines() {
+                let _ = std::fs::write("/sys/fs/cgroup/memory/cgroup.procs", pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// The `--max-old-space-size` each worker start printed, in order: (slot, MiB).
+fn heap_lines(stdout: &str) -> Vec<(String, String)> {
+    stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("heap "))
+        .map(|l| {
+            let (slot, options) = l.split_once(' ').unwrap_or((l, ""));
+            let mib = options
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("--max-old-space-size="))
+                .unwrap_or("-");
+            (slot.to_string(), mib.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn the_heap_share_follows_the_worker_count_and_memory_limit() {
+    const MIB: u64 = 1 << 20;
+    let cg = MemoryCgroup::new("corepool-test-heap", 1000 * MIB);
+    let control = control_name("heap");
+    let script = format!("echo $$ > {}/cgroup.procs && exec \"$@\"", cg.0.display());
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script, "sh", bin()]).args([
+        "-i",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        "echo \"heap $COREPOOL_WORKER $NODE_OPTIONS\"; exec sleep 600",
+    ]);
+    let mut run = Run::from_command(cmd, &[("COREPOOL_CONTROL", &control), ("NODE_OPTIONS", "")]);
+    run.wait_stdout("heap ", 2, SECS(10));
+    // 70% of 1000 MiB over 2 workers.
+    assert_eq!(
+        heap_lines(&run.stdout())[..2],
+        [("0".into(), "350".into()), ("1".into(), "350".into())]
+    );
+    // Four workers: the new ones get a quarter.
+    let (code, _, err) = client(&control, &["scale", "4"]);
+    assert_eq!(code, 0, "{err}");
+    run.wait_stdout("heap ", 4, SECS(10));
+    assert_eq!(
+        heap_lines(&run.stdout())[2..],
+        [("2".into(), "175".into()), ("3".into(), "175".into())]
+    );
+    run.wait_stderr("new Node workers get --max-old-space-size=175", 1, SECS(5));
+    // The limit halves (a live resize); SIGHUP re-reads it and the reload gives every worker
+    // the new share.
+    cg.limit(500 * MIB);
+    run.signal(libc::SIGHUP);
+    run.wait_stderr(
+        "(memory limit 500 MiB, was 1000 MiB; 4 workers)",
+        1,
+        SECS(5),
+    );
+    run.wait_stderr("rolling reload complete", 1, SECS(20));
+    let lines = heap_lines(&run.stdout());
+    assert_eq!(lines.len(), 8, "{lines:?}");
+    assert!(lines[4..].iter().all(|(_, mib)| mib == "87"), "{lines:?}");
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
+}
