@@ -34,6 +34,15 @@
 //! slot is ready (all restarting), the sockets stay in the group and connections wait in the
 //! backlogs; none is refused (tests/reliability.rs kills workers at random under load).
 //!
+//! ## Scaling
+//! `corepool scale` and the CPU follow change the slot count (`resize`). A new slot's socket is
+//! bound but not listening, as a taken-out one: its Node worker's `listen()` joins it to the
+//! group (another program's socket listens just before it starts), and the steering deals to
+//! it once it is ready. The eBPF maps are made for `scale::MAX_WORKERS` slots, so new sockets
+//! fit; a pool started with one slot sets up steering and migration at its first scale up. A
+//! removed slot's sockets are kept (`Leaving`) until its processes are gone, then shut down and
+//! closed: what is still queued moves to another socket with tcp_migrate_req, else is reset.
+//!
 //! ## Launchers
 //! The server may run behind a launcher (`npm start`, yarn, pnpm, npx, dotenv-cli, tsx, a Node
 //! wrapper): it is a child or grandchild of the worker, and Node gives a child no descriptor above
