@@ -423,7 +423,9 @@ impl Supervisor {
         now: Instant,
         os: &mut dyn Os,
     ) -> Result<String, String> {
-        if self.shutdown.is_ending() {
+        // The shutdown delay too: the pool is on its way out, a new worker would only be
+        // stopped again.
+        if self.shutdown.is_announced() {
             return Err("the pool is stopping; no scale".into());
         }
         let current = self.slots.len();

@@ -445,3 +445,22 @@ fn removing_a_slot_mid_replacement_drains_both_processes() {
     assert_eq!(r.core.role(pid(102)), Some(Role::Removed(1)));
     assert_eq!(r.os.signals_to(Target::Group(pid(102))), vec![TERM]);
 }
+
+#[test]
+fn a_removed_worker_is_routed_away_from_before_its_stop_signal() {
+    let mut s = settings(2);
+    s.scale_handoff = ms(250);
+    let mut r = Rig::new(s);
+    r.turn(0);
+    r.ready(101, 10);
+    r.ready(102, 10);
+    r.scale(1, Origin::Manual, 100).unwrap();
+    assert!(r.os.routing.contains(&"forget 102".to_string()));
+    assert_eq!(r.os.signals_to(Target::Group(pid(102))), Vec::<i32>::new());
+    assert_eq!(r.core.next_deadline(r.at(100)), Some(r.at(150)));
+    r.turn(349);
+    assert_eq!(r.os.signals_to(Target::Group(pid(102))), Vec::<i32>::new());
+    r.turn(350);
+    assert_eq!(r.os.signals_to(Target::Group(pid(102))), vec![TERM]);
+    assert_eq!(r.os.signals_to(Target::Group(pid(101))), Vec::<i32>::new());
+}

@@ -65,6 +65,11 @@ struct Load {
 
 impl Load {
     fn start(port: u16, clients: usize) -> Load {
+        Load::start_in(port, clients, None)
+    }
+
+    /// As `start`, the clients in the network namespace of process `netns` when given.
+    fn start_in(port: u16, clients: usize, netns: Option<i32>) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let by_worker = Arc::new(Mutex::new(BTreeMap::new()));
         let errors = Arc::new(Mutex::new(Vec::new()));
@@ -72,6 +77,9 @@ impl Load {
             .map(|_| {
                 let (stop, by_worker, errors) = (stop.clone(), by_worker.clone(), errors.clone());
                 std::thread::spawn(move || {
+                    if let Some(pid) = netns {
+                        enter_netns(pid);
+                    }
                     while !stop.load(Ordering::Relaxed) {
                         match get_json(port) {
                             Ok(v) => {
@@ -105,6 +113,15 @@ impl Load {
         let errors = self.errors.lock().unwrap().clone();
         (ok, errors)
     }
+}
+
+/// Moves the calling thread into the network namespace of `pid` (we are root).
+fn enter_netns(pid: i32) {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+    // SAFETY: setns on a descriptor we own; it changes only this thread's namespace.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
 /// Waits until the load has seen answers from `worker` (a slot number).
@@ -556,5 +573,77 @@ fn the_heap_share_follows_the_worker_count_and_memory_limit() {
     assert_eq!(lines.len(), 8, "{lines:?}");
     assert!(lines[4..].iter().all(|(_, mib)| mib == "87"), "{lines:?}");
     run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
+}
+
+/// Without eBPF (the kernel's hash spreads connections) a pool started with one worker grows
+/// to three and shrinks to one under load, in a network namespace of its own with
+/// net.ipv4.tcp_migrate_req on: what the hash queued on a removed slot's socket moves to
+/// another, and no request fails.
+#[test]
+fn without_ebpf_a_pool_of_one_grows_and_shrinks_under_load() {
+    require("unshare");
+    require("setpriv");
+    require("ip");
+    require("nsenter");
+    let port = 8080;
+    let control = control_name("hash");
+    let script = format!(
+        "ip link set lo up && echo 1 > /proc/sys/net/ipv4/tcp_migrate_req && exec setpriv \
+         --bounding-set -bpf,-sys_admin,-perfmon {} -i 1 --balance socket --host 127.0.0.1 -p \
+         {port} -- node {HELLO}",
+        bin()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--net", "sh", "-c", &script]);
+    let run = Run::from_command(cmd, &[("COREPOOL_CONTROL", &control)]);
+    run.wait_stderr(" ready (pid ", 1, SECS(30));
+    let pid = run.pid();
+    let scale = |count: &str| {
+        let out = Command::new("nsenter")
+            .args([&format!("--net=/proc/{pid}/ns/net"), bin(), "scale", count])
+            .env("COREPOOL_CONTROL", &control)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let load = Load::start_in(port, 4, Some(pid));
+    wait_served_by(&load, "0", &run);
+    assert_eq!(scale("3"), "ok: scaling from 1 to 3 workers");
+    run.wait_stderr(
+        "connections by the kernel's hash (no eBPF round robin",
+        1,
+        SECS(5),
+    );
+    run.wait_stderr(
+        "a dead worker's queued connections move to another",
+        1,
+        SECS(5),
+    );
+    run.wait_stderr(" ready (pid ", 3, SECS(30));
+    wait_served_by(&load, "1", &run);
+    wait_served_by(&load, "2", &run);
+    assert_eq!(scale("1"), "ok: scaling from 3 to 1 workers");
+    run.wait_stderr("removed by a scale, exited", 2, SECS(30));
+    let before = load.served_by().get("0").copied().unwrap_or(0);
+    let deadline = std::time::Instant::now() + SECS(10);
+    while load.served_by().get("0").copied().unwrap_or(0) < before + 50 {
+        assert!(std::time::Instant::now() < deadline, "{}", run.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let served = load.served_by();
+    let (ok, errors) = load.finish();
+    assert!(
+        errors.is_empty(),
+        "{} of {} requests failed: {:?}\n{}",
+        errors.len(),
+        ok + errors.len() as u64,
+        &errors[..errors.len().min(5)],
+        run.stderr()
+    );
+    eprintln!("hash: {ok} requests, 0 failed, by worker {served:?}");
+    run.signal(libc::SIGTERM);
+    let mut run = run;
     assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
 }
