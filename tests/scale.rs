@@ -546,8 +546,12 @@ fn the_heap_share_follows_the_worker_count_and_memory_limit() {
     let mut run = Run::from_command(cmd, &[("COREPOOL_CONTROL", &control), ("NODE_OPTIONS", "")]);
     run.wait_stdout("heap ", 2, SECS(10));
     // 70% of 1000 MiB over 2 workers.
+    let sorted = |mut lines: Vec<(String, String)>| {
+        lines.sort();
+        lines
+    };
     assert_eq!(
-        heap_lines(&run.stdout())[..2],
+        sorted(heap_lines(&run.stdout())[..2].to_vec()),
         [("0".into(), "350".into()), ("1".into(), "350".into())]
     );
     // Four workers: the new ones get a quarter.
@@ -555,7 +559,7 @@ fn the_heap_share_follows_the_worker_count_and_memory_limit() {
     assert_eq!(code, 0, "{err}");
     run.wait_stdout("heap ", 4, SECS(10));
     assert_eq!(
-        heap_lines(&run.stdout())[2..],
+        sorted(heap_lines(&run.stdout())[2..].to_vec()),
         [("2".into(), "175".into()), ("3".into(), "175".into())]
     );
     run.wait_stderr("new Node workers get --max-old-space-size=175", 1, SECS(5));
