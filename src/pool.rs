@@ -72,6 +72,8 @@ struct HeapShare {
     node_options: String,
     limit: Option<u64>,
     workers: usize,
+    /// The share new workers get now, in MiB.
+    mib: Option<u64>,
 }
 
 impl HeapShare {
@@ -88,6 +90,10 @@ impl HeapShare {
         let was = self.limit;
         (self.workers, self.limit) = (workers, limit);
         let mib = limit.and_then(|l| crate::node::heap_share_mib(l, workers, &self.node_options));
+        if mib == self.mib {
+            return;
+        }
+        self.mib = mib;
         os.balancer
             .set_heap_option(mib.map(|m| format!("--max-old-space-size={m}")));
         let limit_text =
@@ -198,10 +204,16 @@ impl Pool {
             shared,
             commands,
             cpu,
-            heap: config.heap_share.then(|| HeapShare {
-                node_options: config.node_options.clone(),
-                limit: cgroup::memory_limit().map(|m| m.bytes),
-                workers: config.instances,
+            heap: config.heap_share.then(|| {
+                let limit = cgroup::memory_limit().map(|m| m.bytes);
+                HeapShare {
+                    mib: limit.and_then(|l| {
+                        crate::node::heap_share_mib(l, config.instances, &config.node_options)
+                    }),
+                    node_options: config.node_options.clone(),
+                    limit,
+                    workers: config.instances,
+                }
             }),
         }
     }

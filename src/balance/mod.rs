@@ -306,6 +306,12 @@ impl Balancer {
     pub fn resize(&mut self, slots: usize) -> io::Result<()> {
         match &mut self.balance {
             Balance::Socket(socket) => socket.resize(slots),
+            Balance::None {
+                port,
+                port_increment: true,
+            } if usize::from(*port) + slots > usize::from(u16::MAX) + 1 => Err(io::Error::other(
+                format!("{slots} workers from port {port} would go past 65535 (--port-increment)"),
+            )),
             _ => Ok(()),
         }
     }
