@@ -1,13 +1,15 @@
 //! The pool: the supervisor loop that drives the supervision core.
 //!
 //! The loop is single-threaded and reads top to bottom: read the clock; apply what woke us (a
-//! signal, readiness news, a reload request, a deadline or the one-second safety tick); reap
+//! signal, readiness news, a reload or scale request, a deadline or the one-second safety
+//! tick); when due, look at the CPUs and the memory limit again (the CPU follow, the heap
+//! share: they read the cgroup, and hand the core a scale or the balancer a new share); reap
 //! every exited child; let the core do what is due (start, escalate, replace); publish; exit
 //! when the pool is finished. Because spawning and reaping happen on the same thread, no exit
 //! status can be collected behind anyone's back.
 //!
 //! Every decision lives in `supervisor` (and the types it ties together: `reload`, `memory`,
-//! `drain`, `ending`); this module only owns the real world (`os::RealOs`: launcher, balancer,
+//! `drain`, `ending`, `scale`); this module only owns the real world (`os::RealOs`: launcher, balancer,
 //! output pumps), the channels and the reporters' view.
 
 use crate::balance::Balancer;
