@@ -1,4 +1,5 @@
-//! Control: `corepool status`, `corepool reload` and `corepool scale` from inside the container.
+//! Control: `corepool status`, `corepool reload` and `corepool scale` from inside the
+//! container, both sides of the protocol: the server the pool runs, and the client subcommands.
 //!
 //! The running supervisor listens on a Linux abstract unix socket (`@corepool-<pid namespace
 //! inode>`, or `@$COREPOOL_CONTROL`): nothing is written to disk, so it works on a read-only root. The
@@ -10,6 +11,7 @@
 //! step. The client checks the server's credentials (root, its own user or PID 1) before
 //! trusting its answer.
 
+use crate::fatal::Fatal;
 use crate::metrics::{Shared, group_usage};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
@@ -70,7 +72,7 @@ const MAX_REQUEST: u64 = 256;
 /// `corepool status` run with `docker exec` or `kubectl exec` is in it, so the server and its
 /// clients agree on the name without being told. The variable is bytes, UTF-8 or not.
 pub fn socket_name() -> std::ffi::OsString {
-    if let Some(name) = std::env::var_os("COREPOOL_CONTROL").filter(|n| !n.is_empty()) {
+    if let Some(name) = crate::config::env::control_socket() {
         return name;
     }
     use std::os::unix::fs::MetadataExt;
@@ -263,6 +265,59 @@ async fn status(shared: &Shared) -> Status {
         pinned: snap.pinned,
         workers,
     }
+}
+
+/// `corepool status [--json]`: each worker of the pool running here, as a table or as JSON.
+/// Ok is what to print on stdout (exit 0).
+pub fn status_command(args: &[String]) -> Result<String, Fatal> {
+    const USAGE: &str = "corepool status [--json]   (each worker of the pool running here)";
+    if wants_help(args) {
+        return Ok(format!("usage: {USAGE}\n"));
+    }
+    let json = match args {
+        [] => false,
+        [flag] if flag == "--json" => true,
+        _ => return Err(Fatal::usage(format_args!("usage: {USAGE}"))),
+    };
+    let answer = request("status").map_err(|err| Fatal::new(1, err))?;
+    if json {
+        return Ok(answer);
+    }
+    Ok(match serde_json::from_str::<Status>(&answer) {
+        Ok(status) => status_table(&status),
+        Err(_) => answer,
+    })
+}
+
+/// `corepool reload`: a rolling reload of the pool running here; Ok is its answer.
+pub fn reload_command(args: &[String]) -> Result<String, Fatal> {
+    const USAGE: &str = "corepool reload   (a rolling reload of the pool running here)";
+    if wants_help(args) {
+        return Ok(format!("usage: {USAGE}\n"));
+    }
+    if !args.is_empty() {
+        return Err(Fatal::usage(format_args!("usage: {USAGE}")));
+    }
+    request("reload").map_err(|err| Fatal::new(1, err))
+}
+
+/// `corepool scale [POOL] N|+K|-K|auto`: changes the worker count of the pool running here;
+/// Ok is its answer. Bad arguments are a usage error (2) before anything is sent; a refusal
+/// by the pool is 1.
+pub fn scale_command(args: &[String]) -> Result<String, Fatal> {
+    const USAGE: &str = "corepool scale [POOL] N|+K|-K|auto   (change the worker count of the \
+                         pool running here; N, +K, -K pin it, auto follows --instances again)";
+    if wants_help(args) {
+        return Ok(format!("usage: {USAGE}\n"));
+    }
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let scale = crate::scale::Request::parse(&words)
+        .map_err(|err| Fatal::usage(format_args!("scale: {err} (usage: {USAGE})")))?;
+    request(&scale.line()).map_err(|err| Fatal::new(1, format_args!("scale: {err}")))
+}
+
+fn wants_help(args: &[String]) -> bool {
+    matches!(args, [flag] if flag == "--help" || flag == "-h")
 }
 
 /// Client side: sends one request to the running corepool and returns its answer. Whoever

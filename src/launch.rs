@@ -22,8 +22,10 @@
 //! the parent reads them and reports the error. The parent never waits for the child: the
 //! reaper does.
 
+use crate::fatal::Fatal;
 use crate::user::RunAs;
-use crate::{limits, signals};
+use crate::{exit, limits, signals};
+use nix::sys::signal::{SigSet, SigmaskHow};
 use nix::unistd::Pid;
 use std::ffi::{CString, OsString};
 use std::io;
@@ -92,7 +94,7 @@ fn environment(io: &WorkerIo, user: Option<&RunAs>) -> io::Result<(Vec<CString>,
             || (io.listen_pid && name == b"LISTEN_PID")
     };
     let mut env = Vec::new();
-    for (name, value) in std::env::vars_os() {
+    for (name, value) in crate::config::env::inherited() {
         if !overridden(&name) {
             env.push(cstring(
                 &[name.as_bytes(), b"=", value.as_bytes()].concat(),
@@ -144,8 +146,7 @@ impl LaunchSpec {
         let (err_r, err_w) = pipe()?;
         let (exec_r, exec_w) = pipe()?;
         let child_fds = ChildFds {
-            // SAFETY: getpid has no memory effects.
-            parent: unsafe { libc::getpid() },
+            parent: nix::unistd::getpid().as_raw(),
             stdin: devnull.as_raw_fd(),
             stdout: out_w.as_raw_fd(),
             stderr: err_w.as_raw_fd(),
@@ -211,27 +212,20 @@ impl LaunchSpec {
 /// that handler writes to corepool's own signal pipe (a phantom signal for the pool). The child
 /// inherits the full mask and clears it in `signals::reset_for_exec`; the parent gets its mask
 /// back on drop, and what arrived meanwhile is delivered then.
-struct AllSignalsBlocked(libc::sigset_t);
+struct AllSignalsBlocked(SigSet);
 
 impl AllSignalsBlocked {
     fn new() -> io::Result<AllSignalsBlocked> {
-        // SAFETY: sigset operations on stack values, then pthread_sigmask on this thread.
-        unsafe {
-            let mut all: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigfillset(&mut all);
-            match libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old) {
-                0 => Ok(AllSignalsBlocked(old)),
-                errno => Err(io::Error::from_raw_os_error(errno)),
-            }
-        }
+        // sigfillset: real-time signals included.
+        let old = SigSet::all().thread_swap_mask(SigmaskHow::SIG_SETMASK)?;
+        Ok(AllSignalsBlocked(old))
     }
 }
 
 impl Drop for AllSignalsBlocked {
     fn drop(&mut self) {
-        // SAFETY: restores the mask saved in `new`; cannot fail with a valid `how`.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+        // Restores the mask saved in `new`; cannot fail with a valid `how`.
+        let _ = self.0.thread_set_mask();
     }
 }
 
@@ -305,6 +299,11 @@ struct ChildFds {
 }
 
 /// The child's side, between fork and exec. Only raw, async-signal-safe system calls.
+///
+/// # Safety
+/// Call only in the child of a `fork` (it never returns: it execs or `_exit`s). Every pointer
+/// must be valid in the child's copy of memory: `program`, and the NULL-terminated `argv` and
+/// `envp` of NUL-terminated strings; `listen_pid_buf` null or with room for 11 bytes.
 unsafe fn child_exec(
     fds: &ChildFds,
     credentials: Option<&Credentials>,
@@ -314,6 +313,8 @@ unsafe fn child_exec(
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
 ) -> ! {
+    // SAFETY: the caller's contract above: valid pointers, a fresh single-threaded child; only
+    // async-signal-safe calls on memory prepared before the fork.
     unsafe {
         // Keep the report pipe clear of the numbers we are about to fill.
         let report = libc::fcntl(fds.report, libc::F_DUPFD_CLOEXEC, 64);
@@ -323,11 +324,11 @@ unsafe fn child_exec(
             bytes[..4].copy_from_slice(&(step as i32).to_ne_bytes());
             bytes[4..].copy_from_slice(&errno.to_ne_bytes());
             libc::write(report, bytes.as_ptr().cast(), 8);
-            libc::_exit(127)
+            libc::_exit(exit::NOT_FOUND)
         };
         let fail = |report: RawFd| -> ! { fail_at(report, Step::Exec) };
         if report < 0 {
-            libc::_exit(127);
+            libc::_exit(exit::NOT_FOUND);
         }
         if libc::setpgid(0, 0) != 0 {
             fail(report);
@@ -380,6 +381,9 @@ unsafe fn child_exec(
 }
 
 /// Writes `n` in decimal followed by a NUL at `buf` (room for 11 bytes). No allocation.
+///
+/// # Safety
+/// `buf` must be valid for writes of 11 bytes.
 unsafe fn write_decimal(buf: *mut u8, mut n: u32) {
     let mut digits = [0u8; 10];
     let mut len = 0;
@@ -395,6 +399,7 @@ unsafe fn write_decimal(buf: *mut u8, mut n: u32) {
         // SAFETY: the caller gives 11 writable bytes; len <= 10.
         unsafe { *buf.add(i) = digits[len - 1 - i] };
     }
+    // SAFETY: as above: len <= 10, so the NUL lands within the 11 bytes.
     unsafe { *buf.add(len) = 0 };
 }
 
@@ -423,24 +428,20 @@ fn close_inherited_fds() {
     }
 }
 
-/// Why the worker command cannot run, with the exit code a shell would give.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommandError {
-    pub code: i32,
-    pub message: String,
-}
-
 /// Finds the program as `execvp` would (PATH search unless it contains a slash) and checks that
 /// it is an executable file, so that a typo fails once, clearly, before any worker runs:
-/// 127 when missing, 126 when not executable or a directory.
+/// `exit::NOT_FOUND` (127) when missing, `exit::NOT_EXECUTABLE` (126) when not executable or a
+/// directory, as a shell would say.
 pub fn resolve_program(
     name: impl AsRef<std::ffi::OsStr>,
     path_var: Option<OsString>,
-) -> Result<PathBuf, CommandError> {
+) -> Result<PathBuf, Fatal> {
     let name = name.as_ref();
-    let not_found = || CommandError {
-        code: 127,
-        message: format!("command not found: {}", name.to_string_lossy()),
+    let not_found = || {
+        Fatal::new(
+            exit::NOT_FOUND,
+            format_args!("command not found: {}", name.to_string_lossy()),
+        )
     };
     if name.is_empty() {
         return Err(not_found());
@@ -467,22 +468,22 @@ pub fn resolve_program(
 }
 
 /// Ok for an executable file; Err(None) when absent; Err(Some) when present but unusable.
-fn check_executable(path: &Path) -> Result<(), Option<CommandError>> {
+fn check_executable(path: &Path) -> Result<(), Option<Fatal>> {
     let meta = std::fs::metadata(path).map_err(|_| None)?;
     let shown = path.display();
     if meta.is_dir() {
-        return Err(Some(CommandError {
-            code: 126,
-            message: format!("command is a directory: {shown}"),
-        }));
+        return Err(Some(Fatal::new(
+            exit::NOT_EXECUTABLE,
+            format_args!("command is a directory: {shown}"),
+        )));
     }
     let executable = meta.permissions().mode() & 0o111 != 0
         && nix::unistd::access(path, nix::unistd::AccessFlags::X_OK).is_ok();
     if !executable {
-        return Err(Some(CommandError {
-            code: 126,
-            message: format!("command is not executable (permission denied): {shown}"),
-        }));
+        return Err(Some(Fatal::new(
+            exit::NOT_EXECUTABLE,
+            format_args!("command is not executable (permission denied): {shown}"),
+        )));
     }
     Ok(())
 }
@@ -503,6 +504,7 @@ mod tests {
     fn decimal_digits() {
         for n in [0u32, 7, 10, 4_194_304, u32::MAX] {
             let mut buf = [b'x'; 11];
+            // SAFETY: buf has the 11 bytes write_decimal needs.
             unsafe { write_decimal(buf.as_mut_ptr(), n) };
             let end = buf.iter().position(|&b| b == 0).unwrap();
             assert_eq!(std::str::from_utf8(&buf[..end]).unwrap(), n.to_string());
@@ -564,20 +566,26 @@ mod tests {
 
     #[test]
     fn resolves_programs() {
-        assert!(resolve_program("sh", std::env::var_os("PATH")).is_ok());
+        assert!(resolve_program("sh", crate::config::env::path()).is_ok());
         assert_eq!(
-            resolve_program("no-such-cmd-xyz", std::env::var_os("PATH"))
+            resolve_program("no-such-cmd-xyz", crate::config::env::path())
                 .unwrap_err()
                 .code,
-            127
+            exit::NOT_FOUND
         );
-        assert_eq!(resolve_program("/etc", None).unwrap_err().code, 126);
+        assert_eq!(
+            resolve_program("/etc", None).unwrap_err().code,
+            exit::NOT_EXECUTABLE
+        );
         let plain = std::env::temp_dir().join(format!("corepool-plain-{}", std::process::id()));
         std::fs::write(&plain, "not a program").unwrap();
         let result = resolve_program(plain.to_str().unwrap(), None);
         std::fs::remove_file(&plain).unwrap();
-        assert_eq!(result.unwrap_err().code, 126);
-        assert_eq!(resolve_program("./missing", None).unwrap_err().code, 127);
-        assert_eq!(resolve_program("", None).unwrap_err().code, 127);
+        assert_eq!(result.unwrap_err().code, exit::NOT_EXECUTABLE);
+        assert_eq!(
+            resolve_program("./missing", None).unwrap_err().code,
+            exit::NOT_FOUND
+        );
+        assert_eq!(resolve_program("", None).unwrap_err().code, exit::NOT_FOUND);
     }
 }

@@ -2,7 +2,10 @@
 //! targets and benchmarks can drive each piece on its own.
 //!
 //! Where a behaviour lives:
-//! - `config`: flags, `COREPOOL_*` variables, the TOML file, `--print-config`;
+//! - `config`: flags, `COREPOOL_*` variables, the TOML file, `--print-config`: `options` declares
+//!   each option once (typed, with its scope), `resolve` applies precedence, `file` reads TOML,
+//!   `validate` checks options together, `env` is every read of the environment;
+//! - `fatal`: the one error that ends corepool early, with its exit code;
 //! - `cgroup`: usable CPUs and the memory limit, from cgroup v1/v2 and CPU affinity;
 //! - `signals`: which signals are caught and what each means;
 //! - `reaper`: the one `waitpid(-1)` loop;
@@ -16,8 +19,10 @@
 //! - `limits`: the descriptor limit raised for corepool, restored for its workers;
 //! - `proxy`: `--balance proxy`: private ports, readiness probes, least connections;
 //! - `relay`: the bytes of one proxied connection, moved by splice(2);
-//! - `metrics`: /metrics, /healthz, /readyz and process-group usage;
-//! - `control`: `corepool status` and `corepool reload` over an abstract unix socket;
+//! - `metrics`: /metrics, /healthz, /readyz and process-group usage; `metrics::health`: the
+//!   `corepool health` client;
+//! - `control`: `corepool status` and `corepool reload` over an abstract unix socket, server
+//!   and client;
 //! - `pool`: the supervisor loop: wait, reap, dispatch to the core, publish;
 //! - `supervisor`: the core's decisions (start, restart, forward, stop), with no process or
 //!   clock of its own; `os`: its edge with the OS (real, and a fake for unit tests);
@@ -37,6 +42,7 @@ pub mod control;
 pub mod drain;
 pub mod ending;
 pub mod exit;
+pub mod fatal;
 pub mod launch;
 pub mod limits;
 pub mod logs;

@@ -98,12 +98,12 @@ pub fn restore_for_exec() {
     if soft == u64::MAX {
         return;
     }
-    let limit = libc::rlimit {
-        rlim_cur: soft as libc::rlim_t,
-        rlim_max: HARD.load(Ordering::Relaxed) as libc::rlim_t,
-    };
-    // SAFETY: setrlimit is a plain system call on a stack value.
-    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    // A plain system call on a stack value: async-signal-safe, as `launch` needs.
+    let _ = nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_NOFILE,
+        soft as libc::rlim_t,
+        HARD.load(Ordering::Relaxed) as libc::rlim_t,
+    );
 }
 
 /// The descriptors corepool keeps for itself with `workers` worker slots.

@@ -1,12 +1,13 @@
 //! corepool: runs N copies of a server as a container's PID 1.
 //!
-//! `main` reads the configuration, checks the command, installs the signal handlers (before any
-//! child exists), starts the log writers, and hands over to the pool's supervisor loop on a
-//! single-threaded tokio runtime. Every early failure is one line on stderr and a distinct exit
-//! code (see `exit`).
+//! `main` runs a client subcommand (`status`, `reload`, `health`: each lives beside the server
+//! side of its protocol), or reads the configuration and starts the pool: the start-up steps are
+//! in order in [`serve`], ending in the supervisor loop on a single-threaded tokio runtime. Every
+//! early failure is one [`Fatal`]: one line on stderr and its exit code (see `exit`).
 
 use corepool::balance::{Balancer, Mode};
-use corepool::config::{self, ClapOrConfig, Invocation};
+use corepool::config::{self, Invocation};
+use corepool::fatal::Fatal;
 use corepool::node::{self, NodeEnv, Preload};
 use corepool::{
     cgroup, control, exit, launch, limits, logs, metrics, pool, proxy, reaper, signals,
@@ -15,69 +16,82 @@ use std::ffi::OsString;
 use std::io::Write;
 
 fn main() {
-    std::process::exit(run());
+    std::process::exit(match run() {
+        Ok(code) => code,
+        Err(fatal) => fatal.report(),
+    });
 }
 
-/// One line on stderr, prefixed so it is clear who speaks in a container's log.
-fn fail(code: i32, message: impl std::fmt::Display) -> i32 {
-    let _ = writeln!(std::io::stderr(), "corepool: {message}");
-    code
-}
-
-fn run() -> i32 {
+/// A client subcommand, or the pool: the exit code, or the one error that ends corepool.
+fn run() -> Result<i32, Fatal> {
     // Bytes, not String: an argument that is not UTF-8 is the worker's business (std::env::args
     // would panic on it).
-    let args: Vec<OsString> = std::env::args_os().collect();
-    let subcommand = args.get(1).and_then(|a| a.to_str());
-    if let Some(name @ ("status" | "reload" | "health" | "scale")) = subcommand {
-        let Some(rest) = args[2..]
-            .iter()
-            .map(|a| a.to_str().map(str::to_string))
-            .collect::<Option<Vec<String>>>()
-        else {
-            return fail(
-                exit::USAGE,
-                format_args!("{name}: an argument is not valid UTF-8"),
-            );
-        };
-        return match name {
-            "status" => client_status(&rest),
-            "reload" => client_reload(&rest),
-            "scale" => client_scale(&rest),
-            _ => client_health(&rest),
-        };
+    let args = config::env::args();
+    if let Some(answer) = subcommand(&args)? {
+        let _ = std::io::stdout().write_all(answer.as_bytes());
+        return Ok(0);
     }
-    let config = match config::load(args) {
-        Ok(Invocation::Run(config)) => config,
-        Ok(Invocation::PrintConfig(config)) => {
-            let mut text = config.to_toml();
-            // What heap_share comes to here, as the pool would compute it at start.
-            text.push_str(&match heap_share(&config) {
-                Some((_, how)) => format!("# heap share: {how}\n"),
-                None if config.heap_share => "# heap share: none (no cgroup memory limit, or \
-                                              NODE_OPTIONS sets --max-old-space-size)\n"
-                    .to_string(),
-                None => "# heap share: off\n".to_string(),
-            });
-            let _ = std::io::stdout().write_all(text.as_bytes());
-            return 0;
+    match config::load(args)? {
+        Invocation::Run(config) => serve(config),
+        Invocation::PrintConfig(config) => {
+            let _ = std::io::stdout().write_all(print_config(&config).as_bytes());
+            Ok(0)
         }
-        Err(ClapOrConfig::Clap(err)) => return clap_failure(err),
-        Err(ClapOrConfig::Config(err)) => return fail(exit::USAGE, err),
-    };
+    }
+}
 
+/// `corepool status|reload|health ...`, each beside the server side of its protocol; None when
+/// the first argument names no subcommand. Ok is what to print on stdout.
+fn subcommand(args: &[OsString]) -> Result<Option<String>, Fatal> {
+    let Some(name @ ("status" | "reload" | "health" | "scale")) =
+        args.get(1).and_then(|a| a.to_str())
+    else {
+        return Ok(None);
+    };
+    let Some(rest) = args[2..]
+        .iter()
+        .map(|a| a.to_str().map(str::to_string))
+        .collect::<Option<Vec<String>>>()
+    else {
+        return Err(Fatal::usage(format_args!(
+            "{name}: an argument is not valid UTF-8"
+        )));
+    };
+    match name {
+        "status" => control::status_command(&rest),
+        "reload" => control::reload_command(&rest),
+        "scale" => control::scale_command(&rest),
+        _ => metrics::health::command(&rest),
+    }
+    .map(Some)
+}
+
+/// `--print-config`: the effective configuration, and what heap_share comes to here, as the
+/// pool would compute it at start.
+fn print_config(config: &config::Config) -> String {
+    let mut text = config.to_toml();
+    text.push_str(&match heap_share(config) {
+        Some((_, how)) => format!("# heap share: {how}\n"),
+        None if config.heap_share => "# heap share: none (no cgroup memory limit, or \
+                                      NODE_OPTIONS sets --max-old-space-size)\n"
+            .to_string(),
+        None => "# heap share: off\n".to_string(),
+    });
+    text
+}
+
+/// The pool, start-up steps in order: descriptors, signals held, the program, the Node preload,
+/// the runtime, the metrics listener; then, on the runtime, handlers, logs, the balancer, the
+/// endpoints and the supervisor loop. Until logging runs a failure is a [`Fatal`]; after, it
+/// is logged and ends with `exit::STARTUP`.
+fn serve(config: config::Config) -> Result<i32, Fatal> {
     // Room for corepool's own descriptors (a proxied connection costs six); the workers get
     // the soft limit back before exec. Logged once logging runs.
     let nofile = limits::raise_nofile();
 
     // From here a SIGTERM waits, pending, for the handlers instead of being lost.
-    if let Err(err) = signals::hold() {
-        return fail(exit::STARTUP, format_args!("cannot block signals: {err}"));
-    }
-    let program = match launch::resolve_program(&config.command[0], config.search_path.clone()) {
-        Ok(program) => program,
-        Err(err) => return fail(err.code, err.message),
-    };
+    signals::hold().map_err(|err| Fatal::startup(format_args!("cannot block signals: {err}")))?;
+    let program = launch::resolve_program(&config.command[0], config.search_path.clone())?;
 
     // Asked once, before any worker exists (and before the reaper runs).
     // Proxy mode too, for the preload's drain (see preload.cjs); there it is not needed to
@@ -91,10 +105,7 @@ fn run() -> i32 {
         )
     };
     let preload = match config.balance {
-        Mode::Socket => match prepare() {
-            Ok(preload) => Some(preload),
-            Err(err) => return fail(exit::STARTUP, err),
-        },
+        Mode::Socket => Some(prepare().map_err(Fatal::startup)?),
         Mode::Proxy => match prepare() {
             Ok(preload) => Some(preload),
             Err(err) => {
@@ -108,49 +119,27 @@ fn run() -> i32 {
     };
 
     // Handlers first: a SIGTERM or SIGCHLD that arrives from here on is never lost.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            return fail(
-                exit::STARTUP,
-                format_args!("cannot start the event loop: {err}"),
-            );
-        }
-    };
+        .map_err(|err| Fatal::startup(format_args!("cannot start the event loop: {err}")))?;
     // Bound before any worker starts, so that a wrong address fails at once.
-    let metrics_listener = match config.metrics.map(metrics::bind).transpose() {
-        Ok(listener) => listener,
-        Err(err) => {
+    let metrics_listener = config
+        .metrics
+        .map(metrics::bind)
+        .transpose()
+        .map_err(|err| {
             let addr = config.metrics.map(|a| a.to_string()).unwrap_or_default();
-            return fail(
-                exit::STARTUP,
-                format_args!("cannot serve metrics on {addr} (--metrics): {err}"),
-            );
-        }
-    };
+            Fatal::startup(format_args!(
+                "cannot serve metrics on {addr} (--metrics): {err}"
+            ))
+        })?;
     let heap_option = heap_share(&config);
     runtime.block_on(async move {
-        let signals = match signals::SignalStream::install() {
-            Ok(signals) => signals,
-            Err(err) => {
-                return fail(
-                    exit::STARTUP,
-                    format_args!("cannot install signal handlers: {err}"),
-                );
-            }
-        };
-        let output = match logs::Output::start(config.log_format) {
-            Ok(output) => output,
-            Err(err) => {
-                return fail(
-                    exit::STARTUP,
-                    format_args!("cannot start log writers: {err}"),
-                );
-            }
-        };
+        let signals = signals::SignalStream::install()
+            .map_err(|err| Fatal::startup(format_args!("cannot install signal handlers: {err}")))?;
+        let output = logs::Output::start(config.log_format)
+            .map_err(|err| Fatal::startup(format_args!("cannot start log writers: {err}")))?;
         output.install_tracing(config.log_level);
         for warning in &config.unknown_env {
             tracing::warn!("{warning}");
@@ -231,13 +220,13 @@ fn run() -> i32 {
             Err(err) => {
                 tracing::error!("{err}");
                 output.finish(std::time::Duration::from_secs(1));
-                return exit::STARTUP;
+                return Ok(exit::STARTUP);
             }
         };
         if let Err(err) = balancer.share_ports(config.ports.get(1..).unwrap_or_default()) {
             tracing::error!("{err}");
             output.finish(std::time::Duration::from_secs(1));
-            return exit::STARTUP;
+            return Ok(exit::STARTUP);
         }
         balancer.set_proxy_limits(proxy_limits.0);
         balancer.set_ready_on_message(config.ready_on == config::ReadyOn::Message);
@@ -284,29 +273,13 @@ fn run() -> i32 {
             argv: config.command.clone(),
             user: config.user.clone(),
         };
-        pool::Pool::new(
+        let code = pool::Pool::new(
             config, launch, balancer, ready_rx, output, shared, command_rx,
         )
         .run(signals)
-        .await
+        .await;
+        Ok(code)
     })
-}
-
-/// clap's verdict: help and version go to stdout with 0; a usage error is one line and 2.
-fn clap_failure(err: clap::Error) -> i32 {
-    use clap::error::ErrorKind;
-    match err.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-            let _ = err.print();
-            0
-        }
-        _ => {
-            let rendered = err.to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            fail(exit::USAGE, format_args!("{first} (see corepool --help)"))
-        }
-    }
 }
 
 /// The proxy's bounds, and how they were chosen for the start-up log. `--max-connections
@@ -394,157 +367,4 @@ fn grace_warning(config: &config::Config) -> Option<String> {
             config::format_duration(config.kill_timeout)
         )
     })
-}
-
-/// `corepool SUBCOMMAND --help`: the usage line on stdout, exit 0.
-fn usage(text: &str) -> i32 {
-    let _ = writeln!(std::io::stdout(), "usage: {text}");
-    0
-}
-
-fn wants_help(args: &[String]) -> bool {
-    matches!(args, [flag] if flag == "--help" || flag == "-h")
-}
-
-/// `corepool status [--json]`.
-fn client_status(args: &[String]) -> i32 {
-    const USAGE: &str = "corepool status [--json]   (each worker of the pool running here)";
-    if wants_help(args) {
-        return usage(USAGE);
-    }
-    let json = match args {
-        [] => false,
-        [flag] if flag == "--json" => true,
-        _ => return fail(exit::USAGE, format_args!("usage: {USAGE}")),
-    };
-    match control::request("status") {
-        Ok(answer) => {
-            let text = if json {
-                answer
-            } else {
-                match serde_json::from_str::<control::Status>(&answer) {
-                    Ok(status) => control::status_table(&status),
-                    Err(_) => answer,
-                }
-            };
-            let _ = std::io::stdout().write_all(text.as_bytes());
-            0
-        }
-        Err(err) => fail(1, err),
-    }
-}
-
-/// `corepool reload`.
-fn client_reload(args: &[String]) -> i32 {
-    const USAGE: &str = "corepool reload   (a rolling reload of the pool running here)";
-    if wants_help(args) {
-        return usage(USAGE);
-    }
-    if !args.is_empty() {
-        return fail(exit::USAGE, format_args!("usage: {USAGE}"));
-    }
-    match control::request("reload") {
-        Ok(answer) => {
-            let _ = std::io::stdout().write_all(answer.as_bytes());
-            0
-        }
-        Err(err) => fail(1, err),
-    }
-}
-
-/// `corepool scale [POOL] N|+K|-K|auto`.
-fn client_scale(args: &[String]) -> i32 {
-    const USAGE: &str = "corepool scale [POOL] N|+K|-K|auto   (change the worker count of the pool \
-                         running here; N, +K, -K pin it, auto follows --instances again)";
-    if wants_help(args) {
-        return usage(USAGE);
-    }
-    let words: Vec<&str> = args.iter().map(String::as_str).collect();
-    let request = match corepool::scale::Request::parse(&words) {
-        Ok(request) => request,
-        Err(err) => return fail(exit::USAGE, format_args!("scale: {err} (usage: {USAGE})")),
-    };
-    match control::request(&request.line()) {
-        Ok(answer) => {
-            let _ = std::io::stdout().write_all(answer.as_bytes());
-            0
-        }
-        Err(err) => fail(1, format_args!("scale: {err}")),
-    }
-}
-
-/// `corepool health [--live] [ADDR]`: exit 0 when /readyz (or, with `--live`, /healthz) answers
-/// 200, else 1 (never 2, which Docker reserves).
-fn client_health(args: &[String]) -> i32 {
-    const USAGE: &str = "corepool health [--live] [ADDR | corepool's flags]   (exit 0 when the \
-                         metrics address (ADDR, else --metrics / COREPOOL_METRICS / the config \
-                         file's metrics, as corepool itself reads them) answers /readyz, or \
-                         /healthz with --live; else 1)";
-    if wants_help(args) {
-        return usage(USAGE);
-    }
-    // Exit codes are 0 and 1 only, bad usage included: Docker reserves 2 for a HEALTHCHECK.
-    const UNHEALTHY: i32 = 1;
-    let live = args.iter().any(|a| a == "--live");
-    let rest: Vec<&String> = args.iter().filter(|a| *a != "--live").collect();
-    let addr = match rest[..] {
-        [addr] if !addr.starts_with('-') => match config::parse_metrics_addr(addr) {
-            Ok(Some(addr)) => addr,
-            Ok(None) => return fail(UNHEALTHY, "health: ADDR: off is no address"),
-            Err(why) => return fail(UNHEALTHY, format_args!("health: ADDR: {why}")),
-        },
-        // The address the pool itself was given: flags, COREPOOL_METRICS, the config file.
-        _ => {
-            // Flags only: a word that is not an option's value would be taken as a command.
-            let words = config::command().try_get_matches_from(
-                ["corepool"]
-                    .into_iter()
-                    .chain(rest.iter().map(|a| a.as_str())),
-            );
-            if let Ok(matches) = &words
-                && matches.contains_id("command")
-            {
-                return fail(UNHEALTHY, format_args!("usage: {USAGE}"));
-            }
-            let flags = rest.iter().map(|a| OsString::from(a.as_str()));
-            let args = ["corepool", "--print-config"]
-                .into_iter()
-                .map(OsString::from)
-                .chain(flags);
-            match config::load(args) {
-                Ok(Invocation::PrintConfig(config) | Invocation::Run(config)) => {
-                    match config.metrics {
-                        Some(addr) => addr,
-                        None => {
-                            return fail(
-                                UNHEALTHY,
-                                "health: no metrics address: give one (corepool health :9100), \
-                                 or set --metrics, COREPOOL_METRICS or metrics in the config file",
-                            );
-                        }
-                    }
-                }
-                Err(ClapOrConfig::Clap(err)) => {
-                    let text = err.to_string();
-                    let first = text.lines().next().unwrap_or("invalid arguments");
-                    let first = first.strip_prefix("error: ").unwrap_or(first);
-                    return fail(UNHEALTHY, format_args!("health: {first} (usage: {USAGE})"));
-                }
-                Err(ClapOrConfig::Config(err)) => {
-                    return fail(UNHEALTHY, format_args!("health: {err}"));
-                }
-            }
-        }
-    };
-    // A wildcard listen address is reached on loopback.
-    let target = if addr.ip().is_unspecified() {
-        std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()))
-    } else {
-        addr
-    };
-    let path = if live { "/healthz" } else { "/readyz" };
-    match metrics::probe(target, path, std::time::Duration::from_secs(3)) {
-        Ok(()) => 0,
-        Err(err) => fail(UNHEALTHY, format_args!("unhealthy: {err}")),
-    }
 }

@@ -346,8 +346,7 @@ mod tests {
         let (dir, file) = (a.dir.metadata().unwrap(), a.file.metadata().unwrap());
         assert_eq!(dir.permissions().mode() & 0o7777, 0o711);
         assert_eq!(file.permissions().mode() & 0o7777, 0o644);
-        // SAFETY: geteuid has no memory effects.
-        let me = unsafe { libc::geteuid() };
+        let me = nix::unistd::geteuid().as_raw();
         assert_eq!((dir.uid(), file.uid()), (me, me));
         let (a_dir, b_dir) = (a.dir.clone(), b.dir.clone());
         drop(a);

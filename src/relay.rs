@@ -10,23 +10,9 @@
 //! when either side fails, or when no byte moved either way for the idle timeout. Nothing is
 //! interpreted, so WebSocket upgrades and large bodies pass intact.
 //!
-//! What splice bought, measured by `bench/relay.sh 3` on the 2-core test machine (one Node
-//! worker behind `--balance proxy`, against the same server reached directly in the same run;
-//! medians of 3), tokio's `copy_bidirectional` before and splice after:
-//!
-//! | figure                                  | copy      | splice    |
-//! |-----------------------------------------|-----------|-----------|
-//! | 2000 MiB download, of direct            | 0.20      | 0.39      |
-//! | corepool CPU for that download          | 2.14 s    | 0.67 s    |
-//! | 1 GB upload, of direct                  | 0.65      | 0.81      |
-//! | corepool CPU for that upload            | 1.14 s    | 0.30 s    |
-//! | hello keep-alive (wrk -c50), of direct  | 0.68      | 0.77      |
-//! | new connection per request, of direct   | 0.73      | 0.67      |
-//!
-//! Bulk transfers cost a third of the CPU (CPU the workers get back) and go twice as fast;
-//! short exchanges on a new connection each are the same within run-to-run spread (8.4k to
-//! 9.0k requests/s in either build), the two pipe2(2) calls per connection being small beside
-//! the accept, connect and the worker's own work. The pipes cost 4 descriptors per connection.
+//! The pipes cost 4 descriptors per connection. What splice bought over tokio's
+//! `copy_bidirectional` (a third of the CPU, twice the bulk throughput) is measured in the
+//! README's "Design notes" and `bench/results/relay-20261125.md`.
 
 use nix::fcntl::{SpliceFFlags, splice};
 use nix::sys::socket::{MsgFlags, Shutdown, recv, shutdown};

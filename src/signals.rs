@@ -209,6 +209,10 @@ struct KernelSigaction {
 /// Sets the default disposition with the raw system call: the C library refuses the signals it
 /// reserves for itself (32 and 33), yet a parent may have left them ignored, and an ignored
 /// signal survives exec.
+///
+/// # Safety
+/// Only for a freshly forked child about to exec (see [`reset_for_exec`]): in corepool itself
+/// it would take away a handler that signal-hook installed and relies on.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 unsafe fn set_default(signo: i32) {
     let action = KernelSigaction {
@@ -230,6 +234,11 @@ unsafe fn set_default(signo: i32) {
     }
 }
 
+/// Sets the default disposition with signal(2) where the kernel's sigaction layout is not known.
+///
+/// # Safety
+/// Only for a freshly forked child about to exec (see [`reset_for_exec`]): in corepool itself
+/// it would take away a handler that signal-hook installed and relies on.
 #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 unsafe fn set_default(signo: i32) {
     // SAFETY: signal(2) with SIG_DFL; glibc rejects its reserved numbers, which is harmless.

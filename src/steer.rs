@@ -1,8 +1,8 @@
 //! Steer: new connections go to the slots' SO_REUSEPORT sockets in turn.
 //!
 //! Without help the kernel picks a socket of the group by a hash of each connection's
-//! addresses, so N long-lived connections split binomially: 27/37 of wrk's 64 keep-alive
-//! connections in the benchmark, one worker idle part of the time while the other queued. A
+//! addresses, so N long-lived connections split binomially (see the README's "Benchmarks"):
+//! one worker idle part of the time while the other queued. A
 //! small eBPF program attached to the group (`SO_ATTACH_REUSEPORT_EBPF`) instead takes a counter
 //! from an array map, adds one, and selects the socket of the `counter % ready`-th *ready* slot
 //! (an order map lists them) from a `REUSEPORT_SOCKARRAY` map (`bpf_sk_select_reuseport`):

@@ -88,9 +88,9 @@ proptest! {
         match config::from_file_text("fuzz.toml", &text, cpu()) {
             Ok(config) => prop_assert!(config.instances >= 1 || text.contains("instances")),
             Err(err) => {
-                prop_assert!(!err.0.contains('\n'), "multi-line: {:?}", err.0);
-                let named = err.0.starts_with("fuzz.toml:") || err.0.starts_with("invalid value for fuzz.toml:") || err.0.contains("COREPOOL_") || err.0.contains("WEB_CONCURRENCY") || err.0.contains("PORT");
-                prop_assert!(named, "error does not name the file: {:?}", err.0);
+                prop_assert!(!err.message.contains('\n'), "multi-line: {:?}", err.message);
+                let named = err.message.starts_with("fuzz.toml:") || err.message.starts_with("invalid value for fuzz.toml:") || err.message.contains("COREPOOL_") || err.message.contains("WEB_CONCURRENCY") || err.message.contains("PORT");
+                prop_assert!(named, "error does not name the file: {:?}", err.message);
             }
         }
     }

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 #[test]
 fn as_pid1_in_a_pid_namespace_every_orphan_is_reaped() {
     // The worker double-forks 100 sleeps (they re-parent to PID 1, corepool), prints their
-    // pids, and waits. After they exit, no zombie may remain under corepool.
+    // pids, and waits. The sleeps outlive the count (a short sleep could end before a loaded
+    // machine lets the test look); the test then kills them, and no zombie may remain.
     let worker =
-        "for i in $(seq 100); do (sleep 0.3 & echo orphan $!) ; done; echo spawned; exec sleep 60";
+        "for i in $(seq 100); do (sleep 120 & echo orphan $!) ; done; echo spawned; exec sleep 120";
     let mut cmd = as_pid1();
     cmd.args(["-i", "1", "--", "sh", "-c", worker]);
     let mut run = Run::from_command(cmd, &[]);
-    run.wait_stdout("spawned", 1, SECS(10));
+    run.wait_stdout("spawned", 1, SECS(30));
     assert!(
         run.stderr().contains("running as PID 1"),
         "{}",
@@ -28,13 +29,27 @@ fn as_pid1_in_a_pid_namespace_every_orphan_is_reaped() {
         .first()
         .map(|c| c.0)
         .expect("corepool under unshare");
-    // While the sleeps run they are corepool's children (re-parented to PID 1).
-    let adopted = children_of(corepool).len();
-    assert!(
-        adopted > 50,
-        "only {adopted} children under PID 1: orphans were not re-parented to it"
+    // Every sleep is now corepool's child (re-parented to PID 1), beside the worker.
+    let kids = children_of(corepool);
+    assert_eq!(
+        kids.len(),
+        101,
+        "{} children under PID 1: orphans were not re-parented to it",
+        kids.len()
     );
-    let deadline = Instant::now() + SECS(5);
+    let worker_pid = children_of(corepool)
+        .into_iter()
+        .map(|c| c.0)
+        .find(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.contains("sleep") && c.contains("120") && pgid_of(pid) == pid)
+        })
+        .expect("the worker leads its own process group");
+    for (pid, _) in kids.iter().filter(|k| k.0 != worker_pid) {
+        // SAFETY: kill(2) on a pid read from /proc just now; a stale pid only fails with ESRCH.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    let deadline = Instant::now() + SECS(20);
     loop {
         let kids = children_of(corepool);
         let zombies = kids.iter().filter(|k| k.1 == 'Z').count();
@@ -302,4 +317,13 @@ fn as_pid1_a_sigterm_before_the_handlers_is_not_lost() {
         "the stop took {:?}: the early SIGTERM was lost",
         started.elapsed()
     );
+}
+
+/// The process group of `pid`, from /proc/PID/stat (field 5, after the command in parentheses).
+fn pgid_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(0)
 }

@@ -211,23 +211,11 @@ fn cluster_app() {
 #[test]
 fn socket_activation_listen_fd_3() {
     let run = serves_behind(&["npm", "run", "start:fd"], &[]);
-    assert_eq!(
-        run.stdout()
-            .matches("listening on file descriptor 3")
-            .count(),
-        2,
-        "{}",
-        run.stdout()
-    );
+    run.assert_stdout_count("listening on file descriptor 3", 2);
     let (run, port) = start(&["node", "socket-activation.js"], &[], &[]);
     run.wait_stderr("ready (pid", 2, SECS(60));
     both_answer(&run, port);
-    assert_eq!(
-        run.stdout()
-            .matches("listening on file descriptor 3")
-            .count(),
-        2
-    );
+    run.assert_stdout_count("listening on file descriptor 3", 2);
 }
 
 /// A real SvelteKit app built with adapter-node (socket activation: it checks LISTEN_PID and
@@ -238,26 +226,12 @@ fn sveltekit_adapter_node() {
     let (run, port) = start_in(dir, &["node", "build"], &[], &[]);
     run.wait_stderr("ready (pid", 2, SECS(60));
     both_answer(&run, port);
-    assert_eq!(
-        run.stdout()
-            .matches("Listening on file descriptor 3")
-            .count(),
-        2,
-        "{}",
-        run.stdout()
-    );
+    run.assert_stdout_count("Listening on file descriptor 3", 2);
     assert!(!run.stderr().contains("exited"), "{}", run.stderr());
     drop(run);
     let (run, port) = start_in(dir, &["npm", "start"], &[], &[]);
     let run = launchers_do_not_answer(run, port);
-    assert_eq!(
-        run.stdout()
-            .matches("Listening on file descriptor 3")
-            .count(),
-        2,
-        "{}",
-        run.stdout()
-    );
+    run.assert_stdout_count("Listening on file descriptor 3", 2);
 }
 
 /// pm2's unguarded process.send('ready'): no TypeError, the callback runs, nothing restarts.

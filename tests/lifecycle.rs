@@ -481,7 +481,12 @@ fn values_that_cannot_work_are_refused() {
     t(&["--kill-timeout", "0.5ms"], "finer than a millisecond");
     t(&["--kill-timeout", "-1s"], "--kill-timeout");
     t(&["--stop-signal", "STOP"], "--stop-signal");
-    t(&["--metrics", ":3000", "--balance", "socket"], "--metrics");
+    // The error names the option first, as every other one does (it once read
+    // "invalid value for 3000: ... (0.0.0.0:--metrics)").
+    t(
+        &["--metrics", ":3000", "--balance", "socket"],
+        "invalid value for --metrics: 0.0.0.0:3000 is the pool's own port (0.0.0.0:3000)",
+    );
     t(
         &[
             "--balance",

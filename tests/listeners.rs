@@ -31,19 +31,7 @@ fn pool(port: u16, mport: u16, control: &str, nofile: Option<u64>, extra: &[&str
         .args(extra)
         .args(["--", "node", HELLO]);
     if let Some(limit) = nofile {
-        // SAFETY: setrlimit is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(move || {
-                let lim = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        limit_nofile(&mut cmd, limit, limit);
     }
     Run::from_command(cmd, &[("COREPOOL_CONTROL", control)])
 }

@@ -246,20 +246,12 @@ fn a_server_behind_a_launcher_gets_every_port() {
     let admin_text = admin.to_string();
     let list = format!("{main},{admin}");
     let run = Run::start(
-        &[
-            "-i",
-            "2",
-            "--balance",
+        &pool_args(
+            2,
             "socket",
-            "--host",
-            "127.0.0.1",
-            "-p",
             &list,
-            "--",
-            "node",
-            wrapper.to_str().unwrap(),
-            APP,
-        ],
+            &["--", "node", wrapper.to_str().unwrap(), APP],
+        ),
         &[("ADMIN_PORT", &admin_text)],
     );
     run.wait_stderr(" ready (pid", 2, SECS(20));
@@ -318,20 +310,9 @@ fn a_listed_port_in_use_fails_at_once_with_code_3() {
     let (main, admin) = (free_port(), free_port());
     let _stranger = std::net::TcpListener::bind(("127.0.0.1", admin)).unwrap();
     let list = format!("{main},{admin}");
+    let args = pool_args(2, "socket", &list, &["--", "node", APP]);
     let (code, _, err) = run_to_end(
-        &[
-            "-i",
-            "2",
-            "--balance",
-            "socket",
-            "--host",
-            "127.0.0.1",
-            "-p",
-            &list,
-            "--",
-            "node",
-            APP,
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
         &[],
         SECS(10),
     );

@@ -27,42 +27,45 @@ process.on('SIGTERM', () => process.exit(0));
 "#;
 
 fn server() -> String {
-    let path = scratch("proxy-limits").join("server.js");
-    std::fs::write(&path, SERVER).unwrap();
-    path.to_string_lossy().into_owned()
+    scratch_file("proxy-limits", "server.js", SERVER)
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// corepool with RLIMIT_NOFILE set to (soft, hard) before exec, as `prlimit --nofile` would.
 fn start_with_nofile(soft: u64, hard: u64, args: &[String], env: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(bin());
     cmd.args(args);
-    // SAFETY: setrlimit is async-signal-safe; the closure touches only its copied integers.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            let limit = libc::rlimit {
-                rlim_cur: soft,
-                rlim_max: hard,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    limit_nofile(&mut cmd, soft, hard);
     Run::from_command(cmd, env)
 }
 
 fn proxy_args(workers: usize, port: u16, extra: &[&str], command: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = ["-i", &workers.to_string(), "--balance", "proxy"]
-        .into_iter()
-        .chain(["--host", "127.0.0.1", "-p", &port.to_string()])
-        .chain(["--log-format", "prefix"])
-        .map(String::from)
-        .collect();
+    let mut args = pool_args(
+        workers,
+        "proxy",
+        &port.to_string(),
+        &["--log-format", "prefix"],
+    );
     args.extend(extra.iter().map(|a| a.to_string()));
     args.push("--".into());
     args.extend(command.iter().map(|a| a.to_string()));
     args
+}
+
+/// [`proxy_args`] for `workers` workers of [`server`], with /metrics on a port of its own and
+/// no idle timeout: (args, public port, metrics port).
+fn metered_pool_args(workers: usize) -> (Vec<String>, u16, u16) {
+    let server = server();
+    let (port, metrics_port) = (free_port(), free_port());
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let args = proxy_args(
+        workers,
+        port,
+        &["--metrics", &metrics, "--idle-timeout", "off"],
+        &["node", &server],
+    );
+    (args, port, metrics_port)
 }
 
 /// The value of an unlabelled sample in corepool's /metrics, or why there is none.
@@ -127,15 +130,7 @@ fn echo(stream: &mut TcpStream, text: &[u8]) -> Result<Vec<u8>, String> {
 #[test]
 fn idle_clients_at_a_low_descriptor_limit_leave_health_restarts_and_service() {
     require("node");
-    let server = server();
-    let (port, metrics_port) = (free_port(), free_port());
-    let metrics = format!("127.0.0.1:{metrics_port}");
-    let args = proxy_args(
-        2,
-        port,
-        &["--metrics", &metrics, "--idle-timeout", "off"],
-        &["node", &server],
-    );
+    let (args, port, metrics_port) = metered_pool_args(2);
     let run = start_with_nofile(256, 256, &args, &[]);
     run.wait_stderr(" ready (pid", 2, SECS(20));
     assert!(
@@ -266,15 +261,7 @@ fn idle_clients_are_closed_after_the_idle_timeout() {
 #[test]
 fn a_worker_closing_its_side_frees_corepools_descriptors() {
     require("node");
-    let server = server();
-    let (port, metrics_port) = (free_port(), free_port());
-    let metrics = format!("127.0.0.1:{metrics_port}");
-    let args = proxy_args(
-        1,
-        port,
-        &["--metrics", &metrics, "--idle-timeout", "off"],
-        &["node", &server],
-    );
+    let (args, port, metrics_port) = metered_pool_args(1);
     let run = Run::start(&args, &[("MODE", "bye")]);
     run.wait_stderr(" ready (pid", 1, SECS(20));
     std::thread::sleep(Duration::from_millis(200));

@@ -29,15 +29,13 @@ fn get_within(port: u16, limit: Duration) -> Result<String, String> {
 /// them waited in slot 1's backlog until the slot was given up, minutes later).
 fn crash_looping_slot_takes_no_connection(ebpf: bool) {
     require("node");
-    let dir = scratch("steer-crashloop");
-    let server = dir.join("server.js");
-    std::fs::write(
-        &server,
+    let server = scratch_file(
+        "steer-crashloop",
+        "server.js",
         "if (process.env.NODE_APP_INSTANCE === '1') process.exit(1);\n\
          require('http').createServer((q, r) => r.end(`${process.pid}\\n`))\n\
            .listen(process.env.PORT, () => console.log('serving'));\n",
-    )
-    .unwrap();
+    );
     let port = free_port();
     let args = socket_args(2, port, &["--", "node", server.to_str().unwrap()]);
     let run = start_pool(ebpf, &args);
@@ -97,14 +95,12 @@ fn start_pool(ebpf: bool, args: &[String]) -> Run {
 /// socket, taken out of the group while the slot was empty, is back (in the eBPF map too).
 fn restarted_worker_gets_connections_again(ebpf: bool) {
     require("node");
-    let dir = scratch("steer-rejoin");
-    let server = dir.join("server.js");
-    std::fs::write(
-        &server,
+    let server = scratch_file(
+        "steer-rejoin",
+        "server.js",
         "require('http').createServer((q, r) => r.end(`${process.env.NODE_APP_INSTANCE} ${process.pid}\\n`))\n\
            .listen(process.env.PORT);\n",
-    )
-    .unwrap();
+    );
     let port = free_port();
     let args = socket_args(2, port, &["--", "node", server.to_str().unwrap()]);
     let run = start_pool(ebpf, &args);
@@ -162,29 +158,20 @@ fn proxy_private_ports_are_outside_the_ephemeral_range() {
     require("node");
     let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
     let start: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
-    let dir = scratch("steer-private-ports");
-    let server = dir.join("server.js");
-    std::fs::write(
-        &server,
+    let server = scratch_file(
+        "steer-private-ports",
+        "server.js",
         "require('http').createServer((q, r) => r.end(`${process.env.PORT}\\n`))\n\
            .listen(process.env.PORT, process.env.HOSTNAME, () => console.log('port', process.env.PORT));\n",
-    )
-    .unwrap();
+    );
     let port = free_port();
     let mut run = Run::start(
-        &[
-            "-i",
-            "2",
-            "--balance",
+        &pool_args(
+            2,
             "proxy",
-            "--host",
-            "127.0.0.1",
-            "-p",
             &port.to_string(),
-            "--",
-            "node",
-            server.to_str().unwrap(),
-        ],
+            &["--", "node", server.to_str().unwrap()],
+        ),
         &[],
     );
     run.wait_stdout("port ", 2, SECS(30));
@@ -223,14 +210,12 @@ fn proxy_reloads_under_load_with_a_narrow_ephemeral_range() {
     require("node");
     require("unshare");
     require("ip");
-    let dir = scratch("steer-narrow-range");
-    let server = dir.join("server.js");
-    std::fs::write(
-        &server,
+    let server = scratch_file(
+        "steer-narrow-range",
+        "server.js",
         "require('http').createServer((q, r) => r.end('ok\\n'))\n\
            .listen(process.env.PORT, process.env.HOSTNAME);\n",
-    )
-    .unwrap();
+    );
     let port = 8080;
     let mut cmd = Command::new("unshare");
     cmd.args([
@@ -240,18 +225,13 @@ fn proxy_reloads_under_load_with_a_narrow_ephemeral_range() {
         "ip link set lo up && echo '40000 40031' > /proc/sys/net/ipv4/ip_local_port_range \
          && exec \"$0\" \"$@\"",
         bin(),
-        "-i",
-        "2",
-        "--balance",
-        "proxy",
-        "--host",
-        "127.0.0.1",
-        "-p",
-        &port.to_string(),
-        "--",
-        "node",
-        server.to_str().unwrap(),
     ]);
+    cmd.args(pool_args(
+        2,
+        "proxy",
+        &port.to_string(),
+        &["--", "node", server.to_str().unwrap()],
+    ));
     let mut run = Run::from_command(cmd, &[]);
     run.wait_stderr(" ready (pid", 2, SECS(30));
     let netns = format!("/proc/{}/ns/net", run.pid());
@@ -260,12 +240,7 @@ fn proxy_reloads_under_load_with_a_narrow_ephemeral_range() {
         .map(|_| {
             let (netns, stop) = (netns.clone(), stop.clone());
             std::thread::spawn(move || {
-                let ns = std::fs::File::open(&netns).expect("the pool's network namespace");
-                // SAFETY: setns(2) on this thread only, with an open namespace descriptor.
-                let ret = unsafe {
-                    libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET)
-                };
-                assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+                enter_netns(&netns);
                 let (mut ok, mut failed) = (0u32, 0u32);
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     match get_within(port, SECS(5)) {
@@ -312,15 +287,13 @@ fn crash_looping_slot_takes_no_connection_without_migration() {
     require("unshare");
     require("setpriv");
     require("ip");
-    let dir = scratch("steer-no-migrate");
-    let server = dir.join("server.js");
-    std::fs::write(
-        &server,
+    let server = scratch_file(
+        "steer-no-migrate",
+        "server.js",
         "if (process.env.NODE_APP_INSTANCE === '1') process.exit(1);\n\
          require('http').createServer((q, r) => r.end(`${process.pid}\\n`))\n\
            .listen(process.env.PORT);\n",
-    )
-    .unwrap();
+    );
     let port = 8080;
     let mut cmd = Command::new("unshare");
     cmd.args([
@@ -351,10 +324,7 @@ fn crash_looping_slot_takes_no_connection_without_migration() {
     });
     let netns = format!("/proc/{}/ns/net", run.pid());
     let slow = std::thread::spawn(move || {
-        let ns = std::fs::File::open(&netns).expect("the pool's network namespace");
-        // SAFETY: setns(2) on this thread only, with an open namespace descriptor.
-        let ret = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-        assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+        enter_netns(&netns);
         (0..100)
             .filter_map(|i| {
                 get_within(port, SECS(2))

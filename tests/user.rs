@@ -10,9 +10,8 @@ use common::*;
 use std::process::Command;
 
 fn require_root() {
-    // SAFETY: geteuid has no side effects.
     assert_eq!(
-        unsafe { libc::geteuid() },
+        nix::unistd::geteuid().as_raw(),
         0,
         "prerequisite missing: tests/user.rs must run as root"
     );

@@ -125,6 +125,12 @@ impl Run {
         );
     }
 
+    /// Asserts that `needle` stands exactly `n` times in stdout so far.
+    pub fn assert_stdout_count(&self, needle: &str, n: usize) {
+        let out = self.stdout();
+        assert_eq!(out.matches(needle).count(), n, "{out}");
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: kill(2) on the pid of our own child.
         let rc = unsafe { libc::kill(self.pid(), sig) };
@@ -186,9 +192,15 @@ impl Drop for Run {
 
 /// `corepool -i N --balance socket --host 127.0.0.1 -p PORT` followed by `rest`.
 pub fn socket_args(n: usize, port: u16, rest: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = ["-i", &n.to_string(), "--balance", "socket"]
+    pool_args(n, "socket", &port.to_string(), rest)
+}
+
+/// `corepool -i N --balance MODE --host 127.0.0.1 -p PORTS` followed by `rest`; `ports` is one
+/// port or a list (`3000,3001`).
+pub fn pool_args(n: usize, mode: &str, ports: &str, rest: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["-i", &n.to_string(), "--balance", mode]
         .into_iter()
-        .chain(["--host", "127.0.0.1", "-p", &port.to_string()])
+        .chain(["--host", "127.0.0.1", "-p", ports])
         .map(String::from)
         .collect();
     args.extend(rest.iter().map(|a| a.to_string()));
@@ -245,6 +257,39 @@ pub fn scratch(name: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
+}
+
+/// Writes `text` to `file` in the scratch directory `name` (see [`scratch`]); returns its path.
+pub fn scratch_file(name: &str, file: &str, text: &str) -> std::path::PathBuf {
+    let path = scratch(name).join(file);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Moves the calling thread into the network namespace at `netns` (`/proc/PID/ns/net`), so that
+/// a client thread reaches a pool that runs in a namespace of its own.
+pub fn enter_netns(netns: &str) {
+    let ns = std::fs::File::open(netns).expect("the pool's network namespace");
+    // SAFETY: setns(2) on this thread only, with an open namespace descriptor.
+    let ret = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+    assert_eq!(ret, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+/// Sets RLIMIT_NOFILE to (soft, hard) in `cmd`'s child before exec, as `prlimit --nofile` would.
+pub fn limit_nofile(cmd: &mut Command, soft: u64, hard: u64) {
+    // SAFETY: setrlimit is async-signal-safe; the closure touches only its copied integers.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            let limit = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (tests run in parallel: never a fixed one).

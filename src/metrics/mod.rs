@@ -13,6 +13,8 @@
 //! has waited longest for its request is closed), `REQUEST_TIMEOUT` to send a request head of at
 //! most 8 KiB and again to take the answer.
 
+pub mod health;
+
 use prometheus_client::encoding::prometheus_text;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -482,32 +484,6 @@ fn readyz(shared: &Shared) -> (&'static str, &'static str, String) {
     }
 }
 
-/// `corepool health [--live] [ADDR]`: GET `path` (/readyz, or /healthz); Ok on 200. For a
-/// HEALTHCHECK in images without curl.
-pub fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-    let _ = stream.set_read_timeout(Some(timeout));
-    let _ = stream.set_write_timeout(Some(timeout));
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: corepool\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .map_err(|e| format!("{addr}: {e}"))?;
-    let mut answer = String::new();
-    let _ = stream.read_to_string(&mut answer);
-    let status = answer.lines().next().unwrap_or("").to_string();
-    if status.starts_with("HTTP/1.1 200") {
-        Ok(())
-    } else if status.is_empty() {
-        Err(format!("{addr}{path}: no answer"))
-    } else {
-        Err(format!("{addr}{path}: {status}"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,8 +497,7 @@ mod tests {
 
     #[test]
     fn own_group_usage() {
-        // SAFETY: getpgrp has no memory effects.
-        let me = unsafe { libc::getpgrp() };
+        let me = nix::unistd::getpgrp().as_raw();
         let usage = group_usage(&[me]);
         assert!(usage[&me].rss_bytes > 0 && usage[&me].processes >= 1);
     }
