@@ -168,6 +168,8 @@ fn an_app_that_cannot_start_ends_the_pool_within_the_fail_fast_window() {
 #[test]
 fn a_worker_that_dies_before_it_is_ready_is_a_failure_whatever_its_age() {
     // Never listens, exits 3 after 1.5 s (older than --min-uptime): each exit is a failure.
+    // --fail-fast leaves room for the first exit to come (and be counted) on a loaded machine,
+    // where Node alone can take seconds to start.
     let port = free_port();
     let started = Instant::now();
     let args = socket_args(
@@ -175,7 +177,7 @@ fn a_worker_that_dies_before_it_is_ready_is_a_failure_whatever_its_age() {
         port,
         &[
             "--fail-fast",
-            "2s",
+            "6s",
             "--",
             "node",
             "-e",
@@ -187,7 +189,7 @@ fn a_worker_that_dies_before_it_is_ready_is_a_failure_whatever_its_age() {
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("1 short-lived exits in a row"), "{err}");
     assert!(err.contains("(--fail-fast)"), "{err}");
-    assert!(started.elapsed() < SECS(20), "{err}");
+    assert!(started.elapsed() < SECS(25), "{err}");
 }
 
 #[test]

@@ -19,11 +19,17 @@ pub struct Run {
     pub child: Child,
     stdout: Arc<Mutex<Vec<u8>>>,
     stderr: Arc<Mutex<Vec<u8>>>,
+    /// Set when the collector read the pipe's end (every writer closed it).
+    ends: [Arc<std::sync::atomic::AtomicBool>; 2],
 }
 
-fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+/// A pipe's bytes as they arrive, and whether its end (EOF) has been read.
+type Collected = (Arc<Mutex<Vec<u8>>>, Arc<std::sync::atomic::AtomicBool>);
+
+fn collect(mut from: impl Read + Send + 'static) -> Collected {
     let buf = Arc::new(Mutex::new(Vec::new()));
-    let sink = buf.clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (sink, eof) = (buf.clone(), done.clone());
     std::thread::spawn(move || {
         let mut chunk = [0u8; 65536];
         while let Ok(n) = from.read(&mut chunk) {
@@ -32,8 +38,9 @@ fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
             }
             sink.lock().unwrap().extend_from_slice(&chunk[..n]);
         }
+        eof.store(true, std::sync::atomic::Ordering::SeqCst);
     });
-    buf
+    (buf, done)
 }
 
 impl Run {
@@ -64,12 +71,13 @@ impl Run {
             });
         }
         let mut child = cmd.spawn().expect("spawn corepool");
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
+        let (stdout, out_end) = collect(child.stdout.take().unwrap());
+        let (stderr, err_end) = collect(child.stderr.take().unwrap());
         Run {
             child,
             stdout,
             stderr,
+            ends: [out_end, err_end],
         }
     }
 
@@ -142,8 +150,17 @@ impl Run {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // Let the collector threads read the last bytes.
-                std::thread::sleep(Duration::from_millis(50));
+                // Let the collector threads read the last bytes: until both pipes end, or for
+                // at most 5 s (a process corepool started may outlive it holding a pipe).
+                let until = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < until
+                    && !self
+                        .ends
+                        .iter()
+                        .all(|e| e.load(std::sync::atomic::Ordering::SeqCst))
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return status;
             }
             if Instant::now() > deadline {
