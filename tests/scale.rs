@@ -651,3 +651,86 @@ fn without_ebpf_a_pool_of_one_grows_and_shrinks_under_load() {
     let mut run = run;
     assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
 }
+
+/// The CPU follow with two pools of `instances = "max"` (cpu_share 3 and 1) under a real
+/// cgroup v1 quota: 2 CPUs split 2 + 1 and stay so (a follow that ignored the split would
+/// give each pool both CPUs); at half a CPU the web pool alone goes to 1 and, at 2 CPUs
+/// again, back to 2, the queue pool keeping its one worker throughout.
+#[test]
+fn the_cpu_follow_splits_the_cpus_among_pools_again() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "prerequisite missing: 2 CPUs in our affinity ({cpus})"
+    );
+    require("node");
+    let dir = scratch("scale-pools-cpu");
+    let queue = dir.join("queue.sh");
+    write_executable(
+        &queue,
+        "#!/bin/sh\ntrap 'exit 0' TERM\necho \"queue ready $$\"\nwhile :; do sleep 0.1; done\n",
+    );
+    let port = free_port();
+    let file = dir.join("corepool.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "host = \"127.0.0.1\"\ncpu_watch = \"300ms\"\n\n\
+             [pool.web]\ncommand = [\"node\", \"{HELLO}\"]\ninstances = \"max\"\ncpu_share = 3\n\
+             balance = \"socket\"\nport = {port}\n\n\
+             [pool.queue]\ncommand = [\"{}\"]\ninstances = \"max\"\ncpu_share = 1\n\
+             balance = \"none\"\n",
+            queue.display()
+        ),
+    )
+    .unwrap();
+    let cg = Cgroup::new("corepool-test-pools-follow", 200_000);
+    let control = control_name("pools-cpu");
+    let mut run = cg.start(
+        &["-c", file.to_str().unwrap()],
+        &[("COREPOOL_CONTROL", &control)],
+    );
+    run.wait_stderr("pool web: worker 1 ready", 1, SECS(30));
+    run.wait_stdout("queue ready", 1, SECS(10));
+    let counts = |control: &str| {
+        let st = status(control);
+        (
+            st["pools"][0]["instances"].as_u64(),
+            st["pools"][1]["instances"].as_u64(),
+        )
+    };
+    assert_eq!(counts(&control), (Some(2), Some(1)));
+    // Several looks at the same CPUs change nothing.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(
+        !run.stderr().contains("usable CPUs changed"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(counts(&control), (Some(2), Some(1)));
+
+    cg.quota(50_000);
+    run.wait_stderr(
+        "pool web: scaling down from 2 to 1 workers (usable CPUs changed: instances max now \
+         comes to 1, was 2 (cgroup v1 cpu.cfs_quota_us 50000/100000",
+        1,
+        SECS(10),
+    );
+    run.wait_stderr("removed by a scale, exited", 1, SECS(30));
+    assert!(
+        run.stderr().contains("; cpu_share 3 of 4)"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(counts(&control), (Some(1), Some(1)));
+
+    cg.quota(200_000);
+    run.wait_stderr("pool web: scaling up from 1 to 2 workers", 1, SECS(10));
+    run.wait_stderr("pool web: worker 1 ready", 2, SECS(30));
+    assert_eq!(counts(&control), (Some(2), Some(1)));
+    let err = run.stderr();
+    assert!(!err.contains("pool queue: scaling"), "{err}");
+    run.assert_stdout_count("queue ready", 1);
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
+}
