@@ -102,7 +102,7 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
     signals::hold().map_err(|err| Fatal::startup(format_args!("cannot block signals: {err}")))?;
     let several = !config.pools.is_empty();
     // Each pool's program, and its Node preload: asked once, before any worker exists (and
-    // before the reaper runs). Proxy mode too, for the preload's drain (see preload.cjs);
+    // before the reaper runs). Proxy mode too, for the preload's drain (see preload/drain.cjs);
     // there it is not needed to serve, so a preload that cannot be written (an old Node on a
     // read-only root) is only reported, once logging runs.
     let mut prepared = Vec::new();

@@ -8,7 +8,8 @@
 //! up. A worker is ready once its private port accepts a connection (probed every 50 ms).
 //!
 //! The bytes of each connection are moved by `relay` (splice(2), half-closes kept, nothing
-//! interpreted, so WebSocket upgrades and large bodies pass as they are).
+//! interpreted, so WebSocket upgrades and large bodies pass as they are), on relay threads of
+//! their own, one per CPU, beside the supervisor's (see `serve`).
 //!
 //! At most `--max-connections` are relayed at once. At the limit the accept loop stops
 //! accepting, as HAProxy does at `maxconn`: new clients wait in the kernel's listen backlog
@@ -314,63 +315,140 @@ pub fn probe(backends: Backends, pid: i32, port: u16, tx: mpsc::UnboundedSender<
 
 /// Accepts on the public listener until the pool stops, relaying every connection, at most
 /// `limits.max_connections` at once.
+///
+/// The relays run on threads of their own, one per CPU corepool may use (at most
+/// `RELAY_THREADS_MAX`), each a single-threaded runtime accepting on the same listening socket:
+/// a relay's cost is mostly the kernel's TCP work done in the relaying thread, so one thread
+/// capped the proxy at one CPU, and the supervisor loop no longer shares its thread with the
+/// bytes. The limit is one semaphore for all of them. When this task is aborted (the pool
+/// stops), every thread stops accepting and closes its copy of the socket at once; its relays
+/// run on until they end.
 pub async fn serve(listener: std::net::TcpListener, backends: Backends, limits: Limits) {
-    let listener = match listener
-        .set_nonblocking(true)
-        .and_then(|()| TcpListener::from_std(listener))
-    {
+    /// One relay thread per CPU up to this many.
+    const RELAY_THREADS_MAX: usize = 16;
+    if let Err(err) = listener.set_nonblocking(true) {
+        tracing::error!("proxy: cannot use the public socket: {err}");
+        return;
+    }
+    let slots = Arc::new(Semaphore::new(
+        limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(RELAY_THREADS_MAX);
+    // Dropped with this task: the threads see it closed and stop accepting.
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    let mut started = 0;
+    for index in 0..threads {
+        let copy = match listener.try_clone() {
+            Ok(copy) => copy,
+            Err(err) => {
+                tracing::warn!("proxy: cannot share the public socket with a relay thread: {err}");
+                break;
+            }
+        };
+        let (backends, slots, stopped) = (backends.clone(), slots.clone(), stopped.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("relay-{index}"))
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => {
+                        runtime.block_on(accept_loop(copy, backends, limits, slots, stopped))
+                    }
+                    Err(err) => tracing::error!("proxy: relay thread {index}: no runtime: {err}"),
+                }
+            });
+        match spawned {
+            Ok(_) => started += 1,
+            Err(err) => tracing::warn!("proxy: cannot start relay thread {index}: {err}"),
+        }
+    }
+    if started == 0 {
+        // No thread: relay on the supervisor's own, as a single-threaded proxy.
+        accept_loop(listener, backends, limits, slots, stopped).await;
+        return;
+    }
+    drop(listener);
+    let _stop = stop;
+    std::future::pending::<()>().await
+}
+
+/// One thread's accept loop (see [`serve`]): accepts while a slot under the limit is free,
+/// until `stopped` closes; then waits for the relays it started.
+async fn accept_loop(
+    listener: std::net::TcpListener,
+    backends: Backends,
+    limits: Limits,
+    slots: Arc<Semaphore>,
+    mut stopped: tokio::sync::watch::Receiver<()>,
+) {
+    let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(err) => {
             tracing::error!("proxy: cannot use the public socket: {err}");
             return;
         }
     };
-    let slots = Arc::new(Semaphore::new(
-        limits.max_connections.min(Semaphore::MAX_PERMITS),
-    ));
-    let mut logged: Option<Instant> = None;
-    loop {
-        // A free slot first, then accept: at the limit, clients wait in the listen backlog.
-        let permit = match slots.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                let times = backends.limit_reached.fetch_add(1, Ordering::Relaxed) + 1;
-                if logged.is_none_or(|at| at.elapsed() >= LIMIT_LOG_EVERY) {
-                    logged = Some(Instant::now());
-                    tracing::warn!(
-                        "proxy: {} connections open, the limit (--max-connections): new ones \
-                         wait in the listen backlog until one ends (limit reached {times} times)",
-                        limits.max_connections
-                    );
+    let mut relays = tokio::task::JoinSet::new();
+    let accepting = async {
+        let mut logged: Option<Instant> = None;
+        loop {
+            // Finished relays leave the set here, so it holds only the live ones.
+            while relays.try_join_next().is_some() {}
+            // A free slot first, then accept: at the limit, clients wait in the listen backlog.
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    let times = backends.limit_reached.fetch_add(1, Ordering::Relaxed) + 1;
+                    if logged.is_none_or(|at| at.elapsed() >= LIMIT_LOG_EVERY) {
+                        logged = Some(Instant::now());
+                        tracing::warn!(
+                            "proxy: {} connections open, the limit (--max-connections): new \
+                             ones wait in the listen backlog until one ends (limit reached \
+                             {times} times)",
+                            limits.max_connections
+                        );
+                    }
+                    match slots.clone().acquire_owned().await {
+                        Ok(permit) => permit,
+                        // The semaphore is never closed; if it were, nothing more could be
+                        // relayed.
+                        Err(_) => return,
+                    }
                 }
-                match slots.clone().acquire_owned().await {
-                    Ok(permit) => permit,
-                    // The semaphore is never closed; if it were, nothing more could be relayed.
-                    Err(_) => return,
+            };
+            match listener.accept().await {
+                Ok((client, peer)) => {
+                    let turn = backends.accepted.fetch_add(1, Ordering::Relaxed);
+                    let open = Held::new(&backends.open);
+                    relays.spawn(relay(
+                        client,
+                        peer,
+                        turn,
+                        backends.clone(),
+                        limits.idle_timeout,
+                        (permit, open),
+                    ));
                 }
-            }
-        };
-        match listener.accept().await {
-            Ok((client, peer)) => {
-                let turn = backends.accepted.fetch_add(1, Ordering::Relaxed);
-                let open = Held::new(&backends.open);
-                tokio::spawn(relay(
-                    client,
-                    peer,
-                    turn,
-                    backends.clone(),
-                    limits.idle_timeout,
-                    (permit, open),
-                ));
-            }
-            Err(err) => {
-                // EMFILE and friends: say so, breathe, go on.
-                tracing::warn!("proxy: accept failed: {err}");
-                drop(permit);
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(err) => {
+                    // EMFILE and friends: say so, breathe, go on.
+                    tracing::warn!("proxy: accept failed: {err}");
+                    drop(permit);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
+    };
+    tokio::select! {
+        () = accepting => {}
+        // Err: the sender is gone, the pool stops.
+        _ = stopped.changed() => {}
     }
+    drop(listener);
+    while relays.join_next().await.is_some() {}
 }
 
 /// Connects to the least busy ready worker (trying the others on refusal) and relays. `_slot`

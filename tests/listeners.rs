@@ -305,11 +305,11 @@ fn a_metrics_flood_leaves_the_supervisor_free() {
         "{requests} /metrics in 4 s: supervisor thread {:.3} ms CPU each; worst /healthz {worst:?}",
         ms_per_request
     );
-    assert!(requests > 200, "only {requests} /metrics answered");
-    assert!(
-        worst < Duration::from_millis(500),
-        "/healthz took {worst:?}"
-    );
+    // CPU per request is the measure (it does not depend on how loaded the machine is); the
+    // bounds on count and wall time only catch a supervisor that stopped answering, and leave
+    // room for a CI box whose two cores are busy with other tests.
+    assert!(requests > 100, "only {requests} /metrics answered");
+    assert!(worst < Duration::from_secs(2), "/healthz took {worst:?}");
     assert!(
         ms_per_request < 1.0,
         "the supervisor's thread spent {ms_per_request:.3} ms per /metrics"

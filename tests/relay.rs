@@ -333,3 +333,72 @@ fn a_burst_of_connections_is_spread_over_the_workers() {
         );
     }
 }
+
+/// The relays run on threads of their own, one per CPU corepool may use, beside the
+/// supervisor's; and when the pool stops, every one of them lets go of the public socket at
+/// once: while a worker is still draining, a new client is refused, not left in a backlog.
+#[test]
+fn relays_run_on_a_thread_per_cpu_and_all_let_go_of_the_port_at_stop() {
+    let dir = scratch("relay-threads");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        r#"
+const http = require('http');
+const s = http.createServer((req, res) => res.end('hello\n'));
+s.listen(Number(process.env.PORT), process.env.HOSTNAME);
+process.on('SIGTERM', () => { console.log('stopping'); setTimeout(() => process.exit(0), 4000); });
+"#,
+    )
+    .unwrap();
+    let port = free_port();
+    let mut pool = proxy_pool(1, port, &["node", server.to_str().unwrap()], &[]);
+    let deadline = Instant::now() + SECS(20);
+    while get_ok(port, "/").is_err() {
+        assert!(Instant::now() < deadline, "no answer: {}", pool.stderr());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let cpus = std::thread::available_parallelism().unwrap().get().min(16);
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", pool.pid()))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect();
+    for i in 0..cpus {
+        assert!(
+            names.contains(&format!("relay-{i}")),
+            "no thread relay-{i} among {names:?}"
+        );
+    }
+    // Every thread relays: as many held connections as threads, each answered.
+    let held: Vec<TcpStream> = (0..cpus * 4)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(SECS(10))).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            let mut buf = [0u8; 512];
+            let n = s.read(&mut buf).unwrap();
+            assert!(String::from_utf8_lossy(&buf[..n]).ends_with("hello\n"));
+            s
+        })
+        .collect();
+    pool.signal(libc::SIGTERM);
+    pool.wait_stdout("stopping", 1, SECS(10));
+    // The worker lives on for 4 s; the public port must be closed by now (give the threads a
+    // moment to see the stop).
+    let deadline = Instant::now() + SECS(2);
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "public port still open while the pool stops: {other:?}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    drop(held);
+    assert_eq!(pool.exit_code(SECS(20)), 0, "{}", pool.stderr());
+}

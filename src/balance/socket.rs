@@ -47,7 +47,7 @@
 //! The server may run behind a launcher (`npm start`, yarn, pnpm, npx, dotenv-cli, tsx, a Node
 //! wrapper): it is a child or grandchild of the worker, and Node gives a child no descriptor above
 //! 2 unless asked. The preload in the launcher (Node too) hands fd 3 and 4 on to the children it
-//! starts (see `preload.cjs`). So that no process mistakes another descriptor at 3 or 4 (a
+//! starts (see `preload/adopt.cjs`). So that no process mistakes another descriptor at 3 or 4 (a
 //! node:cluster worker's IPC channel, a launcher's epoll descriptor) for these, each worker gets
 //! their inode numbers (`COREPOOL_LISTEN_INODE`, `COREPOOL_READY_INODE`), and the preload uses a
 //! descriptor only when fstat shows a socket, or a pipe, with that inode.
