@@ -64,6 +64,7 @@ pub mod relay;
 pub mod reload;
 pub mod replace;
 pub mod reserve;
+pub mod scale;
 pub mod signals;
 pub mod slots;
 pub mod steer;

@@ -539,6 +539,24 @@ pub const ONLY: Opt<Option<Vec<String>>> = Opt {
     render: super::pools::render_only,
 };
 
+pub const CPU_WATCH: Opt<Option<Duration>> = Opt {
+    spec: OptSpec {
+        key: "cpu_watch",
+        long: "cpu-watch",
+        short: None,
+        env: "COREPOOL_CPU_WATCH",
+        fallback_env: None,
+        switch: false,
+        value_name: "DURATION|off",
+        default: "5s",
+        help: "With instances = max or -K: re-read the CPU quota and affinity this often (and \
+                   on SIGHUP) and scale the pool to match. A fixed count never follows",
+        scope: Scope::Pool,
+    },
+    parse: parse_idle_timeout,
+    render: render_idle_timeout,
+};
+
 /// Lists the options once: [`OPTIONS`] for clap, the file and the README test, and a test hook
 /// that checks every declaration with its own type.
 macro_rules! options {
@@ -583,6 +601,7 @@ options![
     READY_ON,
     STICKY,
     ONLY,
+    CPU_WATCH,
 ];
 
 #[cfg(test)]
