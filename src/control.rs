@@ -1,11 +1,12 @@
-//! Control: `corepool status` and `corepool reload` from inside the container, both sides of
-//! the protocol: the server the pool runs, and the client subcommands.
+//! Control: `corepool status`, `corepool reload` and `corepool scale` from inside the
+//! container, both sides of the protocol: the server the pool runs, and the client subcommands.
 //!
 //! The running supervisor listens on a Linux abstract unix socket (`@corepool-<pid namespace
 //! inode>`, or `@$COREPOOL_CONTROL`): nothing is written to disk, so it works on a read-only root. The
 //! kernel tells us who connects (SO_PEERCRED); anyone but our own user and root is refused at
 //! accept. One request per connection, one line: `status` answers JSON, `reload` asks for a
-//! rolling reload (coalesced like SIGHUP) and answers what the pool made of it. The listener
+//! rolling reload (coalesced like SIGHUP) and answers what the pool made of it; `scale [POOL]
+//! N|+K|-K|auto` changes the worker count (see `scale`) and answers likewise. The listener
 //! serves at most `MAX_CONNECTIONS` clients at once, each for at most `REQUEST_TIMEOUT` per
 //! step. The client checks the server's credentials (root, its own user or PID 1) before
 //! trusting its answer.
@@ -27,6 +28,12 @@ pub enum Command {
     /// A rolling reload of one pool (by name) or of all; the pool says on the channel what it
     /// made of the request.
     Reload(Option<String>, oneshot::Sender<ReloadAnswer>),
+    /// A scale of one pool (by name; None: the only one); the pool answers what it did, or
+    /// why not.
+    Scale(
+        crate::scale::Request,
+        oneshot::Sender<Result<String, String>>,
+    ),
 }
 
 /// What became of a reload request. Requests are coalesced as SIGHUPs are: one that arrives
@@ -176,6 +183,30 @@ async fn answer(
                 Err(_) => "error: the pool is not running\n".to_string(),
             }
         }
+        "scale" => {
+            let words: Vec<&str> = line.split_whitespace().skip(1).collect();
+            match crate::scale::Request::parse(&words) {
+                Err(err) => format!("error: {err}\n"),
+                Ok(request) => match request
+                    .pool
+                    .as_deref()
+                    .and_then(|p| unknown_pool(&shared, p))
+                {
+                    Some(why) => format!("error: {why}\n"),
+                    None => {
+                        let (tx, rx) = oneshot::channel();
+                        match commands.send(Command::Scale(request, tx)) {
+                            Ok(()) => match rx.await {
+                                Ok(Ok(done)) => format!("ok: {done}\n"),
+                                Ok(Err(err)) => format!("error: {err}\n"),
+                                Err(_) => "error: the pool is not running\n".to_string(),
+                            },
+                            Err(_) => "error: the pool is not running\n".to_string(),
+                        }
+                    }
+                },
+            }
+        }
         _ => format!("error: unknown request '{}'\n", line.trim()),
     };
     let _ = tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(reply.as_bytes())).await;
@@ -186,7 +217,7 @@ fn unknown_pool(shared: &Shared, pool: &str) -> Option<String> {
     let snap = shared.snapshot();
     if snap.pools.is_empty() {
         return Some(format!(
-            "no pool '{pool}': this corepool runs one pool without a name (corepool reload)"
+            "no pool '{pool}': this corepool runs one pool without a name (leave the name out)"
         ));
     }
     if snap.pools.iter().any(|p| p.name == pool) {
@@ -205,6 +236,12 @@ pub struct Status {
     pub balance: String,
     pub stopping: bool,
     pub reloads: u64,
+    /// The worker count the pool runs now (after any scale).
+    #[serde(default)]
+    pub instances: usize,
+    /// A manual `corepool scale` pinned the count (`corepool scale auto` un-pins it).
+    #[serde(default)]
+    pub pinned: bool,
     pub workers: Vec<WorkerStatus>,
     /// Several pools: each with its balance mode and state, in order; a worker names its pool.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -218,6 +255,12 @@ pub struct PoolStatus {
     pub balance: String,
     /// waiting, running, stopping, finished (a oneshot pool done with 0), done.
     pub state: String,
+    /// Its worker count now (after any scale).
+    #[serde(default)]
+    pub instances: usize,
+    /// A manual `corepool scale` pinned its count.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 /// One slot in [`Status`]; usage is of the worker's whole process group.
@@ -273,6 +316,8 @@ async fn status(shared: &Shared) -> Status {
         balance: shared.balance.to_string(),
         stopping: snap.stopping,
         reloads: snap.reloads,
+        instances: snap.slots.len(),
+        pinned: snap.pinned,
         workers,
         pools: snap
             .pools
@@ -281,6 +326,8 @@ async fn status(shared: &Shared) -> Status {
                 name: p.name.clone(),
                 balance: p.balance.to_string(),
                 state: p.state.to_string(),
+                instances: p.slots,
+                pinned: p.pinned,
             })
             .collect(),
     }
@@ -323,6 +370,22 @@ pub fn reload_command(args: &[String]) -> Result<String, Fatal> {
         _ => return Err(Fatal::usage(format_args!("usage: {USAGE}"))),
     };
     request(&request_line).map_err(|err| Fatal::new(1, err))
+}
+
+/// `corepool scale [POOL] N|+K|-K|auto`: changes the worker count of the pool running here;
+/// Ok is its answer. Bad arguments are a usage error (2) before anything is sent; a refusal
+/// by the pool is 1.
+pub fn scale_command(args: &[String]) -> Result<String, Fatal> {
+    const USAGE: &str = "corepool scale [POOL] N|+K|-K|auto   (change the worker count of the \
+                         pool running here, or of pool POOL: needed when several run; N, +K, -K \
+                         pin it, auto follows --instances again)";
+    if wants_help(args) {
+        return Ok(format!("usage: {USAGE}\n"));
+    }
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let scale = crate::scale::Request::parse(&words)
+        .map_err(|err| Fatal::usage(format_args!("scale: {err} (usage: {USAGE})")))?;
+    request(&scale.line()).map_err(|err| Fatal::new(1, format_args!("scale: {err}")))
 }
 
 fn wants_help(args: &[String]) -> bool {
@@ -407,8 +470,15 @@ pub fn status_table(status: &Status) -> String {
             out.push('\n');
         }
         out.push_str(&format!(
-            "pool {} ({}, {})\n",
-            pool.name, pool.balance, pool.state
+            "pool {} ({}, {}{})\n",
+            pool.name,
+            pool.balance,
+            pool.state,
+            if pool.pinned {
+                ", count pinned by corepool scale"
+            } else {
+                ""
+            }
         ));
         out.push_str(&worker_table(
             status

@@ -62,7 +62,7 @@ impl<O: Os> Member<O> {
 }
 
 /// A span naming the pool in every log line the core writes meanwhile (none when unnamed).
-fn span(name: &str) -> tracing::span::EnteredSpan {
+pub fn span(name: &str) -> tracing::span::EnteredSpan {
     if name.is_empty() {
         tracing::Span::none().entered()
     } else {
@@ -180,6 +180,31 @@ impl<O: Os> Fleet<O> {
             }
         }
         answer
+    }
+
+    /// The pool a scale (`corepool scale [POOL] CHANGE`) is for: the one named, or without a
+    /// name the only pool; with several a name is needed.
+    pub fn scale_target(
+        &self,
+        pool: Option<&str>,
+        change: crate::scale::Change,
+    ) -> Result<usize, String> {
+        match pool {
+            Some(name) => self.index_of(name).ok_or_else(|| {
+                let names: Vec<&str> = self.members.iter().map(|m| m.name.as_str()).collect();
+                format!("no pool '{name}' here (pools: {})", names.join(", "))
+            }),
+            None if self.members.len() == 1 => Ok(0),
+            None => {
+                let names: Vec<&str> = self.members.iter().map(|m| m.name.as_str()).collect();
+                Err(format!(
+                    "{} pools run here ({}): name one, e.g. corepool scale {} {change}",
+                    names.len(),
+                    names.join(", "),
+                    names.first().copied().unwrap_or("POOL")
+                ))
+            }
+        }
     }
 
     /// What is due: pools that may start, each pool's own step, and the endings.

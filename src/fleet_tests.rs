@@ -39,6 +39,8 @@ fn settings(instances: usize, policy: RestartPolicy) -> Settings {
         handoff: Duration::ZERO,
         not_ready_hint: "test",
         program: "app".into(),
+        min_ready: 1,
+        scale_handoff: Duration::ZERO,
         start_concurrency: 0,
     }
 }

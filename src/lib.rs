@@ -14,7 +14,8 @@
 //! - `balance`: one public port for the pool, one type per mode (`balance/socket.rs`,
 //!   `balance/proxied.rs`; `balance/ports.rs` binds the port and keeps it the pool's alone);
 //! - `readiness`: how a worker says it is ready (ready pipe, sd_notify socket);
-//! - `node`: the Node preload, the Node version probe, NODE_OPTIONS and the heap share;
+//! - `node`: the Node preload, the Node version probe, NODE_OPTIONS and the heap share; the
+//!   preload's own parts are `src/preload/*.cjs` (start, adopt, ports, ready, drain);
 //! - `steer`: socket mode's round robin (or `--sticky ip` hash) over the slot sockets (an eBPF
 //!   reuseport program; a classic BPF one for `--sticky ip` where eBPF is not allowed);
 //! - `launch`: fork and exec of a worker, and command resolution;
@@ -63,6 +64,7 @@ pub mod relay;
 pub mod reload;
 pub mod replace;
 pub mod reserve;
+pub mod scale;
 pub mod signals;
 pub mod slots;
 pub mod steer;

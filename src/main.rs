@@ -43,7 +43,9 @@ fn run() -> Result<i32, Fatal> {
 /// `corepool status|reload|health ...`, each beside the server side of its protocol; None when
 /// the first argument names no subcommand. Ok is what to print on stdout.
 fn subcommand(args: &[OsString]) -> Result<Option<String>, Fatal> {
-    let Some(name @ ("status" | "reload" | "health")) = args.get(1).and_then(|a| a.to_str()) else {
+    let Some(name @ ("status" | "reload" | "health" | "scale")) =
+        args.get(1).and_then(|a| a.to_str())
+    else {
         return Ok(None);
     };
     let Some(rest) = args[2..]
@@ -58,6 +60,7 @@ fn subcommand(args: &[OsString]) -> Result<Option<String>, Fatal> {
     match name {
         "status" => control::status_command(&rest),
         "reload" => control::reload_command(&rest),
+        "scale" => control::scale_command(&rest),
         _ => metrics::health::command(&rest),
     }
     .map(Some)
@@ -99,7 +102,7 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
     signals::hold().map_err(|err| Fatal::startup(format_args!("cannot block signals: {err}")))?;
     let several = !config.pools.is_empty();
     // Each pool's program, and its Node preload: asked once, before any worker exists (and
-    // before the reaper runs). Proxy mode too, for the preload's drain (see preload.cjs);
+    // before the reaper runs). Proxy mode too, for the preload's drain (see preload/drain.cjs);
     // there it is not needed to serve, so a preload that cannot be written (an old Node on a
     // read-only root) is only reported, once logging runs.
     let mut prepared = Vec::new();
@@ -233,20 +236,22 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
                     return Ok(exit::STARTUP);
                 }
             };
-            let (oneshot, after) = match config.pools.iter().find(|p| p.name == *name) {
+            let (oneshot, after, cpu_share) = match config.pools.iter().find(|p| p.name == *name) {
                 Some(p) => (
                     p.oneshot,
                     p.after
                         .iter()
                         .filter_map(|a| pools.iter().position(|(n, _)| n == a))
                         .collect(),
+                    p.cpu_share,
                 ),
-                None => (false, Vec::new()),
+                None => (false, Vec::new(), 1),
             };
             parts.push(pool::Part {
                 name: name.to_string(),
                 oneshot,
                 after,
+                cpu_share,
                 config: (*pool).clone(),
                 launch: launch::LaunchSpec {
                     program,

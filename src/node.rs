@@ -1,4 +1,4 @@
-//! Node: what corepool adds to a Node worker. The preload (`preload.cjs`, embedded), delivered
+//! Node: what corepool adds to a Node worker. The preload (`preload/*.cjs`, joined and embedded), delivered
 //! by `--import` of a `data:` URL or, for a Node older than 18.18, by `--require` of a private
 //! file; the probe of the Node version that decides which; the NODE_OPTIONS words; and the heap
 //! share under a memory limit (`--heap-share`). The preload adopts socket mode's listening
@@ -9,8 +9,22 @@ use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// The preload, embedded in the binary (nothing is read from disk at run time).
-const PRELOAD: &str = include_str!("preload.cjs");
+/// The preload, embedded in the binary (nothing is read from disk at run time): one script
+/// joined from its parts in `src/preload/`, in this order (`start.cjs` says what each holds).
+const PRELOAD: &str = concat!(
+    include_str!("preload/start.cjs"),
+    include_str!("preload/adopt.cjs"),
+    include_str!("preload/ports.cjs"),
+    include_str!("preload/ready.cjs"),
+    include_str!("preload/drain.cjs"),
+);
+
+/// The preload as the ES module that `--import` loads: `require` made by a prologue.
+fn preload_module() -> String {
+    format!(
+        "import {{ createRequire }} from 'node:module';\nconst require = createRequire('/corepool-preload.cjs');\n{PRELOAD}"
+    )
+}
 
 /// What every worker's environment gets for Node: the preload and the heap share appended to
 /// NODE_OPTIONS, and the stop signal the preload drains on.
@@ -116,9 +130,7 @@ impl Preload {
             .map(|(a, b)| format!("node {a}.{b}"))
             .unwrap_or_else(|| "node version unknown".into());
         if imports {
-            let module = format!(
-                "import {{ createRequire }} from 'node:module';\nconst require = createRequire('/corepool-preload.cjs');\n{PRELOAD}"
-            );
+            let module = preload_module();
             return Ok(Preload {
                 node_option: format!(
                     "--import=data:text/javascript;base64,{}",
@@ -358,6 +370,55 @@ mod tests {
             b"theirs"
         );
         std::fs::remove_dir_all(&parent).unwrap();
+    }
+
+    /// The parts, each ending in a newline (so joining them glues no two lines), joined in
+    /// PRELOAD's order, parse as one script: as the CommonJS file of `--require` and as the
+    /// ES module of `--import`. Needs `node` on PATH (fails without it).
+    #[test]
+    fn preload_parts_join_into_one_script() {
+        let parts = [
+            ("start.cjs", include_str!("preload/start.cjs")),
+            ("adopt.cjs", include_str!("preload/adopt.cjs")),
+            ("ports.cjs", include_str!("preload/ports.cjs")),
+            ("ready.cjs", include_str!("preload/ready.cjs")),
+            ("drain.cjs", include_str!("preload/drain.cjs")),
+        ];
+        for (name, text) in parts {
+            assert!(
+                text.ends_with('\n'),
+                "src/preload/{name} must end in a newline"
+            );
+            assert!(
+                text.starts_with(&format!("// {name}")) || name == "start.cjs",
+                "src/preload/{name} opens with a comment naming its role"
+            );
+        }
+        let joined: String = parts.iter().map(|(_, text)| *text).collect();
+        assert_eq!(joined, PRELOAD, "the test's list of parts is PRELOAD's");
+        let dir = std::env::temp_dir().join(format!("corepool-unit-{}", random_hex(6).unwrap()));
+        std::fs::create_dir(&dir).unwrap();
+        for (file, text) in [
+            ("preload.cjs", PRELOAD.to_string()),
+            ("preload.mjs", preload_module()),
+        ] {
+            let path = dir.join(file);
+            std::fs::write(&path, text).unwrap();
+            let out = std::process::Command::new("node")
+                .arg("--check")
+                .arg(&path)
+                .output()
+                .unwrap_or_else(|err| {
+                    panic!("node --check {}: {err} (node on PATH?)", path.display())
+                });
+            assert!(
+                out.status.success(),
+                "node --check {}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub trait Os {
     fn route_exited(&mut self, pid: Pid);
     /// Routing: `slot` is given up for good.
     fn abandon(&mut self, slot: usize);
+    /// Routing: the pool now has `slots` slots (a scale): socket mode adds a socket for each
+    /// new slot, and closes a removed slot's once its process is gone.
+    fn resize(&mut self, slots: usize) -> std::io::Result<()>;
     /// Routing: the pool stops; accept nothing more.
     fn close(&mut self);
 }
@@ -244,14 +247,21 @@ impl Os for RealOs {
     }
 
     fn route_exited(&mut self, pid: Pid) {
-        for pids in self.started.values_mut() {
+        // A slot a scale removed keeps its entry while its processes live: a new worker of
+        // that slot number (a scale up again) waits for them; then the entry goes.
+        self.started.retain(|_, pids| {
             pids.retain(|&p| p != pid.as_raw());
-        }
+            !pids.is_empty()
+        });
         self.balancer.exited(pid.as_raw());
     }
 
     fn abandon(&mut self, slot: usize) {
         self.balancer.abandon(slot);
+    }
+
+    fn resize(&mut self, slots: usize) -> std::io::Result<()> {
+        self.balancer.resize(slots)
     }
 
     fn close(&mut self) {
@@ -363,6 +373,10 @@ pub mod fake {
         }
         fn abandon(&mut self, slot: usize) {
             self.routing.push(format!("abandon {slot}"));
+        }
+        fn resize(&mut self, slots: usize) -> std::io::Result<()> {
+            self.routing.push(format!("resize {slots}"));
+            Ok(())
         }
         fn close(&mut self) {
             self.routing.push("close".into());

@@ -88,8 +88,9 @@ pub struct Backends {
     open: Arc<AtomicUsize>,
     /// Times the accept loop stopped at `--max-connections`.
     limit_reached: Arc<AtomicU64>,
-    /// `--sticky ip`: the pool's slot count (clients are picked a slot by address).
-    sticky: Option<usize>,
+    /// `--sticky ip`: the pool's slot count (clients are picked a slot by address); 0: off.
+    /// Shared with the accept loop, as a scale changes it.
+    sticky: Arc<AtomicUsize>,
 }
 
 impl Backends {
@@ -153,7 +154,16 @@ impl Backends {
 
     /// `--sticky ip` over `slots` slots (set before the accept loop starts).
     pub fn set_sticky(&mut self, slots: usize) {
-        self.sticky = Some(slots.max(1));
+        self.sticky.store(slots.max(1), Ordering::Relaxed);
+    }
+
+    /// The pool now has `slots` slots (a scale): `--sticky ip` hashes over that many.
+    pub fn resize(&self, slots: usize) {
+        let _ = self
+            .sticky
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |was| {
+                (was > 0).then_some(slots.max(1))
+            });
     }
 
     /// `--sticky ip`: the ready backends for a client at `ip`, the one it sticks to first: a
@@ -455,9 +465,9 @@ async fn relay(
     let _ = client.set_nodelay(true);
     // While no worker is ready (all restarting), wait a little rather than refuse.
     for _attempt in 0..100 {
-        let candidates = match backends.sticky {
-            Some(slots) => backends.sticky_candidates(peer.ip(), slots),
-            None => backends.candidates(turn),
+        let candidates = match backends.sticky.load(Ordering::Relaxed) {
+            0 => backends.candidates(turn),
+            slots => backends.sticky_candidates(peer.ip(), slots),
         };
         for (port, active) in candidates {
             // Counted from the attempt on, so that connections being made at the same time

@@ -51,6 +51,11 @@ impl Replacements {
         self.reload.request(slots.running());
     }
 
+    /// Whether a rolling reload is under way (a scale waits for it).
+    pub fn reloading(&self) -> bool {
+        self.reload.is_running()
+    }
+
     /// The pool stops: no reload runs or follows.
     pub fn cancel(&mut self) {
         self.reload.cancel();
@@ -106,8 +111,9 @@ impl Replacements {
             Cause::Reload
         };
         for i in batch {
-            // A slot that is restarting anyway gets new code by itself.
-            if !slots.worker(i).is_running() {
+            // A slot that is restarting anyway gets new code by itself; one a scale removed
+            // is gone.
+            if i >= slots.len() || !slots.worker(i).is_running() {
                 continue;
             }
             let slot = slots.worker(i).slot();

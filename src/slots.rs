@@ -24,6 +24,8 @@ pub enum Role {
     Replacement(usize, Cause),
     /// An old process of slot i, replaced, being stopped.
     Retiring(usize),
+    /// A process of a slot that `corepool scale` (or the CPU follow) removed, being stopped.
+    Removed(usize),
 }
 
 #[derive(Debug)]
@@ -116,6 +118,26 @@ impl Slots {
             _ => Cause::Reload,
         };
         Some((next.pid, cause))
+    }
+
+    /// Adds slots up to `n` in all; each is due to start at `now`.
+    pub fn grow(&mut self, n: usize, now: Instant) {
+        let from = self.workers.len();
+        self.workers
+            .extend((from..n).map(|slot| Worker::new(slot, now)));
+    }
+
+    /// Removes the highest slot: its processes (current, replacement) become `Removed`.
+    /// Returns the slot and those processes.
+    pub fn remove_last(&mut self) -> Option<(usize, Vec<Pid>)> {
+        let mut worker = self.workers.pop()?;
+        let slot = worker.slot();
+        let next = worker.drop_replacement().map(|n| n.pid);
+        let pids: Vec<Pid> = worker.pid().into_iter().chain(next).collect();
+        for &pid in &pids {
+            self.roles.insert(pid, Role::Removed(slot));
+        }
+        Some((slot, pids))
     }
 
     /// Slot i's replacement exited (its role is already gone).
@@ -255,5 +277,25 @@ mod tests {
         assert_eq!(s.role(p(13)), Some(Role::Current(0)));
         assert_eq!(s.worker(0).pid(), Some(p(13)));
         assert!(!s.any_replacing());
+    }
+
+    #[test]
+    fn removed_slots_keep_their_processes_known() {
+        let t0 = Instant::now();
+        let p = Pid::from_raw;
+        let mut s = Slots::new(2, t0);
+        s.started(0, p(10), t0, true);
+        s.started(1, p(11), t0, true);
+        s.replacing(1, p(12), t0, Cause::Memory);
+        s.grow(3, t0);
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.worker(2).slot(), 2);
+        assert_eq!(s.remove_last(), Some((2, vec![])));
+        assert_eq!(s.remove_last(), Some((1, vec![p(11), p(12)])));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.role(p(11)), Some(Role::Removed(1)));
+        assert_eq!(s.role(p(12)), Some(Role::Removed(1)));
+        assert_eq!(s.live(), 3);
+        assert_eq!(s.exited(p(12)), Some(Role::Removed(1)));
     }
 }

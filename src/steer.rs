@@ -261,8 +261,14 @@ const HASH_MUL: u32 = 0x9E37_79B1;
 /// `--sticky ip` in eBPF: the slot of a hash of the connection's source address
 /// (`hash % slots`) while that slot is ready; else a ready slot chosen by the rest of the hash
 /// (`hash / slots % ready`). Same maps as [`program`], `order` holding the ready flags of the
-/// slots after its first `slots` entries.
-fn sticky_program(state_map: i32, order_map: i32, sockets_map: i32, slots: u32) -> Vec<Insn> {
+/// slots from entry `flags_at` on.
+fn sticky_program(
+    state_map: i32,
+    order_map: i32,
+    sockets_map: i32,
+    slots: u32,
+    flags_at: u32,
+) -> Vec<Insn> {
     const MOV64_X: u8 = 0xbf;
     const MOV64_K: u8 = 0xb7;
     const ADD64_K: u8 = 0x07;
@@ -338,7 +344,7 @@ fn sticky_program(state_map: i32, order_map: i32, sockets_map: i32, slots: u32) 
     a.op(insn(MOV64_X, r8, r7, 0, 0));
     a.op(insn(MOD64_K, r8, 0, 0, n)); // r8 = the address's own slot
     a.op(insn(MOV64_X, r1, r8, 0, 0));
-    a.op(insn(ADD64_K, r1, 0, 0, n));
+    a.op(insn(ADD64_K, r1, 0, 0, flags_at as i32));
     a.op(insn(STX_W, fp, r1, -4, 0)); // key: its ready flag
     lookup(&mut a, order_map);
     a.op(insn(LDX_DW, r1, r0, 0, 0));
@@ -416,36 +422,42 @@ pub enum Steering {
         state: OwnedFd,
         order: OwnedFd,
         sockets: OwnedFd,
+        /// The pool's slots now (`--sticky ip` hashes over them).
         slots: u32,
+        /// The most slots the maps hold; the ready flags start at this index of `order`.
+        capacity: u32,
+        deal: Deal,
     },
     /// `--sticky ip` without eBPF: a classic BPF program, rewritten on every change.
     Classic(Classic),
 }
 
 /// Attaches round-robin steering to the group formed by `sockets` (listening, SO_REUSEPORT,
-/// same address), socket `i` being slot `i`'s. Every slot starts ready (in the order).
-pub fn round_robin(sockets: &[&OwnedFd]) -> io::Result<Steering> {
-    ebpf(sockets, Deal::Turn)
+/// same address), socket `i` being slot `i`'s. Every slot starts ready (in the order). The maps
+/// hold up to `capacity` slots, so that a scale can add sockets later (`rejoin`, `resize`).
+pub fn round_robin(sockets: &[&OwnedFd], capacity: u32) -> io::Result<Steering> {
+    ebpf(sockets, Deal::Turn, capacity)
 }
 
 /// Attaches eBPF steering that deals by `deal` to the group formed by `sockets`, as
 /// [`round_robin`] does.
-pub fn ebpf(sockets: &[&OwnedFd], deal: Deal) -> io::Result<Steering> {
+pub fn ebpf(sockets: &[&OwnedFd], deal: Deal, capacity: u32) -> io::Result<Steering> {
     let slots = u32::try_from(sockets.len())
         .ok()
         .filter(|&n| n > 0)
         .ok_or_else(|| io::Error::other("no sockets to steer"))?;
+    let capacity = capacity.max(slots);
     let state = create_map(BPF_MAP_TYPE_ARRAY, 4, 8, 2)?;
-    // The ready slots in order, then each slot's ready flag.
-    let order = create_map(BPF_MAP_TYPE_ARRAY, 4, 8, 2 * slots)?;
-    let group = create_map(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, slots)?;
+    // The ready slots in order, then each slot's ready flag (from `capacity` on).
+    let order = create_map(BPF_MAP_TYPE_ARRAY, 4, 8, 2 * capacity)?;
+    let group = create_map(BPF_MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, capacity)?;
     for (i, socket) in sockets.iter().enumerate() {
         update(&group, i as u32, socket.as_raw_fd() as u64)?;
     }
     let (s, o, g) = (state.as_raw_fd(), order.as_raw_fd(), group.as_raw_fd());
     let program = load(&match deal {
         Deal::Turn => program(s, o, g),
-        Deal::Sticky => sticky_program(s, o, g, slots),
+        Deal::Sticky => sticky_program(s, o, g, slots, capacity),
     })?;
     let fd: libc::c_int = program.as_raw_fd();
     let steering = Steering::Ebpf {
@@ -454,8 +466,10 @@ pub fn ebpf(sockets: &[&OwnedFd], deal: Deal) -> io::Result<Steering> {
         order,
         sockets: group,
         slots,
+        capacity,
+        deal,
     };
-    steering.set_ready(&(0..slots).collect::<Vec<_>>(), &[])?;
+    steering.set_ready(&(0..slots).collect::<Vec<_>>(), &[], &[])?;
     attach(sockets[0], SO_ATTACH_REUSEPORT_EBPF, &fd)?;
     Ok(steering)
 }
@@ -483,23 +497,30 @@ impl Steering {
     /// kernel's hash over the group decides) when the list is empty. The order is written
     /// before the count, so a connection steered in between finds a slot that is, or just
     /// was, ready. `sockets` (each slot's, None once closed) matter to the classic program.
-    pub fn set_ready(&self, ready: &[u32], sockets: &[Option<OwnedFd>]) -> io::Result<()> {
+    /// `leaving`: sockets of slots a scale removed, still in the group until they are closed.
+    pub fn set_ready(
+        &self,
+        ready: &[u32],
+        sockets: &[Option<OwnedFd>],
+        leaving: &[&OwnedFd],
+    ) -> io::Result<()> {
         match self {
             Steering::Ebpf {
                 state,
                 order,
                 slots,
+                capacity,
                 ..
             } => {
                 for (i, &slot) in ready.iter().enumerate() {
                     update(order, i as u32, u64::from(slot))?;
                 }
                 for slot in 0..*slots {
-                    update(order, slots + slot, u64::from(ready.contains(&slot)))?;
+                    update(order, capacity + slot, u64::from(ready.contains(&slot)))?;
                 }
                 update(state, 1, ready.len() as u64)
             }
-            Steering::Classic(classic) => classic.set_ready(ready, sockets),
+            Steering::Classic(classic) => classic.set_ready(ready, sockets, leaving),
         }
     }
 
@@ -523,6 +544,8 @@ impl Steering {
             order,
             sockets,
             slots,
+            capacity,
+            deal: dealt,
         } = self
         else {
             return Err(io::Error::other("not an eBPF steering"));
@@ -530,11 +553,56 @@ impl Steering {
         let (s, o, g) = (state.as_raw_fd(), order.as_raw_fd(), sockets.as_raw_fd());
         let program = load(&match deal {
             Deal::Turn => program(s, o, g),
-            Deal::Sticky => sticky_program(s, o, g, *slots),
+            Deal::Sticky => sticky_program(s, o, g, *slots, *capacity),
         })?;
         attach(socket, SO_ATTACH_REUSEPORT_EBPF, &program.as_raw_fd())?;
         *current = program;
+        *dealt = deal;
         Ok(())
+    }
+
+    /// The pool now has `slots` slots (a scale). eBPF: the ready flags of the slots added or
+    /// removed are cleared (a new slot is dealt to once it is ready), and the sticky program,
+    /// which hashes over the slot count, is loaded again for the new count (attached through
+    /// `socket`, one listening in the group). Classic: the next `set_ready` writes the program
+    /// for the new count.
+    pub fn resize(&mut self, new: u32, socket: Option<&OwnedFd>) -> io::Result<()> {
+        match self {
+            Steering::Ebpf {
+                order,
+                slots,
+                capacity,
+                deal,
+                ..
+            } => {
+                if new > *capacity {
+                    return Err(io::Error::other(format!(
+                        "{new} slots: the steering holds {capacity}"
+                    )));
+                }
+                let old = *slots;
+                for slot in old.min(new)..old.max(new) {
+                    update(order, *capacity + slot, 0)?;
+                }
+                if old == new || *deal == Deal::Turn {
+                    *slots = new;
+                    return Ok(());
+                }
+                let socket = socket.ok_or_else(|| io::Error::other("no socket listens"))?;
+                *slots = new;
+                if let Err(err) = self.redeal(Deal::Sticky, socket) {
+                    if let Steering::Ebpf { slots, .. } = self {
+                        *slots = old;
+                    }
+                    return Err(err);
+                }
+                Ok(())
+            }
+            Steering::Classic(classic) => {
+                classic.slots = new;
+                Ok(())
+            }
+        }
     }
 
     /// Whether `set_ready` must be called on every change of the group, not only of the
@@ -543,10 +611,10 @@ impl Steering {
         matches!(self, Steering::Classic(_))
     }
 
-    /// Slot `slot`'s socket just stopped listening (shutdown): it left the group.
-    pub fn left(&self, slot: u32) {
+    /// `socket` just stopped listening (shutdown): it left the group.
+    pub fn left(&self, socket: &OwnedFd) {
         if let Steering::Classic(classic) = self {
-            classic.left(slot);
+            classic.left(socket);
         }
     }
 }
@@ -559,13 +627,20 @@ impl Steering {
 /// Corepool keeps a copy of that order (`group`), applying its own shutdowns as they happen
 /// and finding sockets that listen again (a Node worker's own `listen()`) by SO_ACCEPTCONN
 /// before each rewrite; two sockets that both start listening between two rewrites are
-/// assumed to have done so in slot order. The slot numbers of the program (hash of the
+/// assumed to have done so in slot order. The copy names sockets by inode, not slot: after a
+/// scale down, a removed slot's socket stays in the group (and takes its place in the array)
+/// until it is closed, even when a scale up has given its slot number a new socket meanwhile. The slot numbers of the program (hash of the
 /// address, as in eBPF) are turned into indices when it is written, so it is written again,
 /// and attached again, on every change of the ready slots.
 pub struct Classic {
     slots: u32,
-    /// The group's listening sockets, as slot numbers, in the kernel's order.
-    group: std::sync::Mutex<Vec<u32>>,
+    /// The group's listening sockets, as inode numbers, in the kernel's order.
+    group: std::sync::Mutex<Vec<u64>>,
+}
+
+/// A socket's inode number (0 when it cannot be read: matches no listening socket).
+fn inode(socket: &OwnedFd) -> u64 {
+    nix::sys::stat::fstat(socket).map_or(0, |st| st.st_ino)
 }
 
 const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
@@ -579,11 +654,10 @@ pub fn classic(sockets: &[&OwnedFd]) -> io::Result<Steering> {
         .ok_or_else(|| io::Error::other("no sockets to steer"))?;
     let classic = Classic {
         slots,
-        group: std::sync::Mutex::new((0..slots).collect()),
+        group: std::sync::Mutex::new(sockets.iter().map(|s| inode(s)).collect()),
     };
     let all: Vec<u32> = (0..slots).collect();
-    let group: Vec<u32> = all.clone();
-    classic.attach_program(sockets[0], &all, &group)?;
+    classic.attach_program(sockets[0], &all, &all)?;
     Ok(Steering::Classic(classic))
 }
 
@@ -593,38 +667,57 @@ fn listening(socket: &OwnedFd) -> bool {
 }
 
 impl Classic {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u32>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
         self.group
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn left(&self, slot: u32) {
+    fn left(&self, socket: &OwnedFd) {
+        let ino = inode(socket);
         let mut group = self.lock();
-        if let Some(i) = group.iter().position(|&s| s == slot) {
+        if let Some(i) = group.iter().position(|&s| s == ino) {
             group.swap_remove(i);
         }
     }
 
-    fn set_ready(&self, ready: &[u32], sockets: &[Option<OwnedFd>]) -> io::Result<()> {
+    fn set_ready(
+        &self,
+        ready: &[u32],
+        sockets: &[Option<OwnedFd>],
+        leaving: &[&OwnedFd],
+    ) -> io::Result<()> {
         let mut group = self.lock();
-        let socket = |slot: u32| sockets.get(slot as usize).and_then(Option::as_ref);
+        // Every socket the pool holds, by inode: the slots' (with their slot number), then
+        // those of removed slots (still in the group until closed; never chosen).
+        let held: Vec<(u64, Option<u32>, &OwnedFd)> = sockets
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| s.as_ref().map(|s| (inode(s), Some(slot as u32), s)))
+            .chain(leaving.iter().map(|s| (inode(s), None, *s)))
+            .collect();
+        let find = |ino: u64| held.iter().find(|(i, _, _)| *i == ino);
         // Closed or no longer listening: gone from the kernel's array the same way.
         while let Some(i) = group
             .iter()
-            .position(|&s| !socket(s).is_some_and(listening))
+            .position(|&ino| !find(ino).is_some_and(|(_, _, s)| listening(s)))
         {
             group.swap_remove(i);
         }
-        for slot in 0..self.slots {
-            if !group.contains(&slot) && socket(slot).is_some_and(listening) {
-                group.push(slot);
+        for (ino, slot, socket) in &held {
+            if slot.is_some_and(|s| s < self.slots) && !group.contains(ino) && listening(socket) {
+                group.push(*ino);
             }
         }
-        let Some(first) = group.first().and_then(|&s| socket(s)) else {
+        // The group as slot numbers for the program (u32::MAX: a removed slot's).
+        let slots: Vec<u32> = group
+            .iter()
+            .map(|&ino| find(ino).and_then(|(_, slot, _)| *slot).unwrap_or(u32::MAX))
+            .collect();
+        let Some(first) = group.first().and_then(|&ino| find(ino)).map(|(_, _, s)| *s) else {
             return Ok(());
         };
-        self.attach_program(first, ready, &group)
+        self.attach_program(first, ready, &slots)
     }
 
     fn attach_program(&self, socket: &OwnedFd, ready: &[u32], group: &[u32]) -> io::Result<()> {
@@ -820,7 +913,7 @@ mod tests {
     /// Every jump of the sticky eBPF program lands inside it, forward.
     #[test]
     fn sticky_program_jumps_land_inside() {
-        let p = sticky_program(3, 4, 5, 4);
+        let p = sticky_program(3, 4, 5, 4, 4096);
         for (i, ins) in p.iter().enumerate() {
             if matches!(ins.code, 0x05 | 0x15 | 0x55) {
                 let target = i as i64 + 1 + i64::from(ins.off);

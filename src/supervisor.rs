@@ -17,6 +17,7 @@ use crate::os::{Os, Target};
 use crate::reaper::{self, Exit, ExitStatus};
 use crate::replace::Replacements;
 use crate::reserve;
+use crate::scale::{Decision, Origin, Scaling};
 use crate::signals::Action;
 use crate::slots::{Role, Slots};
 use crate::units::format_duration as human;
@@ -49,6 +50,12 @@ pub struct Settings {
     pub not_ready_hint: &'static str,
     /// The program, for messages.
     pub program: String,
+    /// `--min-ready`: a scale never goes below it.
+    pub min_ready: usize,
+    /// Time between routing away from a worker a scale removes and signalling it: a worker
+    /// still accepting empties its socket's queue meanwhile (socket mode), and the relay stops
+    /// choosing it (proxy mode).
+    pub scale_handoff: Duration,
     /// Workers spawned but not yet ready at once (`--start-concurrency`; 0: no bound). The
     /// other due starts queue, and each one's --ready-timeout counts from its actual spawn.
     pub start_concurrency: usize,
@@ -71,6 +78,8 @@ pub struct Supervisor {
     served: bool,
     /// A `oneshot` pool of several: its workers finishing with 0 is its success, not a death.
     oneshot: bool,
+    /// `corepool scale` and the CPU follow: the pin, and a scale waiting for a reload.
+    scaling: Scaling,
     /// The queue length at the last turn (0 once it is empty), so that a queue is told once,
     /// not at every turn.
     queue_logged: usize,
@@ -93,6 +102,7 @@ impl Supervisor {
             started_at: now,
             served: false,
             oneshot: false,
+            scaling: Scaling::new(s.min_ready),
             queue_logged: 0,
             s,
         }
@@ -112,6 +122,12 @@ impl Supervisor {
             let (slots, drains) = (&mut self.slots, &mut self.drains);
             self.replacements.check_memory(slots, now, os);
             self.replacements.advance(slots, drains, now, os);
+            if let Some((n, why)) = self.scaling.due(self.replacements.reloading())
+                && n != self.slots.len()
+                && let Err(err) = self.resize(n, &why, now, os)
+            {
+                tracing::error!("scale to {n} workers after the reload failed: {err}");
+            }
         }
         if let Some(sig) = self.shutdown.delay_over(now) {
             tracing::info!(
@@ -224,6 +240,10 @@ impl Supervisor {
                 tracing::info!(
                     "old worker {slot} (pid {pid}) exited after its replacement: {status}"
                 );
+                return;
+            }
+            Some(Role::Removed(slot)) => {
+                tracing::info!("worker {slot} (pid {pid}), removed by a scale, exited: {status}");
                 return;
             }
             Some(Role::Replacement(i, cause)) => {
@@ -362,6 +382,7 @@ impl Supervisor {
         self.drains.begin_stop(now);
         os.close();
         self.replacements.cancel();
+        self.scaling.cancel();
         for i in 0..self.slots.len() {
             if let Some(pid) = self.slots.worker(i).pid() {
                 self.drains.add(os, Target::Group(pid), Duration::ZERO, now);
@@ -391,8 +412,13 @@ impl Supervisor {
         if self.shutdown.is_ending() {
             return;
         }
+        let role = self.slots.role(pid);
+        if matches!(role, Some(Role::Removed(_))) {
+            // Leaving the pool: it takes no connection.
+            return;
+        }
         os.route_ready(pid);
-        match self.slots.role(pid) {
+        match role {
             Some(Role::Replacement(i, _)) => {
                 let (slots, drains) = (&mut self.slots, &mut self.drains);
                 self.replacements.promote(slots, drains, i, pid, now, os);
@@ -449,6 +475,91 @@ impl Supervisor {
             return;
         }
         self.replacements.request_reload(&self.slots);
+    }
+
+    /// A scale request (`corepool scale`, the CPU follow) for `target` workers: what the pool
+    /// made of it, for the client; Err when refused.
+    pub fn scale(
+        &mut self,
+        target: usize,
+        origin: Origin,
+        now: Instant,
+        os: &mut dyn Os,
+    ) -> Result<String, String> {
+        // The shutdown delay too: the pool is on its way out, a new worker would only be
+        // stopped again.
+        if self.shutdown.is_announced() {
+            return Err("the pool is stopping; no scale".into());
+        }
+        let current = self.slots.len();
+        let reloading = self.replacements.reloading();
+        match self.scaling.decide(target, &origin, current, reloading) {
+            Decision::Refused(why) => Err(why),
+            Decision::Pinned => Ok(format!(
+                "the count is pinned at {current} workers by corepool scale (corepool scale \
+                 auto follows the CPUs again)"
+            )),
+            Decision::Same => Ok(format!("the pool has {current} workers already")),
+            Decision::Queued(n) => {
+                tracing::info!(
+                    "scale to {n} workers ({}) waits for the rolling reload under way",
+                    origin.why()
+                );
+                Ok(format!(
+                    "a rolling reload is under way: the pool goes to {n} workers once it is over"
+                ))
+            }
+            Decision::Apply(n) => self
+                .resize(n, &origin.why(), now, os)
+                .map(|()| format!("scaling from {current} to {n} workers")),
+        }
+    }
+
+    /// Changes the slots to `n`: new ones start (and become ready as any worker does);
+    /// removed ones, the highest first, drain as a reload's old workers do.
+    fn resize(&mut self, n: usize, why: &str, now: Instant, os: &mut dyn Os) -> Result<(), String> {
+        let from = self.slots.len();
+        if n > from {
+            os.resize(n)
+                .map_err(|err| format!("cannot add worker slots: {err}"))?;
+            self.slots.grow(n, now);
+            tracing::info!(
+                "scaling up from {from} to {n} workers ({why}): worker{} {} start{}",
+                if n - from == 1 { "" } else { "s" },
+                slot_list(from..n),
+                if n - from == 1 { "s" } else { "" },
+            );
+            return Ok(());
+        }
+        tracing::info!(
+            "scaling down from {from} to {n} workers ({why}): worker{} {} drain{} and stop",
+            if from - n == 1 { "" } else { "s" },
+            slot_list((n..from).rev()),
+            if from - n == 1 { "s" } else { "" },
+        );
+        if let Err(err) = os.resize(n) {
+            tracing::warn!("scaling down: {err}");
+        }
+        while self.slots.len() > n {
+            let Some((_, pids)) = self.slots.remove_last() else {
+                break;
+            };
+            for pid in pids {
+                self.drains
+                    .add(os, Target::Group(pid), self.s.scale_handoff, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a manual `corepool scale` pinned the worker count.
+    pub fn pinned(&self) -> bool {
+        self.scaling.is_pinned()
+    }
+
+    /// The worker count the pool runs (its slots).
+    pub fn configured(&self) -> usize {
+        self.slots.len()
     }
 
     /// The exit code, once the pool is ending and nothing of it is left.
@@ -547,6 +658,11 @@ fn report(
         ),
         AfterExit::Finished => {}
     }
+}
+
+/// Slots for the log: `2, 3`.
+fn slot_list(slots: impl Iterator<Item = usize>) -> String {
+    slots.map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// What is missing when a first start fails, if the error says.

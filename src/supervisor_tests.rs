@@ -5,6 +5,7 @@ use super::*;
 use crate::control::ReloadAnswer;
 use crate::metrics::Usage;
 use crate::os::fake::FakeOs;
+use crate::scale::Origin;
 use crate::slots::Cause;
 use crate::worker::RestartPolicy;
 
@@ -40,6 +41,8 @@ fn settings(instances: usize) -> Settings {
         handoff: Duration::ZERO,
         not_ready_hint: "test",
         program: "app".into(),
+        min_ready: 1,
+        scale_handoff: Duration::ZERO,
         start_concurrency: 0,
     }
 }
@@ -303,6 +306,174 @@ fn forwarded_signals_reach_every_live_group() {
     assert_eq!(to, groups.to_vec());
 }
 
+impl Rig {
+    fn scale(&mut self, target: usize, origin: Origin, t: u64) -> Result<String, String> {
+        let now = self.at(t);
+        self.core.scale(target, origin, now, &mut self.os)
+    }
+}
+
+#[test]
+fn scale_up_starts_new_slots_and_down_drains_the_highest() {
+    let mut r = Rig::new(settings(2));
+    r.turn(0);
+    r.ready(101, 10);
+    r.ready(102, 10);
+    assert_eq!(
+        r.scale(4, Origin::Manual, 20),
+        Ok("scaling from 2 to 4 workers".into())
+    );
+    assert!(r.core.pinned());
+    r.turn(20);
+    assert_eq!(r.os.routing.last().map(String::as_str), Some("resize 4"));
+    assert_eq!(r.pids(), vec![Some(101), Some(102), Some(103), Some(104)]);
+    assert_eq!(r.os.spawned[2..], [(2, pid(103)), (3, pid(104))]);
+    r.ready(103, 30);
+    r.ready(104, 30);
+    // Down by two: slots 3 then 2 leave, drained as a reload's old workers.
+    r.scale(2, Origin::Manual, 40).unwrap();
+    assert_eq!(r.pids(), vec![Some(101), Some(102)]);
+    assert_eq!(r.core.role(pid(104)), Some(Role::Removed(3)));
+    assert_eq!(r.core.role(pid(103)), Some(Role::Removed(2)));
+    assert_eq!(r.os.signals_to(Target::Group(pid(104))), vec![TERM]);
+    assert_eq!(r.os.signals_to(Target::Group(pid(103))), vec![TERM]);
+    assert!(r.os.routing.contains(&"resize 2".to_string()));
+    let forgets: Vec<&String> =
+        r.os.routing
+            .iter()
+            .filter(|l| l.starts_with("forget"))
+            .collect();
+    assert_eq!(forgets, ["forget 104", "forget 103"]);
+    // A removed worker that still reports readiness is not routed to.
+    r.ready(104, 41);
+    let readies = r.os.routing.iter().filter(|l| *l == "ready 104").count();
+    assert_eq!(readies, 1);
+    // One lingers: SIGKILL after the kill timeout, as for a reload's old worker.
+    r.os.exit(pid(103), ExitStatus::Code(0));
+    r.turn(50);
+    assert_eq!(r.core.role(pid(103)), None);
+    r.turn(340);
+    assert_eq!(r.os.signals_to(Target::Group(pid(104))), vec![TERM, KILL]);
+    // Nothing restarts the removed slots.
+    r.turn(2000);
+    assert_eq!(r.os.spawned.len(), 4);
+    assert_eq!(r.core.configured(), 2);
+}
+
+#[test]
+fn a_scale_during_a_reload_waits_for_it_and_a_reload_keeps_the_count() {
+    let mut r = Rig::new(settings(2));
+    r.turn(0);
+    r.ready(101, 10);
+    r.ready(102, 10);
+    r.core.request_reload();
+    r.turn(20); // replacement 103 for slot 0
+    assert_eq!(
+        r.scale(3, Origin::Manual, 25),
+        Ok("a rolling reload is under way: the pool goes to 3 workers once it is over".into())
+    );
+    assert_eq!(r.core.configured(), 2);
+    r.ready(103, 30);
+    r.turn(30); // replacement 104 for slot 1
+    r.ready(104, 40);
+    r.turn(40);
+    // The reload is complete once the old workers have exited.
+    r.os.exit(pid(101), ExitStatus::Code(0));
+    r.os.exit(pid(102), ExitStatus::Code(0));
+    r.turn(41);
+    r.turn(42);
+    assert_eq!(r.core.configured(), 3);
+    assert_eq!(r.pids(), vec![Some(103), Some(104), Some(105)]);
+    r.ready(105, 50);
+    // A reload now replaces all three: the scaled count stays.
+    r.core.request_reload();
+    for (t, p) in [(60, 106), (70, 107), (80, 108)] {
+        r.turn(t);
+        r.ready(p, t + 5);
+    }
+    r.turn(90);
+    for old in [103, 104, 105] {
+        r.os.exit(pid(old), ExitStatus::Code(0));
+    }
+    r.turn(91);
+    assert_eq!(r.pids(), vec![Some(106), Some(107), Some(108)]);
+    assert_eq!(r.core.configured(), 3);
+}
+
+#[test]
+fn the_cpu_follow_respects_the_pin_and_min_ready() {
+    let mut s = settings(2);
+    s.min_ready = 2;
+    let mut r = Rig::new(s);
+    r.turn(0);
+    let cpu = || Origin::Cpu("quota".into());
+    assert!(r.scale(1, Origin::Manual, 5).is_err());
+    // Clamped to --min-ready.
+    assert_eq!(
+        r.scale(1, cpu(), 10),
+        Ok("the pool has 2 workers already".into())
+    );
+    assert_eq!(
+        r.scale(3, cpu(), 10),
+        Ok("scaling from 2 to 3 workers".into())
+    );
+    assert!(!r.core.pinned());
+    r.scale(4, Origin::Manual, 20).unwrap();
+    assert!(r.scale(2, cpu(), 30).unwrap().contains("pinned at 4"));
+    assert_eq!(r.core.configured(), 4);
+    r.scale(2, Origin::Unpin, 40).unwrap();
+    assert_eq!(r.core.configured(), 2);
+    assert!(!r.core.pinned());
+    // Stopping: refused.
+    r.signal(Action::Stop(Signal::SIGTERM), 50);
+    assert!(r.scale(3, Origin::Manual, 60).is_err());
+}
+
+#[test]
+fn removing_a_slot_mid_replacement_drains_both_processes() {
+    let mut s = settings(2);
+    s.max_memory = Some(1);
+    let mut r = Rig::new(s);
+    r.turn(0);
+    r.ready(101, 10);
+    r.ready(102, 10);
+    r.core.request_reload();
+    r.turn(20);
+    r.ready(103, 30);
+    r.turn(30); // replacement 104 for slot 1, not ready yet
+    assert_eq!(
+        r.core.role(pid(104)),
+        Some(Role::Replacement(1, Cause::Reload))
+    );
+    // Queued behind the reload; applied once it ends with the replacement failing.
+    r.scale(1, Origin::Manual, 31).unwrap();
+    r.os.exit(pid(104), ExitStatus::Code(1));
+    r.turn(40);
+    r.turn(41);
+    assert_eq!(r.core.configured(), 1);
+    assert_eq!(r.core.role(pid(102)), Some(Role::Removed(1)));
+    assert_eq!(r.os.signals_to(Target::Group(pid(102))), vec![TERM]);
+}
+
+#[test]
+fn a_removed_worker_is_routed_away_from_before_its_stop_signal() {
+    let mut s = settings(2);
+    s.scale_handoff = ms(250);
+    let mut r = Rig::new(s);
+    r.turn(0);
+    r.ready(101, 10);
+    r.ready(102, 10);
+    r.scale(1, Origin::Manual, 100).unwrap();
+    assert!(r.os.routing.contains(&"forget 102".to_string()));
+    assert_eq!(r.os.signals_to(Target::Group(pid(102))), Vec::<i32>::new());
+    assert_eq!(r.core.next_deadline(r.at(100)), Some(r.at(150)));
+    r.turn(349);
+    assert_eq!(r.os.signals_to(Target::Group(pid(102))), Vec::<i32>::new());
+    r.turn(350);
+    assert_eq!(r.os.signals_to(Target::Group(pid(102))), vec![TERM]);
+    assert_eq!(r.os.signals_to(Target::Group(pid(101))), Vec::<i32>::new());
+}
+
 /// Slots whose process is spawned and not ready, in the reporters' view.
 fn unready(r: &Rig) -> usize {
     r.core
@@ -398,4 +569,24 @@ fn a_pool_within_the_bound_starts_at_once() {
     let mut r = Rig::new(s);
     r.turn(0);
     assert_eq!(r.os.spawned.len(), 16);
+}
+
+#[test]
+fn a_scale_up_goes_through_the_same_bound() {
+    let mut s = settings(2);
+    s.start_concurrency = 2;
+    let mut r = Rig::new(s);
+    r.turn(0);
+    r.ready(101, 10);
+    r.ready(102, 10);
+    assert!(r.scale(8, Origin::Manual, 20).is_ok());
+    r.turn(20);
+    // Two of the six new slots start; the others wait for them to become ready.
+    assert_eq!(r.os.spawned.len(), 4);
+    let views = r.core.slots(r.at(20));
+    assert_eq!(views.iter().filter(|s| s.state == "queued").count(), 4);
+    r.ready(103, 30);
+    r.turn(30);
+    assert_eq!(r.os.spawned.len(), 5);
+    assert_eq!(unready(&r), 2);
 }

@@ -1,5 +1,5 @@
 //! A reload loses no request: the Node preload drains the servers of a replaced worker
-//! (src/preload.cjs, "Drain on the stop signal").
+//! (src/preload/drain.cjs).
 //!
 //! Each test runs two workers of a real Node app, puts a load on the pool (8 client loops of
 //! tests/fixtures/drain/client.js: HTTP/1.1 keep-alive, a new connection per request, or

@@ -343,3 +343,113 @@ fn pool_configuration_errors_and_the_cpu_split() {
         "{text}"
     );
 }
+
+/// `corepool scale POOL N` with two pools: the pool named grows and shrinks (its metrics and
+/// status follow, with the pool label), the other keeps its one worker untouched; without a
+/// name, or with an unknown one, the scale is refused with the pools' names.
+#[test]
+fn scale_changes_the_named_pool_only() {
+    require("node");
+    let dir = scratch("pools-scale");
+    let (port, metrics) = (free_port(), free_port());
+    let file = web_and_queue(&dir, port, "");
+    let control = control_name("scale");
+    let mut run = Run::start(
+        &["-c", &file, "--metrics", &format!("127.0.0.1:{metrics}")],
+        &[("COREPOOL_CONTROL", &control)],
+    );
+    run.wait_stderr("pool web: worker 0 ready", 1, SECS(20));
+    run.wait_stderr("pool web: worker 1 ready", 1, SECS(20));
+    run.wait_stdout("queue ready", 1, SECS(20));
+    let queue = queue_pid(&run);
+
+    // Several pools: a name is needed, and must exist.
+    let (code, _, err) = client(&control, &["scale", "+1"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("2 pools run here (web, queue): name one"),
+        "{err}"
+    );
+    let (code, _, err) = client(&control, &["scale", "nosuch", "3"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("no pool 'nosuch' here (pools: web, queue)"),
+        "{err}"
+    );
+
+    let (code, out, err) = client(&control, &["scale", "web", "3"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "ok: scaling from 2 to 3 workers"),
+        "{err}"
+    );
+    run.wait_stderr("pool web: worker 2 ready", 1, SECS(20));
+    // The new slot serves on the web pool's port: three workers answer.
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..60 {
+        let answer = get_json(port).expect("web answers");
+        seen.insert(answer["worker"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    let text = get_ok(metrics, "/metrics").unwrap();
+    for needle in [
+        "corepool_workers_configured{pool=\"web\"} 3",
+        "corepool_workers_configured{pool=\"queue\"} 1",
+        "corepool_workers_pinned{pool=\"web\"} 1",
+        "corepool_workers_pinned{pool=\"queue\"} 0",
+        "corepool_workers_ready{pool=\"web\"} 3",
+        "corepool_workers_ready{pool=\"queue\"} 1",
+    ] {
+        assert!(text.contains(needle), "{needle} missing in:\n{text}");
+    }
+    let (_, json, _) = client(&control, &["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        (&json["pools"][0]["name"], &json["pools"][0]["instances"]),
+        (&serde_json::json!("web"), &serde_json::json!(3)),
+        "{json}"
+    );
+    assert_eq!(json["pools"][0]["pinned"], true, "{json}");
+    assert_eq!(json["pools"][1]["instances"], 1, "{json}");
+    assert_eq!(json["pools"][1]["pinned"], false, "{json}");
+    let (_, table, _) = client(&control, &["status"]);
+    assert!(
+        table.contains("pool web (socket, running, count pinned by corepool scale)"),
+        "{table}"
+    );
+
+    // Down to one: the highest slots leave, the web pool still answers.
+    let (code, out, err) = client(&control, &["scale", "web", "-2"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, "ok: scaling from 3 to 1 workers"),
+        "{err}"
+    );
+    run.wait_stderr("removed by a scale, exited", 2, SECS(20));
+    let err = run.stderr();
+    assert!(
+        err.contains("pool web: worker 2 (pid") && err.contains("pool web: worker 1 (pid"),
+        "{err}"
+    );
+    for _ in 0..20 {
+        let answer = get_json(port).expect("web answers");
+        assert_eq!(answer["worker"], "0", "{answer}");
+    }
+    let text = get_ok(metrics, "/metrics").unwrap();
+    assert!(
+        text.contains("corepool_workers_configured{pool=\"web\"} 1"),
+        "{text}"
+    );
+
+    // The queue pool was never touched: same worker, no stop, no new one.
+    assert!(exists(queue));
+    assert_eq!(queue_pid(&run), queue);
+    assert!(!run.stdout().contains("queue got TERM"), "{}", run.stdout());
+    let err = run.stderr();
+    assert!(!err.contains("pool queue: scaling"), "{err}");
+    assert!(!err.contains("pool queue: worker 1"), "{err}");
+    run.assert_stdout_count("queue ready", 1);
+
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
+}

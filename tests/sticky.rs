@@ -467,3 +467,80 @@ fn ipv6_and_ipv4_addresses_pick_the_hash_slot_with_classic_bpf() {
 fn ipv6_and_ipv4_addresses_pick_the_hash_slot_in_proxy_mode() {
     every_way_picks_the_same_slot(Way::Proxy);
 }
+
+/// `corepool scale` under `--sticky ip`: 3 workers, worker 0 killed and back (in classic BPF
+/// its socket left the kernel's array and came back at the end), then a scale to 4 and one
+/// to 2: once the new worker is ready, and at once after the scale down (the removed slots'
+/// sockets still in the group while their workers drain) as after they are gone, each of 16
+/// addresses reaches slot `address_hash % the new count`, the same in every way.
+fn addresses_follow_a_scale(way: Way) {
+    require("node");
+    let dir = scratch("sticky-scale");
+    let server = dir.join("server.js");
+    std::fs::write(&server, SERVER).unwrap();
+    let port = free_port();
+    let run = start(way, true, 3, port, &["node", server.to_str().unwrap()]);
+    let control = format!("corepool-test-sticky-{port}");
+    let scale = |count: &str| {
+        let out = Command::new(bin())
+            .args(["scale", count])
+            .env("COREPOOL_CONTROL", &control)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let from = addresses(16);
+    let check = |slots: u32, when: &str| {
+        let mut wrong = Vec::new();
+        for (a, answers) in survey(port, &from, 2) {
+            let expected = (corepool::proxy::address_hash(IpAddr::V4(a)) % slots).to_string();
+            for answer in answers {
+                if answer.split(' ').next() != Some(expected.as_str()) {
+                    wrong.push(format!("{a}: {answer}, expected slot {expected}"));
+                }
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "{when}:\n{}\n{}",
+            wrong.join("\n"),
+            run.stderr()
+        );
+    };
+    check(3, "3 workers");
+    let victim = started_pids(&run.stderr())[0];
+    // SAFETY: kill(2) on a worker of this test's pool.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    run.wait_stderr("exited: signal SIGKILL", 1, SECS(10));
+    run.wait_stderr(" ready (pid", 4, SECS(30));
+    check(3, "worker 0 back");
+    scale("4");
+    run.wait_stderr(" ready (pid", 5, SECS(30));
+    check(4, "scaled up to 4");
+    scale("2");
+    check(2, "right after the scale down to 2");
+    run.wait_stderr("removed by a scale, exited", 2, SECS(20));
+    check(2, "the removed workers gone");
+    let stderr = run.stderr();
+    assert!(!stderr.contains("cannot "), "{stderr}");
+}
+
+#[test]
+fn addresses_follow_a_scale_with_ebpf() {
+    addresses_follow_a_scale(Way::Ebpf);
+}
+
+#[test]
+fn addresses_follow_a_scale_with_classic_bpf() {
+    addresses_follow_a_scale(Way::Classic);
+}
+
+#[test]
+fn addresses_follow_a_scale_in_proxy_mode() {
+    addresses_follow_a_scale(Way::Proxy);
+}

@@ -311,6 +311,25 @@ impl Balancer {
         }
     }
 
+    /// The pool now has `slots` slots (a scale): socket mode adds and removes slot sockets
+    /// (see `SocketMode::resize`); proxy mode's `--sticky ip` hashes over the new count.
+    pub fn resize(&mut self, slots: usize) -> io::Result<()> {
+        match &mut self.balance {
+            Balance::Socket(socket) => socket.resize(slots),
+            Balance::Proxy(proxied) => {
+                proxied.resize(slots);
+                Ok(())
+            }
+            Balance::None {
+                port,
+                port_increment: true,
+            } if usize::from(*port) + slots > usize::from(u16::MAX) + 1 => Err(io::Error::other(
+                format!("{slots} workers from port {port} would go past 65535 (--port-increment)"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// A worker process (its group's leader) exited: it no longer holds its slot's socket.
     pub fn exited(&self, pid: i32) {
         if let Balance::Socket(socket) = &self.balance {

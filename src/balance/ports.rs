@@ -31,7 +31,7 @@ pub fn bind_public(host: IpAddr, port: u16, reuseport: bool) -> io::Result<Owned
 
 /// A TCP socket bound (not listening) to the public address, with SO_REUSEADDR (so that
 /// connections of an earlier run in TIME_WAIT do not matter) and, if asked, SO_REUSEPORT.
-fn bind_only(host: IpAddr, port: u16, reuseport: bool) -> io::Result<OwnedFd> {
+pub fn bind_only(host: IpAddr, port: u16, reuseport: bool) -> io::Result<OwnedFd> {
     let family = match host {
         IpAddr::V4(_) => AddressFamily::Inet,
         IpAddr::V6(_) => AddressFamily::Inet6,
@@ -88,6 +88,11 @@ pub fn bind_group(host: IpAddr, port: u16, slots: usize) -> Result<Vec<Option<Ow
         }
     }
 }
+
+/// The inode numbers of sockets (as /proc/net/tcp lists them).
+/// The inode numbers of the pool's own sockets on the public port, shared with the port watch
+/// (a scale adds and removes slot sockets).
+pub type OurSockets = Arc<std::sync::Mutex<HashSet<u64>>>;
 
 /// The inode numbers of sockets (as /proc/net/tcp lists them).
 pub fn socket_inodes<'a>(fds: impl Iterator<Item = &'a OwnedFd>) -> HashSet<u64> {
@@ -340,14 +345,18 @@ const PORT_WATCH_PERIOD: std::time::Duration = std::time::Duration::from_secs(2)
 /// the public port that are not the pool's. One that joined the group (SO_REUSEPORT, same user)
 /// takes a share of the connections, or all of them if it brings its own eBPF program: a
 /// warning once, and /readyz fails with the reason until it is gone.
-pub async fn watch_port(host: IpAddr, port: u16, ours: HashSet<u64>, shared: Arc<Shared>) {
+pub async fn watch_port(host: IpAddr, port: u16, ours: OurSockets, shared: Arc<Shared>) {
     let mut intruders: Vec<u64> = Vec::new();
     let mut read_error = false;
     let mut tick = tokio::time::interval(PORT_WATCH_PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let found = match foreign_listeners(host, port, &ours) {
+        let mine = ours
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let found = match foreign_listeners(host, port, &mine) {
             Ok(found) => found,
             Err(err) => {
                 if !read_error {

@@ -61,6 +61,11 @@ impl ProxyMode {
         self.backends.set_sticky(workers);
     }
 
+    /// The pool now has `workers` slots (a scale).
+    pub fn resize(&self, workers: usize) {
+        self.backends.resize(workers);
+    }
+
     /// Starts the accept loop (once, in the runtime).
     pub fn start(&mut self) {
         if let Some(listener) = self.listener.take() {

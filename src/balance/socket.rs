@@ -34,11 +34,20 @@
 //! slot is ready (all restarting), the sockets stay in the group and connections wait in the
 //! backlogs; none is refused (tests/reliability.rs kills workers at random under load).
 //!
+//! ## Scaling
+//! `corepool scale` and the CPU follow change the slot count (`resize`). A new slot's socket is
+//! bound but not listening, as a taken-out one: its Node worker's `listen()` joins it to the
+//! group (another program's socket listens just before it starts), and the steering deals to
+//! it once it is ready. The eBPF maps are made for `scale::MAX_WORKERS` slots, so new sockets
+//! fit; a pool started with one slot sets up steering and migration at its first scale up. A
+//! removed slot's sockets are kept (`Leaving`) until its processes are gone, then shut down and
+//! closed: what is still queued moves to another socket with tcp_migrate_req, else is reset.
+//!
 //! ## Launchers
 //! The server may run behind a launcher (`npm start`, yarn, pnpm, npx, dotenv-cli, tsx, a Node
 //! wrapper): it is a child or grandchild of the worker, and Node gives a child no descriptor above
 //! 2 unless asked. The preload in the launcher (Node too) hands fd 3 and 4 on to the children it
-//! starts (see `preload.cjs`). So that no process mistakes another descriptor at 3 or 4 (a
+//! starts (see `preload/adopt.cjs`). So that no process mistakes another descriptor at 3 or 4 (a
 //! node:cluster worker's IPC channel, a launcher's epoll descriptor) for these, each worker gets
 //! their inode numbers (`COREPOOL_LISTEN_INODE`, `COREPOOL_READY_INODE`), and the preload uses a
 //! descriptor only when fstat shows a socket, or a pipe, with that inode.
@@ -52,8 +61,9 @@
 //! kernel's hash spreads the others, whose sockets stay listening for the pool's lifetime (a
 //! given-up slot's are closed).
 
-use super::ports::{bind_group, socket_inodes, watch_port};
+use super::ports::{OurSockets, bind_group, bind_only, bind_public, socket_inodes, watch_port};
 use crate::launch::WorkerIo;
+use crate::launch::above_ten;
 use crate::metrics::Shared;
 use crate::readiness::ReadyPipe;
 use crate::steer;
@@ -92,6 +102,12 @@ pub struct SocketMode {
     /// The ports after the first (`--port 3000,4041`), each with one SO_REUSEPORT socket per
     /// slot, handed over at fds 4.. (spread by the kernel's hash, no steering).
     extra_ports: Vec<(u16, Vec<Option<OwnedFd>>)>,
+    /// The inodes of our sockets on the public port, for the port watch.
+    ours: OurSockets,
+    /// Steering and migration were tried (a pool of one tries at its first scale up).
+    group_tried: bool,
+    /// `--sticky ip`: the steering deals by client address.
+    sticky: bool,
 }
 
 impl SocketMode {
@@ -103,7 +119,7 @@ impl SocketMode {
             0 | 1 => (None, String::new()),
             _ => {
                 let group: Vec<&OwnedFd> = slot_sockets.iter().flatten().collect();
-                match steer::round_robin(&group) {
+                match steer::round_robin(&group, crate::scale::MAX_WORKERS as u32) {
                     Ok(steering) => (Some(steering), "connections in turn (eBPF)".to_string()),
                     Err(err) => (
                         None,
@@ -123,7 +139,12 @@ impl SocketMode {
                 .map(|_| SlotState::default())
                 .collect(),
             steered: (0..slot_sockets.len() as u32).collect(),
+            leaving: Vec::new(),
         };
+        let ours = Arc::new(std::sync::Mutex::new(socket_inodes(
+            slot_sockets.iter().flatten(),
+        )));
+        let group_tried = slot_sockets.len() > 1;
         Ok(SocketMode {
             host,
             port,
@@ -136,6 +157,9 @@ impl SocketMode {
             port_watch: None,
             ready_on_message: false,
             extra_ports: Vec::new(),
+            ours,
+            group_tried,
+            sticky: false,
         })
     }
 
@@ -240,7 +264,7 @@ impl SocketMode {
     /// through /readyz (once, in the runtime).
     pub fn watch_port(&mut self, shared: Arc<Shared>) {
         if self.port_watch.is_none() {
-            let ours = socket_inodes(self.slot_sockets.iter().flatten());
+            let ours = self.ours.clone();
             self.port_watch = Some(tokio::spawn(watch_port(self.host, self.port, ours, shared)));
         }
     }
@@ -295,6 +319,9 @@ impl SocketMode {
             for state in &mut table.slots {
                 state.live.remove(&pid);
             }
+            for leaving in &mut table.leaving {
+                leaving.pids.remove(&pid);
+            }
         });
     }
 
@@ -339,6 +366,7 @@ impl SocketMode {
     /// Takes the sockets of slots without a live process out of the group while another
     /// slot is ready, and tells the steering which slots are ready.
     fn settle(&self, table: &mut SlotTable) {
+        self.close_leaving(table);
         let n = table.slots.len().min(self.slot_sockets.len());
         let serving = |table: &SlotTable, s: usize| {
             self.slot_sockets[s].is_some()
@@ -372,7 +400,7 @@ impl SocketMode {
                     tracing::debug!("worker {s}: its socket leaves the group until it is ready");
                     table.slots[s].out = true;
                     if let Some(steering) = &self.steering {
-                        steering.left(s as u32);
+                        steering.left(socket);
                     }
                 }
                 Err(err) => tracing::warn!("worker {s}: cannot take its socket out: {err}"),
@@ -386,7 +414,12 @@ impl SocketMode {
             // The classic program names positions in the kernel's array of the group, which
             // moves when a socket leaves it even if the ready slots stay the same.
             if ready != table.steered || steering.follows_group() {
-                match steering.set_ready(&ready, &self.slot_sockets) {
+                let leaving: Vec<&OwnedFd> = table
+                    .leaving
+                    .iter()
+                    .flat_map(|l| l.sockets.first())
+                    .collect();
+                match steering.set_ready(&ready, &self.slot_sockets, &leaving) {
                     Ok(()) => table.steered = ready,
                     Err(err) => tracing::warn!("cannot update the eBPF steering: {err}"),
                 }
@@ -398,13 +431,20 @@ impl SocketMode {
     /// (the eBPF program replaced in place), or, where eBPF may not be loaded, a classic BPF
     /// program does (see `steer::Classic`).
     pub fn set_sticky(&mut self) {
+        self.sticky = true;
         if self.slot_sockets.len() < 2 {
+            // A pool of one: set up at its first scale up (`steer_group`).
             return;
         }
         let group: Vec<&OwnedFd> = self.slot_sockets.iter().flatten().collect();
         let ebpf = match &mut self.steering {
             Some(round_robin) => round_robin.redeal(steer::Deal::Sticky, group[0]),
-            None => steer::ebpf(&group, steer::Deal::Sticky).map(|s| self.steering = Some(s)),
+            None => steer::ebpf(
+                &group,
+                steer::Deal::Sticky,
+                crate::scale::MAX_WORKERS as u32,
+            )
+            .map(|s| self.steering = Some(s)),
         };
         let (steering, spread) = match ebpf {
             Ok(()) => (None, "connections by client address (eBPF)".to_string()),
@@ -434,6 +474,168 @@ impl SocketMode {
         self.spread = spread + &tail;
     }
 
+    /// The pool now has `n` slots (`corepool scale`, the CPU follow). A new slot
+    /// gets a socket of the group, bound but not listening (taken out, as a dead slot's is):
+    /// it joins the group when its worker listens (Node) or just before it starts (another
+    /// program), and the steering deals to it once it is ready. A removed slot's sockets stay
+    /// until its processes are gone (they may still accept what is queued there), then are
+    /// shut down and closed: with net.ipv4.tcp_migrate_req the kernel moves what is still
+    /// queued to the other sockets of the group.
+    pub fn resize(&mut self, n: usize) -> io::Result<()> {
+        let from = self.slot_sockets.len();
+        let mut added = Vec::new();
+        for _ in from..n {
+            let socket = above_ten(bind_only(self.host, self.port, true)?)?;
+            let mut extra = Vec::new();
+            for (port, _) in &self.extra_ports {
+                extra.push(bind_public(self.host, *port, true)?);
+            }
+            added.push((socket, extra));
+        }
+        let mut ours = self
+            .ours
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (socket, extra) in added {
+            ours.extend(socket_inodes(std::iter::once(&socket)));
+            self.slot_sockets.push(Some(socket));
+            for ((_, group), socket) in self.extra_ports.iter_mut().zip(extra) {
+                group.push(Some(socket));
+            }
+        }
+        drop(ours);
+        let mut leaving = Vec::new();
+        for slot in (n..from).rev() {
+            let mut sockets: Vec<OwnedFd> = self.slot_sockets.pop().flatten().into_iter().collect();
+            for (_, group) in &mut self.extra_ports {
+                sockets.extend(group.pop().flatten());
+            }
+            leaving.push((slot, sockets));
+        }
+        if n > 1 && !self.group_tried {
+            self.group_tried = true;
+            self.steer_group();
+        }
+        if let Some(steering) = &mut self.steering {
+            // Through a socket in the group: one that listens (the removed ones still do).
+            let listening = self
+                .slot_sockets
+                .iter()
+                .flatten()
+                .chain(leaving.iter().flat_map(|(_, sockets)| sockets.first()))
+                .find(|s| accepting(s));
+            if let Err(err) = steering.resize(n as u32, listening) {
+                tracing::warn!("the steering cannot follow the scale to {n} slots: {err}");
+            }
+        }
+        self.with_slots(|table| {
+            for (slot, sockets) in leaving {
+                let state = table.slots.pop().unwrap_or_default();
+                table.leaving.push(Leaving {
+                    slot,
+                    pids: state.live,
+                    sockets,
+                });
+            }
+            while table.slots.len() < n {
+                table.slots.push(SlotState {
+                    out: true,
+                    ..SlotState::default()
+                });
+            }
+            self.settle(table);
+        });
+        Ok(())
+    }
+
+    /// A pool that started with one slot and grew: round-robin steering and queue migration,
+    /// as a pool started with several gets them.
+    fn steer_group(&mut self) {
+        let (migrate, how) = enable_migration();
+        self.migrate = migrate;
+        // Slot i's socket is entry i: the listening ones from slot 0 on (the new ones join
+        // the map as they listen).
+        let listening: Vec<&OwnedFd> = self
+            .slot_sockets
+            .iter()
+            .map_while(|s| s.as_ref().filter(|s| accepting(s)))
+            .collect();
+        let deal = if self.sticky {
+            steer::Deal::Sticky
+        } else {
+            steer::Deal::Turn
+        };
+        let spread = match steer::ebpf(&listening, deal, crate::scale::MAX_WORKERS as u32) {
+            Ok(steering) => {
+                self.with_slots(|table| table.steered = (0..listening.len() as u32).collect());
+                self.steering = Some(steering);
+                match deal {
+                    steer::Deal::Turn => "connections in turn (eBPF)".to_string(),
+                    steer::Deal::Sticky => "connections by client address (eBPF)".to_string(),
+                }
+            }
+            Err(err) if self.sticky => match steer::classic(&listening) {
+                Ok(steering) => {
+                    self.steering = Some(steering);
+                    format!("connections by client address (classic BPF; no eBPF: {err})")
+                }
+                Err(classic) => {
+                    tracing::warn!(
+                        "--sticky ip: cannot steer by client address (no eBPF: {err}; no classic \
+                         BPF: {classic}); connections are spread as without it"
+                    );
+                    format!("connections by the kernel's hash (no eBPF: {err})")
+                }
+            },
+            Err(err) => format!("connections by the kernel's hash (no eBPF round robin: {err})"),
+        };
+        self.spread = format!("{spread}; {how}");
+        tracing::info!("balance socket: {}", self.spread);
+    }
+
+    /// Closes the sockets of removed slots whose processes are all gone. Shut down first, so
+    /// that a descendant still holding a copy cannot keep it listening; what is queued moves
+    /// to the other sockets when the kernel may migrate it, else it is reset (said once).
+    fn close_leaving(&self, table: &mut SlotTable) {
+        let (done, kept): (Vec<Leaving>, Vec<Leaving>) = std::mem::take(&mut table.leaving)
+            .into_iter()
+            .partition(|l| l.pids.is_empty());
+        table.leaving = kept;
+        for leaving in done {
+            let slot = leaving.slot;
+            let mut ours = self
+                .ours
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for socket in &leaving.sockets {
+                if !self.migrate
+                    && let Ok(n @ 1..) = queued(socket)
+                {
+                    tracing::warn!(
+                        "worker {slot} removed: {n} connection(s) still queued on its socket are \
+                         reset (net.ipv4.tcp_migrate_req is off)"
+                    );
+                }
+                let listened = accepting(socket);
+                match socket::shutdown(socket.as_raw_fd(), socket::Shutdown::Read) {
+                    Ok(()) if listened => {
+                        if let Some(steering) = &self.steering {
+                            steering.left(socket);
+                        }
+                    }
+                    Ok(()) | Err(nix::errno::Errno::ENOTCONN) => {}
+                    Err(err) => {
+                        tracing::warn!("worker {slot} removed: cannot shut its socket down: {err}")
+                    }
+                }
+                if let Ok(st) = nix::sys::stat::fstat(socket) {
+                    ours.remove(&st.st_ino);
+                }
+            }
+            tracing::debug!("worker {slot} removed: its sockets are closed");
+        }
+    }
+
     /// The pool is stopping: close the sockets (see `Balancer::close`).
     pub fn close(&mut self) {
         self.slot_sockets.clear();
@@ -441,6 +643,15 @@ impl SocketMode {
             task.abort();
         }
     }
+}
+
+/// Socket mode: the sockets of a slot a scale removed, kept until its processes are gone (they
+/// may still accept what is queued there), then closed.
+struct Leaving {
+    slot: usize,
+    pids: HashSet<i32>,
+    /// The public port's socket first, then the further ports'.
+    sockets: Vec<OwnedFd>,
 }
 
 /// Socket mode: a slot's processes (group leaders), the ready ones, and whether corepool took
@@ -462,6 +673,8 @@ struct SlotTable {
     slots: Vec<SlotState>,
     /// The ready slots the steering deals to, as last written.
     steered: Vec<u32>,
+    /// Removed slots' sockets, until their processes are gone.
+    leaving: Vec<Leaving>,
 }
 
 /// Connections waiting in a listening socket's accept queue (`tcpi_unacked` of a listener).

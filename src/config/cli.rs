@@ -23,6 +23,8 @@ pub fn command() -> Command {
             "Subcommands, to the pool running in this container:\n  \
              corepool status [--json]   each worker: pid, state, uptime, restarts, RSS, CPU%\n  \
              corepool reload [POOL]     a rolling reload (as SIGHUP), of one pool if named\n  \
+             corepool scale [POOL] N|+K|-K|auto  change a pool's worker count (POOL: needed \
+             with several pools; auto: follow instances again)\n  \
              corepool health [--live] [ADDR]  exit 0 when the metrics endpoint answers /readyz \
              (/healthz with --live), else 1",
         )

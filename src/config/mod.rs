@@ -22,7 +22,7 @@ pub use crate::worker::RestartPolicy;
 pub use cli::{COMMAND as COMMAND_ARG, command};
 pub use file::DEFAULT_FILE;
 pub use options::{OPTIONS, Opt, OptSpec, Scope};
-pub use pools::PoolConfig;
+pub use pools::{PoolConfig, cpu_split};
 pub use resolve::{from_file_text, load, resolve};
 pub use values::*;
 
@@ -106,6 +106,10 @@ pub struct Config {
     /// When a worker counts as ready: listening, or (socket mode) after process.send('ready').
     pub ready_on: ReadyOn,
     pub cpu: CpuReport,
+    /// `instances` as written: `max` and `-K` follow the CPUs, a number does not.
+    pub instances_spec: Instances,
+    /// How often the CPU follow re-reads the quota and affinity; None: off (or a fixed count).
+    pub cpu_watch: Option<Duration>,
     /// Every port the workers share (`--port 3000,4041`), the primary first.
     pub ports: Vec<u16>,
     /// For `--print-config`: each key, its value as TOML, and a comment on where it came from.

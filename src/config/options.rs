@@ -539,6 +539,24 @@ pub const ONLY: Opt<Option<Vec<String>>> = Opt {
     render: super::pools::render_only,
 };
 
+pub const CPU_WATCH: Opt<Option<Duration>> = Opt {
+    spec: OptSpec {
+        key: "cpu_watch",
+        long: "cpu-watch",
+        short: None,
+        env: "COREPOOL_CPU_WATCH",
+        fallback_env: None,
+        switch: false,
+        value_name: "DURATION|off",
+        default: "5s",
+        help: "With instances = max or -K: re-read the CPU quota and affinity this often (and \
+                   on SIGHUP) and scale the pool to match. A fixed count never follows",
+        scope: Scope::Pool,
+    },
+    parse: parse_idle_timeout,
+    render: render_idle_timeout,
+};
+
 pub const START_CONCURRENCY: Opt<Option<usize>> = Opt {
     spec: OptSpec {
         key: "start_concurrency",
@@ -601,6 +619,7 @@ options![
     READY_ON,
     STICKY,
     ONLY,
+    CPU_WATCH,
     START_CONCURRENCY,
 ];
 

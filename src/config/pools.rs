@@ -396,7 +396,7 @@ pub(super) fn resolve_from(
 
 /// The usable CPUs split by weight (0: takes no part): each part is `usable × weight / total`
 /// rounded down, the CPUs left over go to the largest remainders, and every part is at least 1.
-fn cpu_split(usable: usize, weights: &[u32]) -> Vec<usize> {
+pub fn cpu_split(usable: usize, weights: &[u32]) -> Vec<usize> {
     let total: usize = weights.iter().map(|&w| w as usize).sum();
     if total == 0 {
         return vec![usable.max(1); weights.len()];

@@ -237,6 +237,17 @@ pub(super) fn resolve_one(
     let idle_timeout = r.get(&IDLE_TIMEOUT)?;
     let ready_on = r.get(&READY_ON)?;
     let sticky = r.get(&STICKY)?;
+    let cpu_watch = match (spec, r.get(&CPU_WATCH)?) {
+        (Instances::Fixed(_), _) => {
+            if let Some(last) = r.provenance.last_mut() {
+                last.2.push_str(
+                    ": not used, instances is a fixed number (it never follows the CPUs)",
+                );
+            }
+            None
+        }
+        (_, every) => every,
+    };
     let start_concurrency = match r.get(&START_CONCURRENCY)? {
         Some(n) => n,
         None => {
@@ -289,6 +300,8 @@ pub(super) fn resolve_one(
         idle_timeout,
         ready_on,
         cpu,
+        instances_spec: spec,
+        cpu_watch,
         ports,
         provenance: r.provenance,
         unknown_env: env::unknown_corepool_variables(),

@@ -36,8 +36,11 @@ impl Instances {
             return Ok(Instances::MinusK(k));
         }
         let n: usize = t.parse().map_err(|_| bad())?;
-        if n > 4096 {
-            return Err(format!("{n} workers is more than the limit of 4096"));
+        if n > crate::scale::MAX_WORKERS {
+            return Err(format!(
+                "{n} workers is more than the limit of {}",
+                crate::scale::MAX_WORKERS
+            ));
         }
         Ok(Instances::Fixed(n))
     }

@@ -70,6 +70,8 @@ pub struct Snapshot {
     /// Several pools (`[pool.NAME]`): each, in order, owning the next `slots` of `slots`.
     /// Empty for the single unnamed pool (no `pool` label anywhere).
     pub pools: Vec<PoolView>,
+    /// A manual `corepool scale` pinned the worker count (of any pool).
+    pub pinned: bool,
 }
 
 /// One pool of several, as reported.
@@ -82,6 +84,8 @@ pub struct PoolView {
     /// How many of the snapshot's slots are this pool's (they follow the previous pool's).
     pub slots: usize,
     pub min_ready: usize,
+    /// A manual `corepool scale` pinned this pool's worker count.
+    pub pinned: bool,
 }
 
 impl Snapshot {
@@ -97,6 +101,12 @@ impl Snapshot {
         names.zip(&self.slots).collect()
     }
 }
+
+/// `corepool_workers_configured`'s help.
+const CONFIGURED_HELP: &str =
+    "The worker count the pool runs (--instances, then corepool scale or the CPU follow)";
+/// `corepool_workers_pinned`'s help.
+const PINNED_HELP: &str = "1 while a manual corepool scale pins the worker count";
 
 /// Usage of some process groups, and when it was read.
 type UsageScan = (Instant, Vec<i32>, HashMap<i32, Usage>);
@@ -125,6 +135,7 @@ impl Shared {
                 connections_total: None,
                 connection_limit: None,
                 pools: Vec::new(),
+                pinned: false,
             }),
             usage: Mutex::new(None),
             balance,
@@ -312,6 +323,28 @@ pub fn render(shared: &Shared) -> String {
         }
     }
     registry.register("workers", "Worker slots by state", states);
+
+    if snap.pools.is_empty() {
+        let configured = Gauge::<i64>::default();
+        configured.set(snap.slots.len() as i64);
+        registry.register("workers_configured", CONFIGURED_HELP, configured);
+        let pinned = Gauge::<i64>::default();
+        pinned.set(i64::from(snap.pinned));
+        registry.register("workers_pinned", PINNED_HELP, pinned);
+    } else {
+        let configured = Family::<Labels, Gauge>::default();
+        let pinned = Family::<Labels, Gauge>::default();
+        for p in &snap.pools {
+            configured
+                .get_or_create(&with_pool(&p.name, Vec::new()))
+                .set(p.slots as i64);
+            pinned
+                .get_or_create(&with_pool(&p.name, Vec::new()))
+                .set(i64::from(p.pinned));
+        }
+        registry.register("workers_configured", CONFIGURED_HELP, configured);
+        registry.register("workers_pinned", PINNED_HELP, pinned);
+    }
 
     if snap.pools.is_empty() {
         let ready = Gauge::<i64>::default();

@@ -229,8 +229,12 @@ pub fn pool_args(n: usize, mode: &str, ports: &str, rest: &[&str]) -> Vec<String
 /// the script's stderr when it fails.
 pub fn fixture(script: &str, args: &[&str]) -> String {
     let path = format!("{}/{script}", env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new("bash")
-        .arg(&path)
+    // One build of a fixture at a time: two tests (threads of one test binary, or two test
+    // processes) asking for the same uncached fixture would run `npm ci` in one directory at
+    // once. flock(1) holds a lock file beside the script while it runs.
+    let lock = format!("{path}.lock");
+    let out = Command::new("flock")
+        .args([lock.as_str(), "bash", path.as_str()])
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));

@@ -1,8 +1,8 @@
 // The app of the container tests: a plain Node HTTP server on $PORT, as a user's would be.
 //   GET /            {"worker", "pid", "heap_mib"} (heap_mib: V8's old-space limit)
 //   GET /slow?ms=N   answers after N ms (a request in flight during a stop); logs "slow start"
-// APP_MODE changes it: `crash` exits 3 at once; `ignore-term` ignores SIGTERM (and says
-// "SIGTERM trap set" once it does); `no-listen` never listens (never ready).
+// APP_MODE changes it: `crash` exits 3 at once; `ignore-term` ignores SIGTERM and never exits by
+// itself (and says "SIGTERM trap set" once it does); `no-listen` never listens (never ready).
 const http = require('http');
 const v8 = require('v8');
 
@@ -32,7 +32,10 @@ const server = http.createServer((req, res) => {
 });
 
 if (mode === 'ignore-term') {
+  // A stuck worker: the signal changes nothing and the process never ends by itself (a timer
+  // keeps it alive once corepool's preload has closed its server at the signal).
   process.on('SIGTERM', () => console.log(`worker ${worker}: SIGTERM ignored`));
+  setInterval(() => {}, 1 << 30);
   console.log(`worker ${worker}: SIGTERM trap set`);
 } else {
   // Graceful stop: finish the requests in flight, then exit.
