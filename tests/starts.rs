@@ -14,21 +14,33 @@ const SLOW_SERVER: &str = "const burn = Number(process.env.BURN_MS) * 1000;\n\
      require('http').createServer((q, s) => s.end('ok'))\n\
        .listen(process.env.PORT);\n";
 
-const WORKERS: usize = 40;
+const WORKERS: usize = 60;
 
-/// 40 workers of 0.3 s CPU each under a 4 s ready timeout: started all at once on 2 CPUs they
-/// need 6 s or more together (more on a loaded box), so every one of them misses the timeout
-/// and is restarted; two at a time, each needs about 0.3 s of a CPU.
+/// The tests of this file measure CPU-bound starts: one at a time, never sharing the CPUs.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn alone() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// 60 workers of 0.4 s CPU each (0.3 s burnt, Node's own start) under an 8 s ready timeout:
+/// started all at once on 2 CPUs they need 12 s or more together, and on a box with L other
+/// runnable tasks each gets 2 / (L + 60) of a CPU, so they miss the timeout whatever the load.
+/// Two at a time, each gets 2 / (L + 2): enough up to a load of about 35.
 fn slow_pool(concurrency: &str, control: &str) -> Run {
+    slow_pool_of(WORKERS, concurrency, control)
+}
+
+fn slow_pool_of(workers: usize, concurrency: &str, control: &str) -> Run {
     let port = free_port();
     let args = socket_args(
-        WORKERS,
+        workers,
         port,
         &[
             "--start-concurrency",
             concurrency,
             "--ready-timeout",
-            "4s",
+            "8s",
             "--fail-fast",
             "0",
             "--max-restarts",
@@ -43,8 +55,12 @@ fn slow_pool(concurrency: &str, control: &str) -> Run {
 }
 
 fn status(control: &str) -> String {
+    client(&["status"], control)
+}
+
+fn client(args: &[&str], control: &str) -> String {
     let out = Command::new(bin())
-        .arg("status")
+        .args(args)
         .env("COREPOOL_CONTROL", control)
         .output()
         .unwrap();
@@ -59,6 +75,7 @@ fn status(control: &str) -> String {
 #[test]
 fn a_pool_larger_than_the_machine_starts_a_few_at_a_time() {
     require("node");
+    let _alone = alone();
     let control = format!("cp-test-starts-{}", std::process::id());
     let mut run = slow_pool("2", &control);
     run.wait_stderr("workers queued: at most 2 start at once", 1, SECS(10));
@@ -84,12 +101,33 @@ fn a_pool_larger_than_the_machine_starts_a_few_at_a_time() {
     assert_eq!(run.exit_code(SECS(15)), 0, "{}", run.stderr());
 
     // The same pool with no bound (`0`, corepool's old behaviour) misses its timeouts: the
-    // test above fails without the bound. (One test, so that the two pools never share the
-    // CPUs.)
+    // part above fails without the bound.
     let control = format!("cp-test-unbounded-{}", std::process::id());
     let mut run = slow_pool("0", &control);
-    run.wait_stderr("not ready after 4s: restarting it", 1, SECS(60));
+    run.wait_stderr("not ready after 8s: restarting it", 1, SECS(60));
     assert!(!run.stderr().contains("workers queued"), "{}", run.stderr());
     run.signal(libc::SIGTERM);
     run.exit_code(SECS(15));
+}
+
+/// `corepool scale` adds its workers through the same bound.
+#[test]
+fn a_scale_up_starts_a_few_at_a_time_too() {
+    require("node");
+    let _alone = alone();
+    let control = format!("cp-test-scale-starts-{}", std::process::id());
+    let mut run = slow_pool_of(2, "2", &control);
+    run.wait_stderr(" ready (pid", 2, SECS(30));
+    assert!(!run.stderr().contains("workers queued"), "{}", run.stderr());
+    let answer = client(&["scale", "20"], &control);
+    assert!(answer.contains("scaling from 2 to 20"), "{answer}");
+    run.wait_stderr("16 workers queued: at most 2 start at once", 1, SECS(10));
+    run.wait_stderr(" ready (pid", 20, SECS(120));
+    let err = run.stderr();
+    assert!(
+        !err.contains("not ready after"),
+        "a worker timed out:\n{err}"
+    );
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(15)), 0, "{}", run.stderr());
 }
