@@ -568,7 +568,7 @@ pub const START_CONCURRENCY: Opt<Option<usize>> = Opt {
         value_name: "N|auto",
         default: "auto",
         help: "Workers started but not yet ready at once; the others queue (first start, \
-                   restarts). auto: max(4, 2 x usable CPUs); 0: no bound",
+                   restarts, scale-ups). auto: max(4, 2 x usable CPUs); 0: no bound",
         scope: Scope::Pool,
     },
     parse: parse_start_concurrency,
