@@ -328,6 +328,25 @@ pub(super) fn resolve_from(
                 "default for a oneshot pool".into(),
             );
         }
+        // ... as one process (two copies of a migration would race each other) that serves no
+        // port (it would never become ready, and would take the port's default 3000).
+        if plan.oneshot {
+            for (key, value, source) in config.provenance.iter_mut() {
+                // "default", or "default: max = N usable CPUs (...)" for instances.
+                if source != "default" && !source.starts_with("default:") {
+                    continue;
+                }
+                if key == "instances" {
+                    config.instances = 1;
+                    *value = "1".into();
+                    *source = "default for a oneshot pool".into();
+                } else if key == "balance" {
+                    config.balance = Mode::None;
+                    *value = quoted("none");
+                    *source = "default for a oneshot pool".into();
+                }
+            }
+        }
         if plan.oneshot && config.restart == RestartPolicy::Always {
             let source = match table.values.get("restart") {
                 Some((_, l)) => format!("{}:{l}: [pool.{name}] restart", table.path),
