@@ -11,7 +11,7 @@
 //! - `signals`: which signals are caught and what each means;
 //! - `reaper`: the one `waitpid(-1)` loop;
 //! - `worker`: a slot's lifecycle state machine, and how a worker process is started;
-//! - `balance`: one public port for the pool, one type per mode (`balance/socket.rs`,
+//! - `balance`: one public port for the pool, one type per mode (`balance/socket/`,
 //!   `balance/proxied.rs`; `balance/ports.rs` binds the port and keeps it the pool's alone);
 //! - `readiness`: how a worker says it is ready (ready pipe, sd_notify socket);
 //! - `node`: the Node preload, the Node version probe, NODE_OPTIONS and the heap share; the
