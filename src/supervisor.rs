@@ -279,7 +279,7 @@ impl Supervisor {
                     human(delay)
                 ),
                 StopStep::Hurry => tracing::info!("{sig} during the shutdown delay: stopping now"),
-                StopStep::Begin => self.stop_all(&sig.to_string(), Ending::Stop(sig), now, os),
+                StopStep::Begin => self.stop_all(sig.as_ref(), Ending::Stop(sig), now, os),
                 StopStep::KillNow => {
                     tracing::warn!("{sig} again: killing every remaining process group now");
                     self.drains.hurry(now);
