@@ -2,7 +2,6 @@
 //! `[pool.NAME]` table, the top-level key being every pool's default.
 
 use super::{Opt, OptSpec, Scope};
-use crate::balance::Mode;
 use crate::config::values::*;
 use crate::units::parse_duration;
 use crate::user::{RunAs, parse_user};
