@@ -33,6 +33,8 @@
 //!   clock of its own; `os`: its edge with the OS (real, and a fake for unit tests);
 //! - `slots`: the slots and which pid plays which role; `replace`: replacement processes,
 //!   asked for by `reload` (the rolling reload) and `memory` (`--max-memory`);
+//! - `scale`: `corepool scale` and the CPU follow (parsing, the pin, a scale waiting for a
+//!   reload); `resize`: applying one to the slots;
 //! - `drain`: stop signal, kill timeout and SIGKILL; `ending`: shutdown delay, stop, exit code;
 //! - `logs`: worker output and corepool's own messages, a whole line at a time;
 //! - `exit`: exit codes;
@@ -64,6 +66,7 @@ pub mod relay;
 pub mod reload;
 pub mod replace;
 pub mod reserve;
+pub mod resize;
 pub mod scale;
 pub mod signals;
 pub mod slots;

@@ -17,7 +17,8 @@ use crate::os::{Os, Target};
 use crate::reaper::{Exit, ExitStatus};
 use crate::replace::Replacements;
 use crate::reserve;
-use crate::scale::{self, Origin, Resize, Scaling};
+use crate::resize::{self, Resize};
+use crate::scale::{Origin, Scaling};
 use crate::signals::Action;
 use crate::slots::{Role, Slots};
 use crate::units::format_duration as human;
@@ -117,7 +118,7 @@ impl Supervisor {
             self.replacements.advance(slots, drains, now, os);
             if let Some((n, why)) = self.scaling.due(self.replacements.reloading())
                 && n != self.slots.len()
-                && let Err(err) = scale::resize(self.resizing(), n, &why, now, os)
+                && let Err(err) = resize::resize(self.resizing(), n, &why, now, os)
             {
                 tracing::error!("scale to {n} workers after the reload failed: {err}");
             }
@@ -392,8 +393,7 @@ impl Supervisor {
             drains: &mut self.drains,
             handoff: self.s.scale_handoff,
         };
-        self.scaling
-            .request(target, origin, reloading, pool, now, os)
+        resize::request(&mut self.scaling, target, origin, reloading, pool, now, os)
     }
 
     /// What a scale changes: the slots, and the drains of removed workers.
