@@ -104,11 +104,13 @@ mod tests {
         assert_eq!(Fatal::startup("x").code, exit::STARTUP);
         assert_eq!(Fatal::usage("bad").with_code(1).code, 1);
         assert_eq!(Fatal::usage("bad").to_string(), "bad");
-        let help = crate::config::command()
+        // A command of its own (not config's: fatal sits below config).
+        let command = || clap::Command::new("corepool").arg(clap::Arg::new("port").long("port"));
+        let help = command()
             .try_get_matches_from(["corepool", "--help"])
             .unwrap_err();
         assert_eq!(Fatal::from_clap(&help).code, 0);
-        let wrong = crate::config::command()
+        let wrong = command()
             .try_get_matches_from(["corepool", "--no-such-flag"])
             .unwrap_err();
         let fatal = Fatal::from_clap(&wrong);

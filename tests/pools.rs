@@ -453,3 +453,50 @@ fn scale_changes_the_named_pool_only() {
     run.signal(libc::SIGTERM);
     assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
 }
+
+#[test]
+fn a_oneshot_pool_runs_one_process_on_no_port_by_default() {
+    // Two copies of a migration would race each other, and a oneshot never listens: without
+    // `instances` and `balance` of its own it is one process in none mode (and explicit values
+    // still win).
+    let dir = scratch("pools-oneshot-defaults");
+    let file = dir.join("corepool.toml");
+    std::fs::write(
+        &file,
+        "[pool.migrate]\ncommand = [\"sh\", \"-c\", \"echo migration ran\"]\noneshot = true\n\n\
+         [pool.twice]\ncommand = [\"sh\", \"-c\", \"echo twice ran\"]\noneshot = true\n\
+         instances = 2\nbalance = \"none\"\n",
+    )
+    .unwrap();
+    // Without the harness's COREPOOL_BALANCE=none, so that the defaults act; `timeout` bounds it.
+    let corepool = |extra: &[&str]| {
+        let out = Command::new("timeout")
+            .args(["20", bin(), "-c"])
+            .arg(&file)
+            .args(extra)
+            .env_remove("COREPOOL_BALANCE")
+            .env_remove("WEB_CONCURRENCY")
+            .output()
+            .expect("run corepool under timeout(1)");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = corepool(&["--print-config"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("instances = 1  # default for a oneshot pool"),
+        "{out}"
+    );
+    assert!(
+        out.contains("balance = \"none\"  # default for a oneshot pool"),
+        "{out}"
+    );
+    let (code, out, err) = corepool(&[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.matches("migration ran").count(), 1, "{out}");
+    assert_eq!(out.matches("twice ran").count(), 2, "{out}");
+    assert!(!err.contains("balance socket"), "{err}");
+}

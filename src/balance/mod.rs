@@ -27,34 +27,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
-/// How workers share the public port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Socket,
-    Proxy,
-    None,
-}
-
-impl Mode {
-    pub fn parse(text: &str) -> Result<Mode, String> {
-        match text.trim().to_ascii_lowercase().as_str() {
-            "socket" => Ok(Mode::Socket),
-            "proxy" => Ok(Mode::Proxy),
-            "none" => Ok(Mode::None),
-            other => Err(format!(
-                "'{other}' is not a balance mode (socket, proxy or none)"
-            )),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Mode::Socket => "socket",
-            Mode::Proxy => "proxy",
-            Mode::None => "none",
-        }
-    }
-}
+/// How workers share the public port (declared with the options that choose it).
+pub use crate::config::Mode;
 
 /// Each mode with its own state.
 enum Balance {

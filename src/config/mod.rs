@@ -26,7 +26,6 @@ pub use pools::{PoolConfig, cpu_split};
 pub use resolve::{from_file_text, load, resolve};
 pub use values::*;
 
-use crate::balance::Mode;
 use crate::cgroup::CpuReport;
 use crate::logs::LogFormat;
 use crate::user::RunAs;

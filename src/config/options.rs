@@ -3,8 +3,8 @@
 //! (`r.get(&KILL_TIMEOUT)`), so a misspelt option is a compile error; [`OPTIONS`] lists them all
 //! for clap, the file's key check, the variable check and the README test.
 
+use super::values::Mode;
 use super::values::*;
-use crate::balance::Mode;
 use crate::logs::LogFormat;
 use crate::units::parse_duration;
 use crate::user::{RunAs, parse_user};

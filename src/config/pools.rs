@@ -11,9 +11,9 @@ use super::cli::COMMAND;
 use super::file::ConfigFile;
 use super::options::{INSTANCES, ONLY, OPTIONS, Scope};
 use super::resolve::{Resolver, Sources, resolve_one};
+use super::values::Mode;
 use super::values::{Instances, quoted};
 use super::{Config, RestartPolicy};
-use crate::balance::Mode;
 use crate::cgroup::CpuReport;
 use crate::fatal::Fatal;
 use clap::ArgMatches;
@@ -327,6 +327,25 @@ pub(super) fn resolve_from(
                 quoted("never"),
                 "default for a oneshot pool".into(),
             );
+        }
+        // ... as one process (two copies of a migration would race each other) that serves no
+        // port (it would never become ready, and would take the port's default 3000).
+        if plan.oneshot {
+            for (key, value, source) in config.provenance.iter_mut() {
+                // "default", or "default: max = N usable CPUs (...)" for instances.
+                if source != "default" && !source.starts_with("default:") {
+                    continue;
+                }
+                if key == "instances" {
+                    config.instances = 1;
+                    *value = "1".into();
+                    *source = "default for a oneshot pool".into();
+                } else if key == "balance" {
+                    config.balance = Mode::None;
+                    *value = quoted("none");
+                    *source = "default for a oneshot pool".into();
+                }
+            }
         }
         if plan.oneshot && config.restart == RestartPolicy::Always {
             let source = match table.values.get("restart") {

@@ -3,8 +3,8 @@
 
 use super::options::*;
 use super::resolve::Sources;
+use super::values::Mode;
 use super::{Config, ReadyOn, Source};
-use crate::balance::Mode;
 use crate::fatal::Fatal;
 use crate::units::format_duration;
 use std::time::Duration;

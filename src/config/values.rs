@@ -2,7 +2,6 @@
 //! for a flag, a variable and a file, so an error reads the same wherever it came from) and the
 //! renderers that write them back as TOML for `--print-config`.
 
-use crate::balance::Mode;
 use crate::logs::LogFormat;
 use crate::signals::parse_signal;
 pub use crate::units::{format_duration, parse_duration, parse_size};
@@ -347,4 +346,33 @@ pub fn parse_sticky(text: &str) -> Result<bool, String> {
 
 pub fn render_sticky(on: &bool) -> String {
     quoted(if *on { "ip" } else { "off" })
+}
+
+/// How workers share the public port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Socket,
+    Proxy,
+    None,
+}
+
+impl Mode {
+    pub fn parse(text: &str) -> Result<Mode, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "socket" => Ok(Mode::Socket),
+            "proxy" => Ok(Mode::Proxy),
+            "none" => Ok(Mode::None),
+            other => Err(format!(
+                "'{other}' is not a balance mode (socket, proxy or none)"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Socket => "socket",
+            Mode::Proxy => "proxy",
+            Mode::None => "none",
+        }
+    }
 }
