@@ -246,22 +246,40 @@ fn unguarded_process_send() {
     assert!(!run.stderr().contains("exited"), "{}", run.stderr());
 }
 
-/// Waits for `listening` of both workers on stdout; then asserts no worker is ready for
-/// `quiet`, and that both are within `then`.
+/// Waits until both workers are ready, then asserts that each became ready at least `quiet`
+/// after it listened: corepool's "ready (pid P) after N ms" counts from the spawn, the worker
+/// prints its own uptime when it listens, and the spawn comes before the worker's start, so
+/// N >= uptime + quiet holds for a worker that was made ready by its later message, whatever
+/// the machine's load (a wall-clock window read by the test would not).
 fn ready_only_after(run: &Run, quiet: Duration, then: Duration) {
     run.wait_stdout("listening at", 2, SECS(90));
-    let since = Instant::now();
-    while since.elapsed() < quiet {
-        assert!(
-            !run.stderr().contains("ready (pid"),
-            "a worker was ready {:?} after it listened, before it sent 'ready':\n{}\n{}",
-            since.elapsed(),
-            run.stderr(),
-            run.stdout()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
     run.wait_stderr("ready (pid", 2, then);
+    let (out, err) = (run.stdout(), run.stderr());
+    for line in err.lines().filter(|l| l.contains(" ready (pid ")) {
+        // "worker N ready (pid P) after M ms"
+        let worker = line
+            .split("worker ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .unwrap_or_else(|| panic!("no worker number in {line:?}"));
+        let after: u64 = line
+            .rsplit("after ")
+            .next()
+            .and_then(|r| r.trim().strip_suffix("ms"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no 'after N ms' in {line:?}"));
+        let uptime: u64 = out
+            .lines()
+            .find(|l| l.starts_with(&format!("worker {worker} listening at ")))
+            .and_then(|l| l.rsplit("uptime ").next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no listening line of worker {worker}:\n{out}"));
+        assert!(
+            after >= uptime + quiet.as_millis() as u64,
+            "worker {worker} was ready {after} ms after its spawn, but it listened at {uptime} ms \
+             of its life and sends 'ready' {quiet:?} later at the earliest:\n{err}\n{out}"
+        );
+    }
 }
 
 /// `--ready-on message`: a server that listens at once and sends 'ready' 3 s later is not
