@@ -109,6 +109,17 @@ impl Drains {
         }
     }
 
+    /// Children of ours outside every known group (they called setsid, or are orphans of a
+    /// worker's children that did): stop them too, so nothing outlives the pool unasked.
+    pub fn sweep_strays(&mut self, now: Instant, os: &mut dyn Os) {
+        for child in os.children() {
+            if !self.covers(child.pid, child.pgid) && !child.zombie {
+                tracing::info!("stopping stray process {}", child.pid);
+                self.add(os, Target::Process(child.pid), Duration::ZERO, now);
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
     }

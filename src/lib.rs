@@ -11,7 +11,7 @@
 //! - `signals`: which signals are caught and what each means;
 //! - `reaper`: the one `waitpid(-1)` loop;
 //! - `worker`: a slot's lifecycle state machine, and how a worker process is started;
-//! - `balance`: one public port for the pool, one type per mode (`balance/socket.rs`,
+//! - `balance`: one public port for the pool, one type per mode (`balance/socket/`,
 //!   `balance/proxied.rs`; `balance/ports.rs` binds the port and keeps it the pool's alone);
 //! - `readiness`: how a worker says it is ready (ready pipe, sd_notify socket);
 //! - `node`: the Node preload, the Node version probe, NODE_OPTIONS and the heap share; the
@@ -33,6 +33,8 @@
 //!   clock of its own; `os`: its edge with the OS (real, and a fake for unit tests);
 //! - `slots`: the slots and which pid plays which role; `replace`: replacement processes,
 //!   asked for by `reload` (the rolling reload) and `memory` (`--max-memory`);
+//! - `scale`: `corepool scale` and the CPU follow (parsing, the pin, a scale waiting for a
+//!   reload); `resize`: applying one to the slots;
 //! - `drain`: stop signal, kill timeout and SIGKILL; `ending`: shutdown delay, stop, exit code;
 //! - `logs`: worker output and corepool's own messages, a whole line at a time;
 //! - `exit`: exit codes;
@@ -64,6 +66,7 @@ pub mod relay;
 pub mod reload;
 pub mod replace;
 pub mod reserve;
+pub mod resize;
 pub mod scale;
 pub mod signals;
 pub mod slots;

@@ -204,6 +204,28 @@ impl Replacements {
         }
     }
 
+    /// Replacement `i` (pid `pid`, for `cause`) exited before it was ready: its slot forgets it
+    /// and what it was for fails. The slot's number.
+    pub fn replacement_exited(
+        &mut self,
+        slots: &mut Slots,
+        i: usize,
+        cause: Cause,
+        pid: Pid,
+        status: &dyn std::fmt::Display,
+    ) -> usize {
+        let slot = slots.worker(i).slot();
+        slots.forget_replacement(i);
+        self.failed(
+            cause,
+            &format!(
+                "the replacement of worker {slot} (pid {pid}) exited before it was \
+                 ready: {status}"
+            ),
+        );
+        slot
+    }
+
     /// A replacement failed: its concern says so in its own words.
     pub fn failed(&mut self, cause: Cause, why: &str) {
         match cause {

@@ -3,7 +3,7 @@
 //!
 //! This module parses the request and holds the scale's own state: whether a manual scale
 //! pinned the count (the CPU follow then leaves it alone until `corepool scale auto`), and a
-//! scale that waits for the rolling reload under way. The supervisor applies a scale: new
+//! scale that waits for the rolling reload under way. The supervisor applies a scale (`resize`): new
 //! slots start and become ready as any worker does; removed slots (the highest first) drain
 //! as a reload's old workers do.
 

@@ -2,7 +2,11 @@
 //! replacement for it, or an old one retiring. Every change of a process's role goes through
 //! the verbs here, so the workers and the map cannot disagree.
 
+use crate::drain::Drains;
 use crate::metrics::SlotView;
+use crate::os::{Os, Target};
+use crate::reaper;
+use crate::units::format_duration as human;
 use crate::worker::{State, Worker};
 use nix::unistd::Pid;
 use std::collections::HashMap;
@@ -150,6 +154,67 @@ impl Slots {
         (0..self.workers.len())
             .filter(|&i| self.workers[i].is_running())
             .collect()
+    }
+
+    /// Worker `i` (pid `pid`) reported ready: says so, with how long it took, the first time.
+    pub fn ready(&mut self, i: usize, pid: Pid, now: Instant) {
+        if let Some(took) = self.worker_mut(i).ready(now) {
+            tracing::info!(
+                "worker {} ready (pid {pid}) after {}",
+                self.worker(i).slot(),
+                human(took)
+            );
+        }
+    }
+
+    /// Forwards signal `sig` (a raw number) to every live worker's group.
+    pub fn forward(&self, sig: i32, os: &mut dyn Os) {
+        for pid in self.pids() {
+            os.signal_raw(Target::Group(pid), sig);
+        }
+        tracing::debug!(
+            "{} forwarded to {} workers",
+            reaper::signal_name(sig),
+            self.live()
+        );
+    }
+
+    /// The pool stops: every current worker's group and every replacement's drains, and
+    /// each worker is stopping.
+    pub fn stop_all(&mut self, drains: &mut Drains, now: Instant, os: &mut dyn Os) {
+        for i in 0..self.len() {
+            if let Some(pid) = self.worker(i).pid() {
+                drains.add(os, Target::Group(pid), Duration::ZERO, now);
+            }
+            if let Some((pid, _)) = self.retire_replacement(i) {
+                drains.add(os, Target::Group(pid), Duration::ZERO, now);
+            }
+            self.worker_mut(i).stopping();
+        }
+    }
+
+    /// Restarts the workers not ready `timeout` after their start: their groups drain
+    /// (`hint`: why a worker may never have become ready, for the log).
+    pub fn restart_unready(
+        &mut self,
+        drains: &mut Drains,
+        timeout: Duration,
+        hint: &str,
+        now: Instant,
+        os: &mut dyn Os,
+    ) {
+        for i in 0..self.len() {
+            if let Some(pid) = self.worker(i).unready_for(timeout, now) {
+                tracing::warn!(
+                    "worker {} (pid {pid}) not ready after {}: restarting it ({})",
+                    self.worker(i).slot(),
+                    human(timeout),
+                    hint
+                );
+                drains.add(os, Target::Group(pid), Duration::ZERO, now);
+                self.worker_mut(i).restarting();
+            }
+        }
     }
 
     /// Whether an old process (replaced, or a replacement given up) is still being stopped.

@@ -14,10 +14,11 @@ use crate::ending::{Ending, Shutdown, StopStep, pool_death_code};
 use crate::exit;
 use crate::metrics::SlotView;
 use crate::os::{Os, Target};
-use crate::reaper::{self, Exit, ExitStatus};
+use crate::reaper::{Exit, ExitStatus};
 use crate::replace::Replacements;
 use crate::reserve;
-use crate::scale::{Decision, Origin, Scaling};
+use crate::resize::{self, Resize};
+use crate::scale::{Origin, Scaling};
 use crate::signals::Action;
 use crate::slots::{Role, Slots};
 use crate::units::format_duration as human;
@@ -124,19 +125,13 @@ impl Supervisor {
             self.replacements.advance(slots, drains, now, os);
             if let Some((n, why)) = self.scaling.due(self.replacements.reloading())
                 && n != self.slots.len()
-                && let Err(err) = self.resize(n, &why, now, os)
+                && let Err(err) = resize::resize(self.resizing(), n, &why, now, os)
             {
                 tracing::error!("scale to {n} workers after the reload failed: {err}");
             }
         }
         if let Some(sig) = self.shutdown.delay_over(now) {
-            tracing::info!(
-                "shutdown delay over: stopping {} workers with {}, kill timeout {}",
-                self.live_workers(),
-                self.s.stop_signal,
-                human(self.s.kill_timeout)
-            );
-            self.begin_stop(Ending::Stop(sig), now, os);
+            self.stop_all("shutdown delay over", Ending::Stop(sig), now, os);
         }
         self.drains.escalate(os, now, self.shutdown.is_ending());
     }
@@ -247,15 +242,9 @@ impl Supervisor {
                 return;
             }
             Some(Role::Replacement(i, cause)) => {
-                let slot = self.slots.worker(i).slot();
-                self.slots.forget_replacement(i);
-                self.replacements.failed(
-                    cause,
-                    &format!(
-                        "the replacement of worker {slot} (pid {pid}) exited before it was \
-                         ready: {status}"
-                    ),
-                );
+                let slot =
+                    self.replacements
+                        .replacement_exited(&mut self.slots, i, cause, pid, &status);
                 self.drain_leftovers(slot, pid, now, os);
                 return;
             }
@@ -341,30 +330,13 @@ impl Supervisor {
                     human(delay)
                 ),
                 StopStep::Hurry => tracing::info!("{sig} during the shutdown delay: stopping now"),
-                StopStep::Begin => {
-                    tracing::info!(
-                        "{sig}: stopping {} workers with {}, kill timeout {}",
-                        self.live_workers(),
-                        self.s.stop_signal,
-                        human(self.s.kill_timeout)
-                    );
-                    self.begin_stop(Ending::Stop(sig), now, os);
-                }
+                StopStep::Begin => self.stop_all(sig.as_ref(), Ending::Stop(sig), now, os),
                 StopStep::KillNow => {
                     tracing::warn!("{sig} again: killing every remaining process group now");
                     self.drains.hurry(now);
                 }
             },
-            Action::Forward(sig) => {
-                for pid in self.slots.pids() {
-                    os.signal_raw(Target::Group(pid), sig);
-                }
-                tracing::debug!(
-                    "{} forwarded to {} workers",
-                    reaper::signal_name(sig),
-                    self.live_workers()
-                );
-            }
+            Action::Forward(sig) => self.slots.forward(sig, os),
             Action::Reload => self.request_reload(),
             Action::Ignore(sig) => tracing::debug!("{sig} ignored"),
         }
@@ -375,6 +347,17 @@ impl Supervisor {
         self.slots.live()
     }
 
+    /// Says why the pool stops (`why`) and how, and begins the stop.
+    fn stop_all(&mut self, why: &str, ending: Ending, now: Instant, os: &mut dyn Os) {
+        tracing::info!(
+            "{why}: stopping {} workers with {}, kill timeout {}",
+            self.live_workers(),
+            self.s.stop_signal,
+            human(self.s.kill_timeout)
+        );
+        self.begin_stop(ending, now, os);
+    }
+
     /// Sends the stop signal to every live worker group and to any other child of ours, and
     /// starts draining them.
     fn begin_stop(&mut self, ending: Ending, now: Instant, os: &mut dyn Os) {
@@ -383,28 +366,8 @@ impl Supervisor {
         os.close();
         self.replacements.cancel();
         self.scaling.cancel();
-        for i in 0..self.slots.len() {
-            if let Some(pid) = self.slots.worker(i).pid() {
-                self.drains.add(os, Target::Group(pid), Duration::ZERO, now);
-            }
-            if let Some((pid, _)) = self.slots.retire_replacement(i) {
-                self.drains.add(os, Target::Group(pid), Duration::ZERO, now);
-            }
-            self.slots.worker_mut(i).stopping();
-        }
-        self.sweep_strays(now, os);
-    }
-
-    /// Children of ours outside every known group (they called setsid, or are orphans of a
-    /// worker's children that did): stop them too, so nothing outlives the pool unasked.
-    fn sweep_strays(&mut self, now: Instant, os: &mut dyn Os) {
-        for child in os.children() {
-            if !self.drains.covers(child.pid, child.pgid) && !child.zombie {
-                tracing::info!("stopping stray process {}", child.pid);
-                self.drains
-                    .add(os, Target::Process(child.pid), Duration::ZERO, now);
-            }
-        }
+        self.slots.stop_all(&mut self.drains, now, os);
+        self.drains.sweep_strays(now, os);
     }
 
     /// Readiness news: a worker (or a replacement) accepts connections.
@@ -423,15 +386,7 @@ impl Supervisor {
                 let (slots, drains) = (&mut self.slots, &mut self.drains);
                 self.replacements.promote(slots, drains, i, pid, now, os);
             }
-            Some(Role::Current(i)) => {
-                if let Some(took) = self.slots.worker_mut(i).ready(now) {
-                    tracing::info!(
-                        "worker {} ready (pid {pid}) after {}",
-                        self.slots.worker(i).slot(),
-                        human(took)
-                    );
-                }
-            }
+            Some(Role::Current(i)) => self.slots.ready(i, pid, now),
             _ => {}
         }
     }
@@ -446,18 +401,9 @@ impl Supervisor {
         if !self.served {
             self.served = self.slots.any_serving_for(self.s.rules.min_uptime, now);
         }
-        for i in 0..self.slots.len() {
-            if let Some(pid) = self.slots.worker(i).unready_for(timeout, now) {
-                tracing::warn!(
-                    "worker {} (pid {pid}) not ready after {}: restarting it ({})",
-                    self.slots.worker(i).slot(),
-                    human(timeout),
-                    self.s.not_ready_hint
-                );
-                self.drains.add(os, Target::Group(pid), Duration::ZERO, now);
-                self.slots.worker_mut(i).restarting();
-            }
-        }
+        let hint = self.s.not_ready_hint;
+        self.slots
+            .restart_unready(&mut self.drains, timeout, hint, now, os);
         let (slots, drains) = (&mut self.slots, &mut self.drains);
         self.replacements
             .check_timeouts(slots, drains, timeout, now, os);
@@ -491,65 +437,22 @@ impl Supervisor {
         if self.shutdown.is_announced() {
             return Err("the pool is stopping; no scale".into());
         }
-        let current = self.slots.len();
         let reloading = self.replacements.reloading();
-        match self.scaling.decide(target, &origin, current, reloading) {
-            Decision::Refused(why) => Err(why),
-            Decision::Pinned => Ok(format!(
-                "the count is pinned at {current} workers by corepool scale (corepool scale \
-                 auto follows the CPUs again)"
-            )),
-            Decision::Same => Ok(format!("the pool has {current} workers already")),
-            Decision::Queued(n) => {
-                tracing::info!(
-                    "scale to {n} workers ({}) waits for the rolling reload under way",
-                    origin.why()
-                );
-                Ok(format!(
-                    "a rolling reload is under way: the pool goes to {n} workers once it is over"
-                ))
-            }
-            Decision::Apply(n) => self
-                .resize(n, &origin.why(), now, os)
-                .map(|()| format!("scaling from {current} to {n} workers")),
-        }
+        let pool = Resize {
+            slots: &mut self.slots,
+            drains: &mut self.drains,
+            handoff: self.s.scale_handoff,
+        };
+        resize::request(&mut self.scaling, target, origin, reloading, pool, now, os)
     }
 
-    /// Changes the slots to `n`: new ones start (and become ready as any worker does);
-    /// removed ones, the highest first, drain as a reload's old workers do.
-    fn resize(&mut self, n: usize, why: &str, now: Instant, os: &mut dyn Os) -> Result<(), String> {
-        let from = self.slots.len();
-        if n > from {
-            os.resize(n)
-                .map_err(|err| format!("cannot add worker slots: {err}"))?;
-            self.slots.grow(n, now);
-            tracing::info!(
-                "scaling up from {from} to {n} workers ({why}): worker{} {} start{}",
-                if n - from == 1 { "" } else { "s" },
-                slot_list(from..n),
-                if n - from == 1 { "s" } else { "" },
-            );
-            return Ok(());
+    /// What a scale changes: the slots, and the drains of removed workers.
+    fn resizing(&mut self) -> Resize<'_> {
+        Resize {
+            slots: &mut self.slots,
+            drains: &mut self.drains,
+            handoff: self.s.scale_handoff,
         }
-        tracing::info!(
-            "scaling down from {from} to {n} workers ({why}): worker{} {} drain{} and stop",
-            if from - n == 1 { "" } else { "s" },
-            slot_list((n..from).rev()),
-            if from - n == 1 { "s" } else { "" },
-        );
-        if let Err(err) = os.resize(n) {
-            tracing::warn!("scaling down: {err}");
-        }
-        while self.slots.len() > n {
-            let Some((_, pids)) = self.slots.remove_last() else {
-                break;
-            };
-            for pid in pids {
-                self.drains
-                    .add(os, Target::Group(pid), self.s.scale_handoff, now);
-            }
-        }
-        Ok(())
     }
 
     /// Whether a manual `corepool scale` pinned the worker count.
@@ -568,7 +471,7 @@ impl Supervisor {
             return None;
         }
         // Processes that appeared since the stop began (forked by dying workers) get a turn too.
-        self.sweep_strays(now, os);
+        self.drains.sweep_strays(now, os);
         if !self.drains.is_empty() {
             return None;
         }
@@ -614,13 +517,7 @@ impl Supervisor {
         if self.shutdown.is_ending() {
             return;
         }
-        tracing::info!(
-            "{why}: stopping {} workers with {}, kill timeout {}",
-            self.live_workers(),
-            self.s.stop_signal,
-            human(self.s.kill_timeout)
-        );
-        self.begin_stop(Ending::Stop(Signal::SIGTERM), now, os);
+        self.stop_all(why, Ending::Stop(Signal::SIGTERM), now, os);
     }
 
     /// Who `pid` is, if it is one of the pool's processes.
@@ -658,11 +555,6 @@ fn report(
         ),
         AfterExit::Finished => {}
     }
-}
-
-/// Slots for the log: `2, 3`.
-fn slot_list(slots: impl Iterator<Item = usize>) -> String {
-    slots.map(|s| s.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// What is missing when a first start fails, if the error says.

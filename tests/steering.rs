@@ -1,6 +1,6 @@
 //! Socket mode deals new connections to ready workers only: a slot whose worker is dead,
 //! restarting or crash-looping takes none (with the eBPF steering, and without it, where its
-//! socket leaves the reuseport group). See src/balance/socket.rs and src/steer.rs.
+//! socket leaves the reuseport group). See src/balance/socket/ and src/steer/.
 
 mod common;
 use common::*;

@@ -1,7 +1,7 @@
 //! `--sticky ip`: a client address reaches the same worker while that worker's slot is ready,
 //! in socket mode (the eBPF program, and the classic BPF fallback where eBPF may not be loaded:
 //! under setpriv without CAP_BPF/CAP_SYS_ADMIN/CAP_NET_ADMIN) and in proxy mode. See
-//! src/steer.rs and src/proxy.rs. Each test has its counterpart without `--sticky`, which
+//! src/steer/ and src/proxy.rs. Each test has its counterpart without `--sticky`, which
 //! shows what the option changes.
 
 mod common;

@@ -13,31 +13,25 @@
 //! has waited longest for its request is closed), `REQUEST_TIMEOUT` to send a request head of at
 //! most 8 KiB and again to take the answer.
 
-pub mod health;
+//!
+//! Layout: this module holds the snapshot and its readers' shared state ([`Shared`]) and
+//! the /proc usage scan; `render` the Prometheus text exposition; `server` the bounded HTTP
+//! listener and its probes.
 
-use prometheus_client::encoding::prometheus_text;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+pub mod health;
+mod render;
+mod server;
+
+pub use render::render;
+pub use server::{MAX_CONNECTIONS, REQUEST_TIMEOUT, bind, serve};
+
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 
 /// The supervisor loop is considered alive while it published within this long (it wakes at
 /// least once a second).
 const HEARTBEAT_LIMIT: Duration = Duration::from_secs(5);
-/// At most this many connections are open at once on the metrics port.
-pub const MAX_CONNECTIONS: usize = 64;
-/// A client must send its whole request head within this long, and take the answer within as
-/// long again; then it is disconnected.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// A request head is at most this long.
-const MAX_HEAD: usize = 8192;
 /// Process-group usage read from /proc is reused for this long by /metrics.
 pub const USAGE_CACHE: Duration = Duration::from_secs(1);
 
@@ -101,12 +95,6 @@ impl Snapshot {
         names.zip(&self.slots).collect()
     }
 }
-
-/// `corepool_workers_configured`'s help.
-const CONFIGURED_HELP: &str =
-    "The worker count the pool runs (--instances, then corepool scale or the CPU follow)";
-/// `corepool_workers_pinned`'s help.
-const PINNED_HELP: &str = "1 while a manual corepool scale pins the worker count";
 
 /// Usage of some process groups, and when it was read.
 type UsageScan = (Instant, Vec<i32>, HashMap<i32, Usage>);
@@ -260,328 +248,6 @@ fn parse_stat(stat: &str) -> Option<(i32, u64, u64)> {
     Some((pgrp, utime + stime, rss))
 }
 
-type Labels = Vec<(String, String)>;
-
-fn labels(pairs: &[(&str, String)]) -> Labels {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.clone()))
-        .collect()
-}
-
-/// The Prometheus text exposition of a snapshot.
-pub fn render(shared: &Shared) -> String {
-    let snap = shared.snapshot();
-    let mut registry = Registry::with_prefix("corepool");
-
-    let info = Family::<Labels, Gauge>::default();
-    info.get_or_create(&labels(&[
-        ("version", env!("CARGO_PKG_VERSION").to_string()),
-        ("balance", shared.balance.to_string()),
-    ]))
-    .set(1);
-    registry.register("info", "corepool version and balance mode", info);
-    if !snap.pools.is_empty() {
-        let pools = Family::<Labels, Gauge>::default();
-        for p in &snap.pools {
-            pools
-                .get_or_create(&labels(&[
-                    ("pool", p.name.clone()),
-                    ("balance", p.balance.to_string()),
-                    ("state", p.state.to_string()),
-                ]))
-                .set(1);
-        }
-        registry.register("pool_info", "Each pool, its balance mode and state", pools);
-    }
-
-    // Several pools: every worker series gets a `pool` label (none for a single pool).
-    let by_pool = snap.slots_by_pool();
-    let names: Vec<&str> = if snap.pools.is_empty() {
-        vec![""]
-    } else {
-        snap.pools.iter().map(|p| p.name.as_str()).collect()
-    };
-    let with_pool = |pool: &str, mut pairs: Vec<(&str, String)>| {
-        if !pool.is_empty() {
-            pairs.insert(0, ("pool", pool.to_string()));
-        }
-        labels(&pairs)
-    };
-    let states = Family::<Labels, Gauge>::default();
-    for &pool in &names {
-        for state in [
-            "waiting", "queued", "running", "stopping", "done", "given-up",
-        ] {
-            let n = by_pool
-                .iter()
-                .filter(|(p, s)| *p == pool && s.state == state)
-                .count();
-            states
-                .get_or_create(&with_pool(pool, vec![("state", state.to_string())]))
-                .set(n as i64);
-        }
-    }
-    registry.register("workers", "Worker slots by state", states);
-
-    if snap.pools.is_empty() {
-        let configured = Gauge::<i64>::default();
-        configured.set(snap.slots.len() as i64);
-        registry.register("workers_configured", CONFIGURED_HELP, configured);
-        let pinned = Gauge::<i64>::default();
-        pinned.set(i64::from(snap.pinned));
-        registry.register("workers_pinned", PINNED_HELP, pinned);
-    } else {
-        let configured = Family::<Labels, Gauge>::default();
-        let pinned = Family::<Labels, Gauge>::default();
-        for p in &snap.pools {
-            configured
-                .get_or_create(&with_pool(&p.name, Vec::new()))
-                .set(p.slots as i64);
-            pinned
-                .get_or_create(&with_pool(&p.name, Vec::new()))
-                .set(i64::from(p.pinned));
-        }
-        registry.register("workers_configured", CONFIGURED_HELP, configured);
-        registry.register("workers_pinned", PINNED_HELP, pinned);
-    }
-
-    if snap.pools.is_empty() {
-        let ready = Gauge::<i64>::default();
-        ready.set(snap.slots.iter().filter(|s| s.ready).count() as i64);
-        registry.register("workers_ready", "Workers accepting connections", ready);
-    } else {
-        let ready = Family::<Labels, Gauge>::default();
-        for &pool in &names {
-            let n = by_pool
-                .iter()
-                .filter(|(p, s)| *p == pool && s.ready)
-                .count();
-            ready
-                .get_or_create(&with_pool(pool, Vec::new()))
-                .set(n as i64);
-        }
-        registry.register("workers_ready", "Workers accepting connections", ready);
-    }
-
-    let restarts = Family::<Labels, Counter>::default();
-    let rss = Family::<Labels, Gauge<f64, AtomicU64>>::default();
-    let cpu = Family::<Labels, Counter<f64, AtomicU64>>::default();
-    let groups: Vec<i32> = snap.slots.iter().filter_map(|s| s.pid).collect();
-    let usage = shared.cached_usage(&groups);
-    for (pool, s) in &by_pool {
-        let slot = with_pool(pool, vec![("slot", s.slot.to_string())]);
-        restarts.get_or_create(&slot).inc_by(s.restarts);
-        if let Some(u) = s.pid.and_then(|p| usage.get(&p)) {
-            rss.get_or_create(&slot).set(u.rss_bytes as f64);
-            cpu.get_or_create(&slot).inc_by(u.cpu_seconds);
-        }
-    }
-    registry.register("worker_restarts", "Restarts per worker slot", restarts);
-    registry.register(
-        "worker_rss_bytes",
-        "Resident memory of the worker's whole process group",
-        rss,
-    );
-    registry.register(
-        "worker_cpu_seconds",
-        "CPU time of the worker's current process group",
-        cpu,
-    );
-
-    let reloads = Counter::<u64>::default();
-    reloads.inc_by(snap.reloads);
-    registry.register("reloads", "Rolling reloads started", reloads);
-    let memory_restarts = Counter::<u64>::default();
-    memory_restarts.inc_by(snap.memory_restarts);
-    registry.register(
-        "memory_restarts",
-        "Workers replaced for staying above --max-memory",
-        memory_restarts,
-    );
-    if let (Some(open), Some(total)) = (snap.open_connections, snap.connections_total) {
-        let open_gauge = Gauge::<i64>::default();
-        open_gauge.set(open as i64);
-        registry.register(
-            "proxy_connections_open",
-            "Connections open: being relayed, or waiting for a ready worker",
-            open_gauge,
-        );
-        let total_counter = Counter::<u64>::default();
-        total_counter.inc_by(total);
-        registry.register(
-            "proxy_connections",
-            "Connections accepted by the proxy",
-            total_counter,
-        );
-    }
-    if let Some((max, reached)) = snap.connection_limit {
-        let max_gauge = Gauge::<i64>::default();
-        max_gauge.set(i64::try_from(max).unwrap_or(i64::MAX));
-        registry.register(
-            "proxy_max_connections",
-            "Connections the proxy relays at once (--max-connections)",
-            max_gauge,
-        );
-        let reached_counter = Counter::<u64>::default();
-        reached_counter.inc_by(reached);
-        registry.register(
-            "proxy_max_connections_reached",
-            "Times the proxy stopped accepting at --max-connections (clients then wait in the \
-             listen backlog)",
-            reached_counter,
-        );
-    }
-
-    let mut out = String::new();
-    // Writing into a String cannot fail.
-    let _ = prometheus_text::encode(&mut out, &registry);
-    out
-}
-
-/// One open connection of the metrics port.
-struct Conn {
-    task: tokio::task::AbortHandle,
-    /// Its request head has arrived: it is being answered, and is not evicted.
-    answering: Arc<AtomicBool>,
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the process exits.
-///
-/// At most `MAX_CONNECTIONS` are open at once. A new connection past that closes the one that
-/// has waited longest without sending its request (an idle or slow client), so that idle
-/// connections can never lock a probe out; when every open connection is being answered, the
-/// new one is closed at once.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
-    let mut open: VecDeque<Conn> = VecDeque::new();
-    let mut evicted_logged: Option<Instant> = None;
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(err) => {
-                tracing::warn!("metrics: accept failed: {err}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        open.retain(|c| !c.task.is_finished());
-        if open.len() >= MAX_CONNECTIONS {
-            let idle = open
-                .iter()
-                .position(|c| !c.answering.load(Ordering::Relaxed));
-            let Some(oldest) = idle else {
-                drop(stream);
-                continue;
-            };
-            if let Some(conn) = open.remove(oldest) {
-                conn.task.abort();
-            }
-            if evicted_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-                evicted_logged = Some(Instant::now());
-                tracing::warn!(
-                    "metrics: {MAX_CONNECTIONS} connections open: closing the one idle longest"
-                );
-            }
-        }
-        let answering = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(answer(stream, shared.clone(), answering.clone()));
-        open.push_back(Conn {
-            task: task.abort_handle(),
-            answering,
-        });
-        // Let the connections just accepted read their request before the next accept.
-        tokio::task::yield_now().await;
-    }
-}
-
-/// Binds the metrics address (before any worker starts, so a mistake fails early).
-pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    Ok(listener)
-}
-
-/// One HTTP/1.x request: read the request head (bounded in size and time), answer, close.
-async fn answer(mut stream: TcpStream, shared: Arc<Shared>, answering: Arc<AtomicBool>) {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    if read.is_err() || head.is_empty() {
-        return;
-    }
-    answering.store(true, Ordering::Relaxed);
-    let text = String::from_utf8_lossy(&head);
-    let mut parts = text.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => ("200 OK", prometheus_text::CONTENT_TYPE, render(&shared)),
-        ("GET" | "HEAD", "/healthz") if shared.healthy() => ("200 OK", "text/plain", "ok\n".into()),
-        ("GET" | "HEAD", "/healthz") => (
-            "503 Service Unavailable",
-            "text/plain",
-            "supervisor stalled\n".into(),
-        ),
-        ("GET" | "HEAD", "/readyz") => readyz(&shared),
-        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n".into()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "method not allowed\n".into(),
-        ),
-    };
-    let mut response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if method != "HEAD" {
-        response.push_str(&body);
-    }
-    let _ = tokio::time::timeout(REQUEST_TIMEOUT, async {
-        let _ = stream.write_all(response.as_bytes()).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
-}
-
-fn readyz(shared: &Shared) -> (&'static str, &'static str, String) {
-    let snap = shared.snapshot();
-    let ready = snap.slots.iter().filter(|s| s.ready).count();
-    if shared.ready() {
-        (
-            "200 OK",
-            "text/plain",
-            format!("ready: {ready} of {} workers\n", snap.slots.len()),
-        )
-    } else if snap.stopping {
-        ("503 Service Unavailable", "text/plain", "stopping\n".into())
-    } else if let Some(why) = shared.port_taken() {
-        (
-            "503 Service Unavailable",
-            "text/plain",
-            format!("not ready: {why}\n"),
-        )
-    } else {
-        (
-            "503 Service Unavailable",
-            "text/plain",
-            format!(
-                "not ready: {ready} of {} workers ready, {} needed\n",
-                snap.slots.len(),
-                shared.min_ready
-            ),
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -598,35 +264,5 @@ mod tests {
         let me = nix::unistd::getpgrp().as_raw();
         let usage = group_usage(&[me]);
         assert!(usage[&me].rss_bytes > 0 && usage[&me].processes >= 1);
-    }
-
-    #[test]
-    fn renders_prometheus_text() {
-        let shared = Shared::new("socket", 1);
-        let mut snap = shared.snapshot();
-        snap.slots = vec![SlotView {
-            slot: 0,
-            pid: None,
-            state: "waiting",
-            ready: false,
-            restarts: 3,
-            uptime: None,
-        }];
-        shared.publish(snap);
-        let text = render(&shared);
-        assert!(
-            text.contains("corepool_info{version=\"0.1.0\",balance=\"socket\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("corepool_workers{state=\"waiting\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("corepool_worker_restarts_total{slot=\"0\"} 3"),
-            "{text}"
-        );
-        assert!(text.contains("corepool_workers_ready 0"), "{text}");
-        assert!(!shared.ready());
     }
 }

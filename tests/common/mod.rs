@@ -498,6 +498,11 @@ pub fn hup_under_load(
         run.stderr()
     );
     std::thread::sleep(warmup);
+    // The load client's `client error <epoch ms> ...` lines are read against this moment.
+    let epoch_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    eprintln!("{label}: SIGHUP at {epoch_ms} (epoch ms)");
     run.signal(libc::SIGHUP);
     run.wait_stderr("rolling reload complete", 1, reload_timeout);
     run.wait_stderr("exited after its replacement", 2, SECS(30));

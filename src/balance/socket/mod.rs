@@ -60,23 +60,27 @@
 //! after them. Readiness, the eBPF turn and the port watch concern the first port only; the
 //! kernel's hash spreads the others, whose sockets stay listening for the pool's lifetime (a
 //! given-up slot's are closed).
+//!
+//! Layout: [`SocketMode`] here (binding, the worker lifecycle calls, scale); `slots` its record
+//! of the slots and removed sockets; `steering` the glue to `steer`; `handover` the fds and
+//! variables a worker gets.
 
 use super::ports::{OurSockets, bind_group, bind_only, bind_public, socket_inodes, watch_port};
 use crate::launch::WorkerIo;
 use crate::launch::above_ten;
 use crate::metrics::Shared;
 use crate::readiness::ReadyPipe;
-use crate::steer;
 use nix::sys::socket;
-use std::collections::HashSet;
+use slots::{Leaving, SlotState, SlotTable, accepting, enable_migration, queued};
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
+use steering::GroupSteering;
 
-/// Descriptor numbers in the worker.
-const LISTEN_FD: RawFd = 3;
-const READY_FD: RawFd = 4;
+mod handover;
+mod slots;
+mod steering;
 
 /// Socket mode's state: the slots' sockets and what corepool knows of them.
 pub struct SocketMode {
@@ -84,8 +88,8 @@ pub struct SocketMode {
     port: u16,
     /// One SO_REUSEPORT listening socket per slot, handed to that slot's worker.
     slot_sockets: Vec<Option<OwnedFd>>,
-    /// Round-robin steering over the slot sockets, when the kernel allows it.
-    steering: Option<steer::Steering>,
+    /// The steering of the group (round robin or `--sticky ip`), when the kernel allows it.
+    steering: GroupSteering,
     /// Each slot's processes and whether its socket is in the group.
     slot_table: std::sync::Mutex<SlotTable>,
     /// The kernel moves a closed listener's queued connections to another.
@@ -106,8 +110,6 @@ pub struct SocketMode {
     ours: OurSockets,
     /// Steering and migration were tried (a pool of one tries at its first scale up).
     group_tried: bool,
-    /// `--sticky ip`: the steering deals by client address.
-    sticky: bool,
 }
 
 impl SocketMode {
@@ -116,16 +118,10 @@ impl SocketMode {
     pub fn bind(host: IpAddr, port: u16, slots: usize) -> Result<SocketMode, String> {
         let slot_sockets = bind_group(host, port, slots)?;
         let (steering, mut spread) = match slot_sockets.len() {
-            0 | 1 => (None, String::new()),
+            0 | 1 => (GroupSteering::default(), String::new()),
             _ => {
                 let group: Vec<&OwnedFd> = slot_sockets.iter().flatten().collect();
-                match steer::round_robin(&group, crate::scale::MAX_WORKERS as u32) {
-                    Ok(steering) => (Some(steering), "connections in turn (eBPF)".to_string()),
-                    Err(err) => (
-                        None,
-                        format!("connections by the kernel's hash (no eBPF round robin: {err})"),
-                    ),
-                }
+                GroupSteering::round_robin(&group)
             }
         };
         let migrate = slot_sockets.len() > 1 && {
@@ -159,7 +155,6 @@ impl SocketMode {
             extra_ports: Vec::new(),
             ours,
             group_tried,
-            sticky: false,
         })
     }
 
@@ -184,69 +179,15 @@ impl SocketMode {
             if !self.node_workers {
                 self.with_slots(|table| self.relisten(table, slot));
             }
-            io.fds.push((listener.as_raw_fd(), LISTEN_FD));
-            // The further ports follow at 4.. (systemd's order: LISTEN_FDS of them
-            // from fd 3), named in COREPOOL_EXTRA_PORTS as port:fd:inode for the
-            // preload; the readiness pipe comes after them.
-            let mut extra = Vec::new();
-            let mut next_fd = LISTEN_FD + 1;
-            for (port, group) in &self.extra_ports {
-                let Some(Some(socket)) = group.get(slot) else {
-                    continue;
-                };
-                let inode = nix::sys::stat::fstat(socket)
-                    .map_err(io::Error::from)?
-                    .st_ino;
-                io.fds.push((socket.as_raw_fd(), next_fd));
-                extra.push((*port, next_fd, inode));
-                next_fd += 1;
-            }
-            let ready_fd = next_fd.max(READY_FD);
-            io.env
-                .push(("LISTEN_FDS".into(), (1 + extra.len()).to_string()));
-            let names = if extra.is_empty() {
-                "corepool".to_string()
-            } else {
-                std::iter::once(format!("port-{}", self.port))
-                    .chain(extra.iter().map(|(port, _, _)| format!("port-{port}")))
-                    .collect::<Vec<_>>()
-                    .join(":")
-            };
-            io.env.push(("LISTEN_FDNAMES".into(), names));
-            if !extra.is_empty() {
-                let text = extra
-                    .iter()
-                    .map(|(port, fd, inode)| format!("{port}:{fd}:{inode}"))
-                    .collect::<Vec<_>>()
-                    .join(",");
-                io.env.push(("COREPOOL_EXTRA_PORTS".into(), text));
-            }
-            io.env
-                .push(("COREPOOL_LISTEN_FD".into(), LISTEN_FD.to_string()));
-            io.env
-                .push(("COREPOOL_PUBLIC_PORT".into(), self.port.to_string()));
-            io.env.push(("PORT".into(), self.port.to_string()));
-            io.listen_pid = true;
-            let pipe = ReadyPipe::open()?;
-            io.fds.push((pipe.write.as_raw_fd(), ready_fd));
-            io.env
-                .push(("COREPOOL_READY_FD".into(), ready_fd.to_string()));
-            // The preload uses fd 3 and 4 only when they are these very objects (a
-            // launcher's child, a node:cluster worker has other things there).
-            for (name, fd) in [
-                ("COREPOOL_LISTEN_INODE", listener),
-                ("COREPOOL_READY_INODE", &pipe.write),
-            ] {
-                let inode = nix::sys::stat::fstat(fd).map_err(io::Error::from)?.st_ino;
-                io.env.push((name.into(), inode.to_string()));
-            }
-            let ready_on = if self.ready_on_message {
-                "message"
-            } else {
-                "listen"
-            };
-            io.env.push(("COREPOOL_READY_ON".into(), ready_on.into()));
-            *ready_pipe = Some(pipe);
+            handover::hand_over(
+                listener,
+                slot,
+                &self.extra_ports,
+                self.port,
+                self.ready_on_message,
+                io,
+                ready_pipe,
+            )?;
         }
         Ok(())
     }
@@ -356,17 +297,13 @@ impl SocketMode {
             return;
         }
         state.out = false;
-        if let Some(steering) = &self.steering
-            && let Err(err) = steering.rejoin(slot as u32, socket)
-        {
-            tracing::warn!("worker {slot}: cannot steer connections to its socket again: {err}");
-        }
+        self.steering.rejoin(slot, socket);
     }
 
     /// Takes the sockets of slots without a live process out of the group while another
     /// slot is ready, and tells the steering which slots are ready.
     fn settle(&self, table: &mut SlotTable) {
-        self.close_leaving(table);
+        table.close_leaving(&self.ours, self.migrate, &self.steering);
         let n = table.slots.len().min(self.slot_sockets.len());
         let serving = |table: &SlotTable, s: usize| {
             self.slot_sockets[s].is_some()
@@ -399,73 +336,36 @@ impl SocketMode {
                 Ok(()) => {
                     tracing::debug!("worker {s}: its socket leaves the group until it is ready");
                     table.slots[s].out = true;
-                    if let Some(steering) = &self.steering {
-                        steering.left(socket);
-                    }
+                    self.steering.left(socket);
                 }
                 Err(err) => tracing::warn!("worker {s}: cannot take its socket out: {err}"),
             }
         }
-        if let Some(steering) = &self.steering {
-            let ready: Vec<u32> = (0..n)
-                .filter(|&s| serving(table, s))
-                .map(|s| s as u32)
-                .collect();
-            // The classic program names positions in the kernel's array of the group, which
-            // moves when a socket leaves it even if the ready slots stay the same.
-            if ready != table.steered || steering.follows_group() {
-                let leaving: Vec<&OwnedFd> = table
-                    .leaving
-                    .iter()
-                    .flat_map(|l| l.sockets.first())
-                    .collect();
-                match steering.set_ready(&ready, &self.slot_sockets, &leaving) {
-                    Ok(()) => table.steered = ready,
-                    Err(err) => tracing::warn!("cannot update the eBPF steering: {err}"),
-                }
-            }
-        }
+        let ready: Vec<u32> = (0..n)
+            .filter(|&s| serving(table, s))
+            .map(|s| s as u32)
+            .collect();
+        self.steering.deal(
+            ready,
+            &mut table.steered,
+            &self.slot_sockets,
+            &table.leaving,
+        );
     }
 
     /// `--sticky ip`: the steering deals by a hash of the source address instead of in turn
     /// (the eBPF program replaced in place), or, where eBPF may not be loaded, a classic BPF
     /// program does (see `steer::Classic`).
     pub fn set_sticky(&mut self) {
-        self.sticky = true;
+        self.steering.sticky = true;
         if self.slot_sockets.len() < 2 {
             // A pool of one: set up at its first scale up (`steer_group`).
             return;
         }
         let group: Vec<&OwnedFd> = self.slot_sockets.iter().flatten().collect();
-        let ebpf = match &mut self.steering {
-            Some(round_robin) => round_robin.redeal(steer::Deal::Sticky, group[0]),
-            None => steer::ebpf(
-                &group,
-                steer::Deal::Sticky,
-                crate::scale::MAX_WORKERS as u32,
-            )
-            .map(|s| self.steering = Some(s)),
+        let Some(spread) = self.steering.set_sticky(&group) else {
+            return;
         };
-        let (steering, spread) = match ebpf {
-            Ok(()) => (None, "connections by client address (eBPF)".to_string()),
-            // Replaces the round robin, if any, in the kernel too (one program per group).
-            Err(err) => match steer::classic(&group) {
-                Ok(steering) => (
-                    Some(steering),
-                    format!("connections by client address (classic BPF; no eBPF: {err})"),
-                ),
-                Err(classic) => {
-                    tracing::warn!(
-                        "--sticky ip: cannot steer by client address (no eBPF: {err}; no classic \
-                         BPF: {classic}); connections are spread as without it"
-                    );
-                    return;
-                }
-            },
-        };
-        if let Some(steering) = steering {
-            self.steering = Some(steering);
-        }
         let tail = self
             .spread
             .split_once("; ")
@@ -516,18 +416,14 @@ impl SocketMode {
             self.group_tried = true;
             self.steer_group();
         }
-        if let Some(steering) = &mut self.steering {
-            // Through a socket in the group: one that listens (the removed ones still do).
-            let listening = self
-                .slot_sockets
-                .iter()
-                .flatten()
-                .chain(leaving.iter().flat_map(|(_, sockets)| sockets.first()))
-                .find(|s| accepting(s));
-            if let Err(err) = steering.resize(n as u32, listening) {
-                tracing::warn!("the steering cannot follow the scale to {n} slots: {err}");
-            }
-        }
+        // Through a socket in the group: one that listens (the removed ones still do).
+        let listening = self
+            .slot_sockets
+            .iter()
+            .flatten()
+            .chain(leaving.iter().flat_map(|(_, sockets)| sockets.first()))
+            .find(|s| accepting(s));
+        self.steering.resize(n, listening);
         self.with_slots(|table| {
             for (slot, sockets) in leaving {
                 let state = table.slots.pop().unwrap_or_default();
@@ -560,80 +456,12 @@ impl SocketMode {
             .iter()
             .map_while(|s| s.as_ref().filter(|s| accepting(s)))
             .collect();
-        let deal = if self.sticky {
-            steer::Deal::Sticky
-        } else {
-            steer::Deal::Turn
-        };
-        let spread = match steer::ebpf(&listening, deal, crate::scale::MAX_WORKERS as u32) {
-            Ok(steering) => {
-                self.with_slots(|table| table.steered = (0..listening.len() as u32).collect());
-                self.steering = Some(steering);
-                match deal {
-                    steer::Deal::Turn => "connections in turn (eBPF)".to_string(),
-                    steer::Deal::Sticky => "connections by client address (eBPF)".to_string(),
-                }
-            }
-            Err(err) if self.sticky => match steer::classic(&listening) {
-                Ok(steering) => {
-                    self.steering = Some(steering);
-                    format!("connections by client address (classic BPF; no eBPF: {err})")
-                }
-                Err(classic) => {
-                    tracing::warn!(
-                        "--sticky ip: cannot steer by client address (no eBPF: {err}; no classic \
-                         BPF: {classic}); connections are spread as without it"
-                    );
-                    format!("connections by the kernel's hash (no eBPF: {err})")
-                }
-            },
-            Err(err) => format!("connections by the kernel's hash (no eBPF round robin: {err})"),
-        };
+        let (spread, steered) = self.steering.setup(&listening);
+        if steered {
+            self.with_slots(|table| table.steered = (0..listening.len() as u32).collect());
+        }
         self.spread = format!("{spread}; {how}");
         tracing::info!("balance socket: {}", self.spread);
-    }
-
-    /// Closes the sockets of removed slots whose processes are all gone. Shut down first, so
-    /// that a descendant still holding a copy cannot keep it listening; what is queued moves
-    /// to the other sockets when the kernel may migrate it, else it is reset (said once).
-    fn close_leaving(&self, table: &mut SlotTable) {
-        let (done, kept): (Vec<Leaving>, Vec<Leaving>) = std::mem::take(&mut table.leaving)
-            .into_iter()
-            .partition(|l| l.pids.is_empty());
-        table.leaving = kept;
-        for leaving in done {
-            let slot = leaving.slot;
-            let mut ours = self
-                .ours
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            for socket in &leaving.sockets {
-                if !self.migrate
-                    && let Ok(n @ 1..) = queued(socket)
-                {
-                    tracing::warn!(
-                        "worker {slot} removed: {n} connection(s) still queued on its socket are \
-                         reset (net.ipv4.tcp_migrate_req is off)"
-                    );
-                }
-                let listened = accepting(socket);
-                match socket::shutdown(socket.as_raw_fd(), socket::Shutdown::Read) {
-                    Ok(()) if listened => {
-                        if let Some(steering) = &self.steering {
-                            steering.left(socket);
-                        }
-                    }
-                    Ok(()) | Err(nix::errno::Errno::ENOTCONN) => {}
-                    Err(err) => {
-                        tracing::warn!("worker {slot} removed: cannot shut its socket down: {err}")
-                    }
-                }
-                if let Ok(st) = nix::sys::stat::fstat(socket) {
-                    ours.remove(&st.st_ino);
-                }
-            }
-            tracing::debug!("worker {slot} removed: its sockets are closed");
-        }
     }
 
     /// The pool is stopping: close the sockets (see `Balancer::close`).
@@ -642,104 +470,5 @@ impl SocketMode {
         if let Some(task) = self.port_watch.take() {
             task.abort();
         }
-    }
-}
-
-/// Socket mode: the sockets of a slot a scale removed, kept until its processes are gone (they
-/// may still accept what is queued there), then closed.
-struct Leaving {
-    slot: usize,
-    pids: HashSet<i32>,
-    /// The public port's socket first, then the further ports'.
-    sockets: Vec<OwnedFd>,
-}
-
-/// Socket mode: a slot's processes (group leaders), the ready ones, and whether corepool took
-/// its socket out of the group (and the steering's map) since it was last ready.
-#[derive(Default)]
-struct SlotState {
-    live: HashSet<i32>,
-    ready: HashSet<i32>,
-    out: bool,
-}
-
-/// Whether a socket listens (SO_ACCEPTCONN); false when that cannot be read.
-fn accepting(socket: &OwnedFd) -> bool {
-    socket::getsockopt(socket, socket::sockopt::AcceptConn).unwrap_or(false)
-}
-
-#[derive(Default)]
-struct SlotTable {
-    slots: Vec<SlotState>,
-    /// The ready slots the steering deals to, as last written.
-    steered: Vec<u32>,
-    /// Removed slots' sockets, until their processes are gone.
-    leaving: Vec<Leaving>,
-}
-
-/// Connections waiting in a listening socket's accept queue (`tcpi_unacked` of a listener).
-fn queued(socket: &OwnedFd) -> io::Result<u32> {
-    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid socket, a pointer to a tcp_info and its size.
-    let ret = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            &mut info as *mut libc::tcp_info as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info.tcpi_unacked)
-}
-
-const MIGRATE_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
-
-/// Lets the kernel move the connections queued on a listener that stops listening to another
-/// listener of its reuseport group (net.ipv4.tcp_migrate_req, this network namespace only),
-/// instead of resetting them. Whether that is on, and how it came to be, for the log.
-///
-/// Only PID 1 sets it: then the network namespace is the container's (or the pod's, whose
-/// other containers gain from it too). Started by hand on a host, corepool leaves the host's
-/// setting alone and says how to turn it on.
-fn enable_migration() -> (bool, String) {
-    let may_set = std::process::id() == 1;
-    match std::fs::read_to_string(MIGRATE_SYSCTL) {
-        Ok(text) if text.trim() != "0" => (
-            true,
-            "a dead worker's queued connections move to another (tcp_migrate_req)".into(),
-        ),
-        Ok(_) if !may_set => (
-            false,
-            "net.ipv4.tcp_migrate_req is 0 and corepool is not PID 1, so it leaves this \
-             network namespace's setting alone: a dead worker's queued connections wait for its \
-             restart (sysctl -w net.ipv4.tcp_migrate_req=1 to move them)"
-                .into(),
-        ),
-        Ok(_) => match std::fs::write(MIGRATE_SYSCTL, "1\n") {
-            Ok(()) => (
-                true,
-                "net.ipv4.tcp_migrate_req set to 1 in this network namespace, so that a dead \
-                 worker's queued connections move to another"
-                    .into(),
-            ),
-            Err(err) => (
-                false,
-                format!(
-                    "net.ipv4.tcp_migrate_req is 0 and cannot be set ({err}): a dead worker's \
-                     queued connections wait for its restart (docker run --sysctl \
-                     net.ipv4.tcp_migrate_req=1)"
-                ),
-            ),
-        },
-        Err(err) => (
-            false,
-            format!("no net.ipv4.tcp_migrate_req ({err}; Linux 5.14 or later has it)"),
-        ),
     }
 }

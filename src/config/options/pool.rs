@@ -1,54 +1,14 @@
-//! The one declaration of every option: its key, flag, variable, default, scope, parser and
-//! renderer, as a typed constant ([`Opt`]). The resolver reads an option through its constant
-//! (`r.get(&KILL_TIMEOUT)`), so a misspelt option is a compile error; [`OPTIONS`] lists them all
-//! for clap, the file's key check, the variable check and the README test.
+//! The options of how a pool's workers run and serve (`Scope::Pool`): settable per pool in a
+//! `[pool.NAME]` table, the top-level key being every pool's default.
 
-use super::values::Mode;
-use super::values::*;
-use crate::logs::LogFormat;
+use super::{Opt, OptSpec, Scope};
+use crate::config::values::*;
 use crate::units::parse_duration;
 use crate::user::{RunAs, parse_user};
 use crate::worker::RestartPolicy;
 use nix::sys::signal::Signal;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
-use tracing::level_filters::LevelFilter;
-
-/// Where an option may be set once pools (`[pool.NAME]` tables) exist: per pool, with the
-/// top-level key as every pool's default, or only once for the whole container.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// corepool's own behaviour (logs, metrics endpoint, stop): one value for the container.
-    Global,
-    /// How a pool's workers run: settable per pool.
-    Pool,
-}
-
-/// One option: its key in the file, its flag and its variable, declared together.
-#[derive(Debug)]
-pub struct OptSpec {
-    /// Key in the TOML file and in `--print-config` (snake_case; kebab-case is accepted too).
-    pub key: &'static str,
-    pub long: &'static str,
-    pub short: Option<char>,
-    pub env: &'static str,
-    /// A variable read when `env` is unset (`WEB_CONCURRENCY`, `PORT`).
-    pub fallback_env: Option<&'static str>,
-    /// A switch: `--flag` alone means true (`--flag=false` to say no).
-    pub switch: bool,
-    pub value_name: &'static str,
-    pub default: &'static str,
-    pub help: &'static str,
-    pub scope: Scope,
-}
-
-/// An option and its typed value: how raw text becomes a `T`, and how a `T` is written back as
-/// TOML for `--print-config`.
-pub struct Opt<T: 'static> {
-    pub spec: OptSpec,
-    pub parse: fn(&str) -> Result<T, String>,
-    pub render: fn(&T) -> String,
-}
 
 pub const INSTANCES: Opt<Instances> = Opt {
     spec: OptSpec {
@@ -206,40 +166,6 @@ pub const FAIL_FAST: Opt<Duration> = Opt {
     render: render_duration,
 };
 
-pub const LOG_FORMAT: Opt<LogFormat> = Opt {
-    spec: OptSpec {
-        key: "log_format",
-        long: "log-format",
-        short: None,
-        env: "COREPOOL_LOG_FORMAT",
-        fallback_env: None,
-        switch: false,
-        value_name: "raw|prefix|json",
-        default: "raw",
-        help: "How worker lines and corepool's own messages are written",
-        scope: Scope::Global,
-    },
-    parse: LogFormat::parse,
-    render: render_log_format,
-};
-
-pub const LOG_LEVEL: Opt<LevelFilter> = Opt {
-    spec: OptSpec {
-        key: "log_level",
-        long: "log-level",
-        short: None,
-        env: "COREPOOL_LOG_LEVEL",
-        fallback_env: None,
-        switch: false,
-        value_name: "LEVEL",
-        default: "info",
-        help: "corepool's own verbosity: error, warn, info, debug, trace or off",
-        scope: Scope::Global,
-    },
-    parse: parse_log_level,
-    render: render_log_level,
-};
-
 pub const PORT: Opt<Vec<u16>> = Opt {
     spec: OptSpec {
         key: "port",
@@ -342,57 +268,6 @@ pub const PORT_INCREMENT: Opt<bool> = Opt {
     },
     parse: parse_bool,
     render: render_bool,
-};
-
-pub const METRICS: Opt<Option<SocketAddr>> = Opt {
-    spec: OptSpec {
-        key: "metrics",
-        long: "metrics",
-        short: None,
-        env: "COREPOOL_METRICS",
-        fallback_env: None,
-        switch: false,
-        value_name: "ADDR",
-        default: "off",
-        help: "Serve /metrics, /healthz and /readyz on this address (e.g. :9100, 127.0.0.1:9100)",
-        scope: Scope::Global,
-    },
-    parse: parse_metrics_addr,
-    render: render_metrics,
-};
-
-pub const MIN_READY: Opt<usize> = Opt {
-    spec: OptSpec {
-        key: "min_ready",
-        long: "min-ready",
-        short: None,
-        env: "COREPOOL_MIN_READY",
-        fallback_env: None,
-        switch: false,
-        value_name: "N",
-        default: "1",
-        help: "/readyz answers 200 only while at least this many workers are ready",
-        scope: Scope::Global,
-    },
-    parse: parse_batch,
-    render: render_usize,
-};
-
-pub const SHUTDOWN_DELAY: Opt<Duration> = Opt {
-    spec: OptSpec {
-        key: "shutdown_delay",
-        long: "shutdown-delay",
-        short: None,
-        env: "COREPOOL_SHUTDOWN_DELAY",
-        fallback_env: None,
-        switch: false,
-        value_name: "DURATION",
-        default: "0s",
-        help: "On SIGTERM, fail /readyz at once but keep serving this long before stopping",
-        scope: Scope::Global,
-    },
-    parse: parse_duration,
-    render: render_duration,
 };
 
 pub const HEAP_SHARE: Opt<bool> = Opt {
@@ -521,24 +396,6 @@ pub const STICKY: Opt<bool> = Opt {
     render: render_sticky,
 };
 
-pub const ONLY: Opt<Option<Vec<String>>> = Opt {
-    spec: OptSpec {
-        key: "only",
-        long: "only",
-        short: None,
-        env: "COREPOOL_ONLY",
-        fallback_env: None,
-        switch: false,
-        value_name: "POOL[,POOL...]",
-        default: "all",
-        help: "With [pool.NAME] tables in the config file: run only these pools \
-               (pm2-runtime's --only)",
-        scope: Scope::Global,
-    },
-    parse: super::pools::parse_only,
-    render: super::pools::render_only,
-};
-
 pub const CPU_WATCH: Opt<Option<Duration>> = Opt {
     spec: OptSpec {
         key: "cpu_watch",
@@ -574,95 +431,3 @@ pub const START_CONCURRENCY: Opt<Option<usize>> = Opt {
     parse: parse_start_concurrency,
     render: render_start_concurrency,
 };
-
-/// Lists the options once: [`OPTIONS`] for clap, the file and the README test, and a test hook
-/// that checks every declaration with its own type.
-macro_rules! options {
-    ($($name:ident),* $(,)?) => {
-        /// Every option corepool has, in the order `--help` and `--print-config` show them.
-        pub const OPTIONS: &[&OptSpec] = &[$(&$name.spec),*];
-
-        /// Runs `check_default` on every option (see the tests).
-        #[cfg(test)]
-        fn check_every_default() {
-            $(tests::check_default(&$name);)*
-        }
-    };
-}
-
-options![
-    INSTANCES,
-    KILL_TIMEOUT,
-    STOP_SIGNAL,
-    RESTART,
-    RESTART_DELAY,
-    MAX_RESTART_DELAY,
-    MIN_UPTIME,
-    MAX_RESTARTS,
-    FAIL_FAST,
-    LOG_FORMAT,
-    LOG_LEVEL,
-    PORT,
-    HOST,
-    BALANCE,
-    READY_TIMEOUT,
-    RELOAD_BATCH,
-    PORT_INCREMENT,
-    METRICS,
-    MIN_READY,
-    SHUTDOWN_DELAY,
-    HEAP_SHARE,
-    MAX_MEMORY,
-    USER,
-    MAX_CONNECTIONS,
-    IDLE_TIMEOUT,
-    READY_ON,
-    STICKY,
-    ONLY,
-    CPU_WATCH,
-    START_CONCURRENCY,
-];
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_option_is_declared_once() {
-        for (i, a) in OPTIONS.iter().enumerate() {
-            for b in &OPTIONS[i + 1..] {
-                assert_ne!(a.key, b.key);
-                assert_ne!(a.long, b.long);
-                assert_ne!(a.env, b.env);
-                assert!(a.short.is_none() || a.short != b.short, "{}", a.key);
-            }
-            assert_eq!(
-                a.long.replace('-', "_"),
-                a.key,
-                "--{} and {}",
-                a.long,
-                a.key
-            );
-            assert_eq!(a.env, format!("COREPOOL_{}", a.key.to_uppercase()));
-        }
-    }
-
-    /// An option's default parses, renders, and reads back the same.
-    pub(super) fn check_default<T>(opt: &Opt<T>) {
-        let value = (opt.parse)(opt.spec.default)
-            .unwrap_or_else(|why| panic!("default of {}: {why}", opt.spec.key));
-        let rendered = (opt.render)(&value);
-        let text: String = match rendered.parse::<toml::Value>() {
-            Ok(toml::Value::String(s)) => s,
-            _ => rendered.clone(),
-        };
-        let again = (opt.parse)(&text)
-            .unwrap_or_else(|why| panic!("{} rendered as {rendered}: {why}", opt.spec.key));
-        assert_eq!((opt.render)(&again), rendered, "{}", opt.spec.key);
-    }
-
-    #[test]
-    fn every_default_parses_and_renders_back() {
-        check_every_default();
-    }
-}
