@@ -9,6 +9,7 @@
 
 use crate::exit;
 use crate::reaper::ExitStatus;
+use crate::units::format_duration as human;
 use crate::worker::RestartPolicy;
 use nix::sys::signal::Signal;
 use std::time::{Duration, Instant};
@@ -53,16 +54,23 @@ impl Shutdown {
         }
     }
 
-    /// Decides what the stop signal `sig` does now.
+    /// Decides what the stop signal `sig` does now (and says so, but for `Begin`).
     pub fn on_stop_signal(&mut self, sig: Signal, now: Instant) -> StopStep {
         if self.ending.is_some() {
+            tracing::warn!("{sig} again: killing every remaining process group now");
             return StopStep::KillNow;
         }
         if self.stop_at.is_some() {
+            tracing::info!("{sig} during the shutdown delay: stopping now");
             self.stop_at = Some((now, sig));
             return StopStep::Hurry;
         }
         if sig == Signal::SIGTERM && !self.delay.is_zero() {
+            tracing::info!(
+                "SIGTERM: not ready any more (/readyz fails); workers keep serving for the \
+                 shutdown delay of {}, then stop",
+                human(self.delay)
+            );
             self.stop_at = Some((now + self.delay, sig));
             return StopStep::Delay(self.delay);
         }
@@ -125,6 +133,18 @@ pub fn pool_death_code(last: ExitStatus, policy: RestartPolicy) -> i32 {
     } else {
         code
     }
+}
+
+/// Every slot of the pool is over, the last with `last`: says so (for a `oneshot` pool,
+/// finishing with 0 is its success), and the ending it comes to.
+pub fn pool_died(last: ExitStatus, policy: RestartPolicy, oneshot: bool) -> Ending {
+    let code = pool_death_code(last, policy);
+    if oneshot && code == 0 {
+        tracing::info!("every worker slot finished with 0");
+    } else {
+        tracing::error!("every worker slot is finished: the pool is dead (exit {code})");
+    }
+    Ending::PoolDied(code)
 }
 
 /// How one of several pools ended (see `fleet`).

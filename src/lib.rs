@@ -70,6 +70,7 @@ pub mod resize;
 pub mod scale;
 pub mod signals;
 pub mod slots;
+pub mod starts;
 pub mod steer;
 pub mod supervisor;
 pub mod units;

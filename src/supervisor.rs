@@ -5,22 +5,22 @@
 //! children, usage, routing), and every call is given the time: so the unit tests drive it
 //! with `FakeOs` and a fake clock. The concerns live in their own types: [`Reload`] (the
 //! rolling reload), [`MemoryWatch`] (--max-memory), [`Drains`] (the stop signal and SIGKILL
-//! escalation) and [`Shutdown`] (the shutdown delay, the stop and the exit code); this module
+//! escalation), [`Starts`] (the due-start queue, `--start-concurrency` and a start's failure)
+//! and [`Shutdown`] (the shutdown delay, the stop and the exit code); this module
 //! ties them to the slots. One map answers "who is this pid": the current process of a slot,
 //! a replacement for it, or an old one retiring.
 
 use crate::drain::Drains;
-use crate::ending::{Ending, Shutdown, StopStep, pool_death_code};
-use crate::exit;
+use crate::ending::{Ending, Shutdown, StopStep, pool_died};
 use crate::metrics::SlotView;
 use crate::os::{Os, Target};
 use crate::reaper::{Exit, ExitStatus};
 use crate::replace::Replacements;
-use crate::reserve;
 use crate::resize::{self, Resize};
 use crate::scale::{Origin, Scaling};
 use crate::signals::Action;
 use crate::slots::{Role, Slots};
+use crate::starts::{Start, Starts};
 use crate::units::format_duration as human;
 use crate::worker::{AfterExit, RestartRules, State, Worker};
 use nix::sys::signal::Signal;
@@ -29,8 +29,6 @@ use std::time::{Duration, Instant};
 
 /// How often liveness of draining groups is checked while a drain is under way.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
-/// A start that failed for corepool's own lack of resources is tried again after this long.
-const RESOURCE_RETRY: Duration = Duration::from_secs(1);
 
 /// What the core needs from the configuration and the balance mode.
 #[derive(Debug, Clone)]
@@ -70,9 +68,8 @@ pub struct Supervisor {
     replacements: Replacements,
     drains: Drains,
     shutdown: Shutdown,
-    /// Some worker process has been started: from then on a start that fails is a crash of
-    /// that slot (restarted with backoff); before, it is the command that cannot run at all.
-    launched_once: bool,
+    /// The due-start queue, `--start-concurrency`, and the start itself.
+    starts: Starts,
     /// When the pool started, for `--fail-fast`.
     started_at: Instant,
     /// Some worker has served: been ready for `--min-uptime`. Until then `--fail-fast` holds.
@@ -81,9 +78,6 @@ pub struct Supervisor {
     oneshot: bool,
     /// `corepool scale` and the CPU follow: the pin, and a scale waiting for a reload.
     scaling: Scaling,
-    /// The queue length at the last turn (0 once it is empty), so that a queue is told once,
-    /// not at every turn.
-    queue_logged: usize,
 }
 
 impl Supervisor {
@@ -99,12 +93,11 @@ impl Supervisor {
             ),
             drains: Drains::new(s.stop_signal, s.kill_timeout),
             shutdown: Shutdown::new(s.shutdown_delay),
-            launched_once: false,
+            starts: Starts::new(s.start_concurrency, s.needs_ready, s.program.clone()),
             started_at: now,
             served: false,
             oneshot: false,
             scaling: Scaling::new(s.min_ready),
-            queue_logged: 0,
             s,
         }
     }
@@ -143,83 +136,23 @@ impl Supervisor {
         if self.shutdown.is_ending() {
             return;
         }
-        let mut due: Vec<(Instant, usize)> = (0..self.slots.len())
-            .filter_map(|i| Some((self.slots.worker(i).due()?, i)))
-            .filter(|&(at, _)| at <= now)
-            .collect();
-        due.sort_unstable();
-        let mut room = self.start_room();
-        let total = due.len();
-        for (n, &(_, i)) in due.iter().enumerate() {
+        let due = self.starts.due(&self.slots, now);
+        let mut room = self.starts.room(&self.slots);
+        for (n, &i) in due.iter().enumerate() {
             if room == 0 {
-                self.log_queue(total - n);
-                return;
+                return self.starts.queued(due.len() - n);
             }
             if self.shutdown.is_ending() {
                 return;
             }
-            self.start(i, now, os);
-            if self.slots.worker(i).pid().is_some() && self.s.needs_ready {
-                room -= 1;
+            match self.starts.start(&mut self.slots, i, now, os) {
+                Start::Spawned { unready } => room -= usize::from(unready),
+                Start::Retrying => {}
+                Start::CannotRun(code) => self.begin_stop(Ending::PoolDied(code), now, os),
+                Start::Failed(code) => self.after_exit(i, ExitStatus::Code(code), now, true, os),
             }
         }
-        self.queue_logged = 0;
-    }
-
-    /// How many more workers may be spawned now (`usize::MAX`: no bound).
-    fn start_room(&self) -> usize {
-        if self.s.start_concurrency == 0 || !self.s.needs_ready {
-            return usize::MAX;
-        }
-        self.s
-            .start_concurrency
-            .saturating_sub(self.slots.unready())
-    }
-
-    /// Says how many due workers wait for a start, once each time a queue forms.
-    fn log_queue(&mut self, queued: usize) {
-        if self.queue_logged == 0 {
-            tracing::info!(
-                "{queued} workers queued: at most {} start at once (--start-concurrency); each \
-                 starts as another becomes ready or exits",
-                self.s.start_concurrency
-            );
-        }
-        self.queue_logged = queued;
-    }
-
-    fn start(&mut self, i: usize, now: Instant, os: &mut dyn Os) {
-        let slot = self.slots.worker(i).slot();
-        let err = match os.spawn(slot, self.slots.len()) {
-            Ok(pid) => {
-                self.launched_once = true;
-                self.slots.started(i, pid, now, !self.s.needs_ready);
-                tracing::info!("worker {slot} started, pid {pid}");
-                return;
-            }
-            Err(err) => err,
-        };
-        let program = &self.s.program;
-        let code = start_error_code(&err);
-        if !self.launched_once {
-            let hint = cannot_run_hint(&err);
-            tracing::error!("cannot run {program}: {err}{hint}");
-            self.begin_stop(Ending::PoolDied(code), now, os);
-            return;
-        }
-        if reserve::is_resource_shortage(&err) {
-            // corepool's trouble, not the program's: not a crash of the slot.
-            tracing::error!(
-                "worker {slot}: cannot start {program}: {err} (corepool is short of \
-                 resources; not counted as a failure of the worker): retrying in {}",
-                human(RESOURCE_RETRY)
-            );
-            self.slots.worker_mut(i).retry_at(now + RESOURCE_RETRY);
-            return;
-        }
-        // It started before: it vanished or became unusable since.
-        tracing::error!("worker {slot}: cannot start {program}: {err}");
-        self.after_exit(i, ExitStatus::Code(code), now, true, os);
+        self.starts.queue_empty();
     }
 
     /// Applies one reaped exit: a worker's, a replacement's, a retiring one's, or an orphan's.
@@ -309,13 +242,8 @@ impl Supervisor {
             os.abandon(worker.slot());
         }
         if !self.shutdown.is_ending() && self.slots.all_over() {
-            let code = pool_death_code(status, rules.policy);
-            if self.oneshot && code == 0 {
-                tracing::info!("every worker slot finished with 0");
-            } else {
-                tracing::error!("every worker slot is finished: the pool is dead (exit {code})");
-            }
-            self.begin_stop(Ending::PoolDied(code), now, os);
+            let ending = pool_died(status, rules.policy, self.oneshot);
+            self.begin_stop(ending, now, os);
         }
     }
 
@@ -324,17 +252,9 @@ impl Supervisor {
         match action {
             Action::Reap => {}
             Action::Stop(sig) => match self.shutdown.on_stop_signal(sig, now) {
-                StopStep::Delay(delay) => tracing::info!(
-                    "SIGTERM: not ready any more (/readyz fails); workers keep serving for the \
-                     shutdown delay of {}, then stop",
-                    human(delay)
-                ),
-                StopStep::Hurry => tracing::info!("{sig} during the shutdown delay: stopping now"),
                 StopStep::Begin => self.stop_all(sig.as_ref(), Ending::Stop(sig), now, os),
-                StopStep::KillNow => {
-                    tracing::warn!("{sig} again: killing every remaining process group now");
-                    self.drains.hurry(now);
-                }
+                StopStep::KillNow => self.drains.hurry(now),
+                StopStep::Delay(_) | StopStep::Hurry => {}
             },
             Action::Forward(sig) => self.slots.forward(sig, os),
             Action::Reload => self.request_reload(),
@@ -342,16 +262,11 @@ impl Supervisor {
         }
     }
 
-    /// Worker processes alive: current ones, reload replacements and retiring old ones.
-    fn live_workers(&self) -> usize {
-        self.slots.live()
-    }
-
     /// Says why the pool stops (`why`) and how, and begins the stop.
     fn stop_all(&mut self, why: &str, ending: Ending, now: Instant, os: &mut dyn Os) {
         tracing::info!(
             "{why}: stopping {} workers with {}, kill timeout {}",
-            self.live_workers(),
+            self.slots.live(),
             self.s.stop_signal,
             human(self.s.kill_timeout)
         );
@@ -467,7 +382,7 @@ impl Supervisor {
 
     /// The exit code, once the pool is ending and nothing of it is left.
     pub fn outcome(&mut self, now: Instant, os: &mut dyn Os) -> Option<i32> {
-        if !self.shutdown.is_ending() || self.live_workers() > 0 || !self.drains.is_empty() {
+        if !self.shutdown.is_ending() || self.slots.live() > 0 || !self.drains.is_empty() {
             return None;
         }
         // Processes that appeared since the stop began (forked by dying workers) get a turn too.
@@ -486,7 +401,7 @@ impl Supervisor {
             .chain(self.shutdown.next_deadline())
             .chain(
                 self.slots
-                    .deadlines(self.s.ready_timeout, self.start_room() > 0),
+                    .deadlines(self.s.ready_timeout, self.starts.room(&self.slots) > 0),
             )
             .min()
     }
@@ -554,28 +469,6 @@ fn report(
             human(rules.fail_fast),
         ),
         AfterExit::Finished => {}
-    }
-}
-
-/// What is missing when a first start fails, if the error says.
-fn cannot_run_hint(err: &std::io::Error) -> &'static str {
-    // The file exists and is executable (checked before), so ENOENT from execve means what it
-    // names to run it is missing.
-    match err.raw_os_error() {
-        Some(libc::ENOENT) => " (its #! interpreter or ELF loader does not exist)",
-        Some(libc::ENOEXEC) => " (neither a binary for this machine nor a #! script)",
-        _ => "",
-    }
-}
-
-/// The exit code a failed start stands for, as a shell would say it.
-fn start_error_code(err: &std::io::Error) -> i32 {
-    match (err.kind(), err.raw_os_error()) {
-        (std::io::ErrorKind::NotFound, _) => exit::NOT_FOUND,
-        (std::io::ErrorKind::PermissionDenied, _) => exit::NOT_EXECUTABLE,
-        (_, Some(libc::ENOEXEC | libc::EISDIR | libc::ETXTBSY)) => exit::NOT_EXECUTABLE,
-        // fork or pipe failures (EAGAIN, EMFILE): corepool's own trouble.
-        _ => exit::STARTUP,
     }
 }
 

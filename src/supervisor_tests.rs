@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::control::ReloadAnswer;
+use crate::exit;
 use crate::metrics::Usage;
 use crate::os::fake::FakeOs;
 use crate::scale::Origin;
