@@ -19,10 +19,6 @@ use std::time::{Duration, Instant};
 const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/server.js");
 const NOBODY: u32 = 65534;
 
-fn control_name(test: &str) -> String {
-    format!("cp-listeners-{test}-{}", std::process::id())
-}
-
 /// corepool with `-i 2` hello servers, --metrics on `mport`, a descriptor limit if asked.
 fn pool(port: u16, mport: u16, control: &str, nofile: Option<u64>, extra: &[&str]) -> Run {
     let metrics = format!("127.0.0.1:{mport}");

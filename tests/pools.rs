@@ -37,24 +37,6 @@ fn web_and_queue(dir: &Path, port: u16, extra: &str) -> String {
     file.display().to_string()
 }
 
-fn control_name(what: &str) -> String {
-    format!("corepool-test-pools-{what}-{}", std::process::id())
-}
-
-/// `corepool ARGS` as a client of the pool whose control socket is `control`.
-fn client(control: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin())
-        .args(args)
-        .env("COREPOOL_CONTROL", control)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// The pid of the queue worker, from its "queue ready PID" line.
 fn queue_pid(run: &Run) -> i32 {
     run.stdout()
@@ -101,7 +83,7 @@ fn web_and_queue_pools_share_one_container_and_a_dead_pool_stops_it_with_its_cod
     assert_eq!(get_ok(metrics, "/readyz").map(|_| ()), Ok(()));
 
     // `corepool status`: one table per pool.
-    let (code, out, err) = client(&control, &["status"]);
+    let (code, out, err) = control_client(&control, &["status"]);
     assert_eq!(code, 0, "{err}");
     let web_at = out.find("pool web (socket, running)").expect(&out);
     let queue_at = out.find("pool queue (none, running)").expect(&out);
@@ -112,12 +94,12 @@ fn web_and_queue_pools_share_one_container_and_a_dead_pool_stops_it_with_its_cod
         "{out}"
     );
     assert_eq!(out[queue_at..].matches(" running ").count(), 1, "{out}");
-    let (_, json, _) = client(&control, &["status", "--json"]);
+    let (_, json, _) = control_client(&control, &["status", "--json"]);
     let json: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(json["workers"][2]["pool"], "queue", "{json}");
 
     // `corepool reload web` replaces the web workers only.
-    let (code, out, err) = client(&control, &["reload", "web"]);
+    let (code, out, err) = control_client(&control, &["reload", "web"]);
     assert_eq!(
         (code, out.as_str()),
         (0, "ok: rolling reload started\n"),
@@ -127,7 +109,7 @@ fn web_and_queue_pools_share_one_container_and_a_dead_pool_stops_it_with_its_cod
     run.wait_stderr("pool web: old worker 1 (pid", 1, SECS(30));
     assert!(run.stderr().contains("pool web: worker 1: replacement pid"));
     assert!(!run.stderr().contains("pool queue: worker 0: replacement"));
-    let (code, _, err) = client(&control, &["reload", "nosuch"]);
+    let (code, _, err) = control_client(&control, &["reload", "nosuch"]);
     assert_ne!(code, 0);
     assert!(
         err.contains("no pool 'nosuch' here (pools: web, queue)"),
@@ -170,7 +152,7 @@ fn only_runs_the_pools_named() {
     );
     run.wait_stderr("pool web: worker 1 ready", 1, SECS(20));
     assert!(get_json(port).is_ok());
-    let (_, out, _) = client(&control, &["status"]);
+    let (_, out, _) = control_client(&control, &["status"]);
     assert!(out.contains("pool web (socket, running)"), "{out}");
     assert!(!out.contains("queue"), "{out}");
     assert!(!run.stdout().contains("queue ready"));
@@ -364,20 +346,20 @@ fn scale_changes_the_named_pool_only() {
     let queue = queue_pid(&run);
 
     // Several pools: a name is needed, and must exist.
-    let (code, _, err) = client(&control, &["scale", "+1"]);
+    let (code, _, err) = control_client(&control, &["scale", "+1"]);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("2 pools run here (web, queue): name one"),
         "{err}"
     );
-    let (code, _, err) = client(&control, &["scale", "nosuch", "3"]);
+    let (code, _, err) = control_client(&control, &["scale", "nosuch", "3"]);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("no pool 'nosuch' here (pools: web, queue)"),
         "{err}"
     );
 
-    let (code, out, err) = client(&control, &["scale", "web", "3"]);
+    let (code, out, err) = control_client(&control, &["scale", "web", "3"]);
     assert_eq!(
         (code, out.trim()),
         (0, "ok: scaling from 2 to 3 workers"),
@@ -402,7 +384,7 @@ fn scale_changes_the_named_pool_only() {
     ] {
         assert!(text.contains(needle), "{needle} missing in:\n{text}");
     }
-    let (_, json, _) = client(&control, &["status", "--json"]);
+    let (_, json, _) = control_client(&control, &["status", "--json"]);
     let json: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(
         (&json["pools"][0]["name"], &json["pools"][0]["instances"]),
@@ -412,14 +394,14 @@ fn scale_changes_the_named_pool_only() {
     assert_eq!(json["pools"][0]["pinned"], true, "{json}");
     assert_eq!(json["pools"][1]["instances"], 1, "{json}");
     assert_eq!(json["pools"][1]["pinned"], false, "{json}");
-    let (_, table, _) = client(&control, &["status"]);
+    let (_, table, _) = control_client(&control, &["status"]);
     assert!(
         table.contains("pool web (socket, running, count pinned by corepool scale)"),
         "{table}"
     );
 
     // Down to one: the highest slots leave, the web pool still answers.
-    let (code, out, err) = client(&control, &["scale", "web", "-2"]);
+    let (code, out, err) = control_client(&control, &["scale", "web", "-2"]);
     assert_eq!(
         (code, out.trim()),
         (0, "ok: scaling from 3 to 1 workers"),

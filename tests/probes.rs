@@ -16,21 +16,8 @@ fn metric(body: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-fn control_name(test: &str) -> String {
-    format!("cp-test-{test}-{}", std::process::id())
-}
-
 fn client(args: &[&str], control: &str) -> (i32, String, String) {
-    let out = Command::new(bin())
-        .args(args)
-        .env("COREPOOL_CONTROL", control)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    control_client(control, args)
 }
 
 fn pool(port: u16, metrics: u16, control: &str, extra: &[&str]) -> Run {

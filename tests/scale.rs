@@ -10,38 +10,14 @@ use common::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const HELLO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/server.js");
 
-/// A control socket name of this test's own.
-fn control_name(label: &str) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "corepool-test-scale-{label}-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// `corepool scale ARGS` (or another subcommand) against the pool at `control`.
-fn client(control: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin())
-        .args(args)
-        .env("COREPOOL_CONTROL", control)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn status(control: &str) -> serde_json::Value {
-    let (code, out, err) = client(control, &["status", "--json"]);
+    let (code, out, err) = control_client(control, &["status", "--json"]);
     assert_eq!(code, 0, "{err}");
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out}: {e}"))
 }
@@ -168,7 +144,7 @@ fn scale_under_load(mode: &str) {
     wait_served_by(&load, "0", &run);
     wait_served_by(&load, "1", &run);
 
-    let (code, out, err) = client(&control, &["scale", "+2"]);
+    let (code, out, err) = control_client(&control, &["scale", "+2"]);
     assert_eq!(
         (code, out.trim()),
         (0, "ok: scaling from 2 to 4 workers"),
@@ -195,7 +171,7 @@ fn scale_under_load(mode: &str) {
         Some("4")
     );
 
-    let (code, out, err) = client(&control, &["scale", "1"]);
+    let (code, out, err) = control_client(&control, &["scale", "1"]);
     assert_eq!(
         (code, out.trim()),
         (0, "ok: scaling from 4 to 1 workers"),
@@ -271,44 +247,44 @@ fn scale_in_none_mode_and_the_answers_to_bad_requests() {
         &["scale", "a", "b", "c"],
         &["scale", "we b", "1"],
     ] {
-        let (code, out, err) = client(&control, args);
+        let (code, out, err) = control_client(&control, args);
         assert_eq!(code, 2, "{args:?}: {out}{err}");
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(err.starts_with("corepool: scale: "), "{args:?}: {err}");
     }
     // Refused by the pool: exit 1 with why.
-    let (code, _, err) = client(&control, &["scale", "web", "3"]);
+    let (code, _, err) = control_client(&control, &["scale", "web", "3"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no pool 'web'"), "{err}");
-    let (code, _, err) = client(&control, &["scale", "1"]);
+    let (code, _, err) = control_client(&control, &["scale", "1"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("below --min-ready 2"), "{err}");
-    let (code, _, err) = client(&control, &["scale", "-2"]);
+    let (code, _, err) = control_client(&control, &["scale", "-2"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("leaves 1..=4096"), "{err}");
 
-    let (code, out, _) = client(&control, &["scale", "+2"]);
+    let (code, out, _) = control_client(&control, &["scale", "+2"]);
     assert_eq!((code, out.trim()), (0, "ok: scaling from 2 to 4 workers"));
     run.wait_stderr(" started, pid ", 4, SECS(10));
     let pids = started_pids(&run.stderr());
-    let (code, out, _) = client(&control, &["scale", "4"]);
+    let (code, out, _) = control_client(&control, &["scale", "4"]);
     assert_eq!(
         (code, out.trim()),
         (0, "ok: the pool has 4 workers already")
     );
-    let (code, out, _) = client(&control, &["scale", "-1"]);
+    let (code, out, _) = control_client(&control, &["scale", "-1"]);
     assert_eq!((code, out.trim()), (0, "ok: scaling from 4 to 3 workers"));
     run.wait_stderr("worker 3 (pid ", 1, SECS(10));
     run.wait_stderr("removed by a scale, exited", 1, SECS(10));
     assert!(!exists(pids[3]) || zombies_of(run.pid()).contains(&pids[3]));
     assert!(exists(pids[2]));
     // `auto` with a fixed count: back to it, un-pinned.
-    let (code, out, _) = client(&control, &["scale", "auto"]);
+    let (code, out, _) = control_client(&control, &["scale", "auto"]);
     assert_eq!((code, out.trim()), (0, "ok: scaling from 3 to 2 workers"));
     assert_eq!(status(&control)["pinned"], false);
     run.signal(libc::SIGTERM);
     assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
-    let (code, _, err) = client(&control, &["scale", "2"]);
+    let (code, _, err) = control_client(&control, &["scale", "2"]);
     assert_eq!(code, 1, "{err}");
 }
 
@@ -419,7 +395,7 @@ fn the_worker_count_follows_a_live_cgroup_quota_change_under_load() {
     }
 
     // A manual scale pins the count: the next change is only logged.
-    let (code, out, _) = client(&control, &["scale", "2"]);
+    let (code, out, _) = control_client(&control, &["scale", "2"]);
     assert_eq!(
         (code, out.trim()),
         (0, "ok: the pool has 2 workers already")
@@ -431,7 +407,7 @@ fn the_worker_count_follows_a_live_cgroup_quota_change_under_load() {
         SECS(10),
     );
     // `scale auto` un-pins: the count follows the CPUs again.
-    let (code, out, _) = client(&control, &["scale", "auto"]);
+    let (code, out, _) = control_client(&control, &["scale", "auto"]);
     assert_eq!((code, out.trim()), (0, "ok: scaling from 2 to 1 workers"));
     run.wait_stderr("removed by a scale, exited", 2, SECS(30));
 
@@ -555,7 +531,7 @@ fn the_heap_share_follows_the_worker_count_and_memory_limit() {
         [("0".into(), "350".into()), ("1".into(), "350".into())]
     );
     // Four workers: the new ones get a quarter.
-    let (code, _, err) = client(&control, &["scale", "4"]);
+    let (code, _, err) = control_client(&control, &["scale", "4"]);
     assert_eq!(code, 0, "{err}");
     run.wait_stdout("heap ", 4, SECS(10));
     assert_eq!(

@@ -523,3 +523,29 @@ pub fn hup_under_load(
         report,
     }
 }
+
+/// A control socket name (COREPOOL_CONTROL) that no other test, in this process or another,
+/// uses: the label, this process's pid and a counter.
+pub fn control_name(label: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "corepool-test-{label}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// `corepool ARGS` (status, reload, scale, ...) as a client of the pool whose control socket is
+/// `control`: (exit code, stdout, stderr).
+pub fn control_client(control: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .env("COREPOOL_CONTROL", control)
+        .output()
+        .expect("run corepool as a control client");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
