@@ -4,7 +4,7 @@ use super::*;
 use crate::os::Target;
 use crate::os::fake::FakeOs;
 use crate::reaper::ExitStatus;
-use crate::worker::{RestartPolicy, RestartRules};
+use crate::worker::RestartPolicy;
 use nix::sys::signal::Signal;
 use std::time::Duration;
 
@@ -19,30 +19,10 @@ fn pid(n: i32) -> Pid {
 }
 
 fn settings(instances: usize, policy: RestartPolicy) -> Settings {
-    Settings {
-        rules: RestartRules {
-            policy,
-            delay: ms(100),
-            max_delay: ms(1000),
-            min_uptime: ms(1000),
-            max_restarts: 3,
-            fail_fast: Duration::ZERO,
-        },
-        instances,
-        ready_timeout: ms(500),
-        reload_batch: 1,
-        stop_signal: Signal::SIGTERM,
-        kill_timeout: ms(300),
-        shutdown_delay: Duration::ZERO,
-        max_memory: None,
-        needs_ready: false,
-        handoff: Duration::ZERO,
-        not_ready_hint: "test",
-        program: "app".into(),
-        min_ready: 1,
-        scale_handoff: Duration::ZERO,
-        start_concurrency: 0,
-    }
+    let mut settings = crate::supervisor::tests::settings(instances);
+    settings.rules.policy = policy;
+    settings.needs_ready = false;
+    settings
 }
 
 /// A member whose fake pids start at `base + 1`.

@@ -392,18 +392,7 @@ impl Pool {
 
     /// Hands the reporters a fresh view of the pools.
     fn publish(&self, now: Instant) {
-        let mut snap = Snapshot {
-            heartbeat: now,
-            slots: Vec::new(),
-            stopping: false,
-            reloads: 0,
-            memory_restarts: 0,
-            open_connections: None,
-            connections_total: None,
-            connection_limit: None,
-            pools: Vec::new(),
-            pinned: false,
-        };
+        let mut snap = Snapshot::empty(now);
         let several = self.fleet.members.iter().any(|m| !m.name.is_empty());
         for (m, &min_ready) in self.fleet.members.iter().zip(&self.min_ready) {
             let balancer = &m.os.balancer;

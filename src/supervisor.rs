@@ -474,4 +474,4 @@ fn report(
 
 #[cfg(test)]
 #[path = "supervisor_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -21,7 +21,8 @@ fn pid(n: i32) -> Pid {
     Pid::from_raw(n)
 }
 
-fn settings(instances: usize) -> Settings {
+/// The settings of the unit tests here and in `fleet`: short times, a small retry budget.
+pub(crate) fn settings(instances: usize) -> Settings {
     Settings {
         rules: RestartRules {
             policy: RestartPolicy::Always,

@@ -83,6 +83,22 @@ pub struct PoolView {
 }
 
 impl Snapshot {
+    /// Nothing published yet, or the start of a new publication: no slot, no pool, no count.
+    pub fn empty(heartbeat: Instant) -> Snapshot {
+        Snapshot {
+            heartbeat,
+            slots: Vec::new(),
+            stopping: false,
+            reloads: 0,
+            memory_restarts: 0,
+            open_connections: None,
+            connections_total: None,
+            connection_limit: None,
+            pools: Vec::new(),
+            pinned: false,
+        }
+    }
+
     /// Each slot with the name of its pool ("" for the single unnamed pool).
     pub fn slots_by_pool(&self) -> Vec<(&str, &SlotView)> {
         if self.pools.is_empty() {
@@ -113,18 +129,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(balance: &'static str, min_ready: usize) -> Arc<Shared> {
         Arc::new(Shared {
-            snapshot: Mutex::new(Snapshot {
-                heartbeat: Instant::now(),
-                slots: Vec::new(),
-                stopping: false,
-                reloads: 0,
-                memory_restarts: 0,
-                open_connections: None,
-                connections_total: None,
-                connection_limit: None,
-                pools: Vec::new(),
-                pinned: false,
-            }),
+            snapshot: Mutex::new(Snapshot::empty(Instant::now())),
             usage: Mutex::new(None),
             balance,
             min_ready,
