@@ -114,6 +114,33 @@ fn wait_served_by(load: &Load, worker: &str, run: &Run) {
     }
 }
 
+/// Waits until worker `worker` has answered 50 more requests: the load goes on against it.
+fn wait_served_more(load: &Load, worker: &str, run: &Run) {
+    let before = load.served_by().get(worker).copied().unwrap_or(0);
+    let deadline = std::time::Instant::now() + SECS(10);
+    while load.served_by().get(worker).copied().unwrap_or(0) < before + 50 {
+        assert!(std::time::Instant::now() < deadline, "{}", run.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Ends the load, which must have had no failed request, then stops the pool cleanly (exit 0).
+fn finish_without_errors(load: Load, mut run: Run, label: &str) {
+    let served = load.served_by();
+    let (ok, errors) = load.finish();
+    assert!(
+        errors.is_empty(),
+        "{label}: {} of {} requests failed: {:?}\n{}",
+        errors.len(),
+        ok + errors.len() as u64,
+        &errors[..errors.len().min(5)],
+        run.stderr()
+    );
+    eprintln!("{label}: {ok} requests, 0 failed, by worker {served:?}");
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
+}
+
 /// Up from 2 to 4 and down to 1 under load, in `mode`: no failed request, the new slots serve,
 /// the highest slots go, status and /metrics follow.
 fn scale_under_load(mode: &str) {
@@ -197,26 +224,8 @@ fn scale_under_load(mode: &str) {
         Some("1")
     );
     // The load goes on against the one worker left.
-    let before = load.served_by().get("0").copied().unwrap_or(0);
-    let deadline = std::time::Instant::now() + SECS(10);
-    while load.served_by().get("0").copied().unwrap_or(0) < before + 50 {
-        assert!(std::time::Instant::now() < deadline, "{}", run.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let served = load.served_by();
-    let (ok, errors) = load.finish();
-    assert!(
-        errors.is_empty(),
-        "{mode}: {} of {} requests failed: {:?}\n{}",
-        errors.len(),
-        ok + errors.len() as u64,
-        &errors[..errors.len().min(5)],
-        run.stderr()
-    );
-    eprintln!("{mode}: {ok} requests, 0 failed, by worker {served:?}");
-    run.signal(libc::SIGTERM);
-    let mut run = run;
-    assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
+    wait_served_more(&load, "0", &run);
+    finish_without_errors(load, run, mode);
 }
 
 #[test]
@@ -411,20 +420,7 @@ fn the_worker_count_follows_a_live_cgroup_quota_change_under_load() {
     assert_eq!((code, out.trim()), (0, "ok: scaling from 2 to 1 workers"));
     run.wait_stderr("removed by a scale, exited", 2, SECS(30));
 
-    let served = load.served_by();
-    let (ok, errors) = load.finish();
-    assert!(
-        errors.is_empty(),
-        "{} of {} requests failed: {:?}\n{}",
-        errors.len(),
-        ok + errors.len() as u64,
-        &errors[..errors.len().min(5)],
-        run.stderr()
-    );
-    eprintln!("cpu follow: {ok} requests, 0 failed, by worker {served:?}");
-    run.signal(libc::SIGTERM);
-    let mut run = run;
-    assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
+    finish_without_errors(load, run, "cpu follow");
 }
 
 #[test]
@@ -606,26 +602,8 @@ fn without_ebpf_a_pool_of_one_grows_and_shrinks_under_load() {
     wait_served_by(&load, "2", &run);
     assert_eq!(scale("1"), "ok: scaling from 3 to 1 workers");
     run.wait_stderr("removed by a scale, exited", 2, SECS(30));
-    let before = load.served_by().get("0").copied().unwrap_or(0);
-    let deadline = std::time::Instant::now() + SECS(10);
-    while load.served_by().get("0").copied().unwrap_or(0) < before + 50 {
-        assert!(std::time::Instant::now() < deadline, "{}", run.stderr());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let served = load.served_by();
-    let (ok, errors) = load.finish();
-    assert!(
-        errors.is_empty(),
-        "{} of {} requests failed: {:?}\n{}",
-        errors.len(),
-        ok + errors.len() as u64,
-        &errors[..errors.len().min(5)],
-        run.stderr()
-    );
-    eprintln!("hash: {ok} requests, 0 failed, by worker {served:?}");
-    run.signal(libc::SIGTERM);
-    let mut run = run;
-    assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
+    wait_served_more(&load, "0", &run);
+    finish_without_errors(load, run, "hash");
 }
 
 /// The CPU follow with two pools of `instances = "max"` (cpu_share 3 and 1) under a real
