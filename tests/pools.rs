@@ -37,6 +37,16 @@ fn web_and_queue(dir: &Path, port: u16, extra: &str) -> String {
     file.display().to_string()
 }
 
+/// The worker numbers that answered `requests` requests on `port`.
+fn workers_answering(port: u16, requests: usize) -> std::collections::HashSet<String> {
+    (0..requests)
+        .map(|_| {
+            let answer = get_json(port).expect("web answers");
+            answer["worker"].as_str().unwrap_or("").to_string()
+        })
+        .collect()
+}
+
 /// The pid of the queue worker, from its "queue ready PID" line.
 fn queue_pid(run: &Run) -> i32 {
     run.stdout()
@@ -61,11 +71,7 @@ fn web_and_queue_pools_share_one_container_and_a_dead_pool_stops_it_with_its_cod
     run.wait_stderr("pool web: worker 1 ready", 1, SECS(20));
     run.wait_stdout("queue ready", 1, SECS(20));
     // Both web workers answer on the web pool's port.
-    let mut seen = std::collections::HashSet::new();
-    for _ in 0..40 {
-        let answer = get_json(port).expect("web answers");
-        seen.insert(answer["worker"].as_str().unwrap_or("").to_string());
-    }
+    let seen = workers_answering(port, 40);
     assert_eq!(seen.len(), 2, "{seen:?}");
 
     // /metrics: every worker series names its pool.
@@ -367,11 +373,7 @@ fn scale_changes_the_named_pool_only() {
     );
     run.wait_stderr("pool web: worker 2 ready", 1, SECS(20));
     // The new slot serves on the web pool's port: three workers answer.
-    let mut seen = std::collections::HashSet::new();
-    for _ in 0..60 {
-        let answer = get_json(port).expect("web answers");
-        seen.insert(answer["worker"].as_str().unwrap_or("").to_string());
-    }
+    let seen = workers_answering(port, 60);
     assert_eq!(seen.len(), 3, "{seen:?}");
     let text = get_ok(metrics, "/metrics").unwrap();
     for needle in [
