@@ -313,66 +313,76 @@ pub fn probe(backends: Backends, pid: i32, port: u16, tx: mpsc::UnboundedSender<
     });
 }
 
-/// Accepts on the public listener until the pool stops, relaying every connection, at most
+/// One relay thread per CPU corepool may use, up to this many.
+const RELAY_THREADS_MAX: usize = 16;
+
+/// How many relay threads `serve` runs: one per CPU corepool may use (the affinity mask and
+/// the cgroup quota, as the standard library counts them), at most `RELAY_THREADS_MAX`.
+pub fn relay_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(RELAY_THREADS_MAX)
+}
+
+/// Accepts on the public sockets until the pool stops, relaying every connection, at most
 /// `limits.max_connections` at once.
 ///
-/// The relays run on threads of their own, one per CPU corepool may use (at most
-/// `RELAY_THREADS_MAX`), each a single-threaded runtime accepting on the same listening socket:
-/// a relay's cost is mostly the kernel's TCP work done in the relaying thread, so one thread
-/// capped the proxy at one CPU, and the supervisor loop no longer shares its thread with the
-/// bytes. The limit is one semaphore for all of them. When this task is aborted (the pool
-/// stops), every thread stops accepting and closes its copy of the socket at once; its relays
-/// run on until they end.
-pub async fn serve(listener: std::net::TcpListener, backends: Backends, limits: Limits) {
-    /// One relay thread per CPU up to this many.
-    const RELAY_THREADS_MAX: usize = 16;
-    if let Err(err) = listener.set_nonblocking(true) {
-        tracing::error!("proxy: cannot use the public socket: {err}");
-        return;
-    }
+/// The relays run on threads of their own, one per socket of `listeners` (see
+/// `relay_threads`), each a single-threaded runtime accepting on its own socket: a relay's
+/// cost is mostly the kernel's TCP work done in the relaying thread, so one thread capped the
+/// proxy at one CPU, and the supervisor loop does not share its thread with the bytes. The
+/// limit is one semaphore for all of them. When this task is aborted (the pool stops), every
+/// thread stops accepting and closes its socket at once; its relays run on until they end.
+pub async fn serve(listeners: Vec<std::net::TcpListener>, backends: Backends, limits: Limits) {
     let slots = Arc::new(Semaphore::new(
         limits.max_connections.min(Semaphore::MAX_PERMITS),
     ));
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(RELAY_THREADS_MAX);
     // Dropped with this task: the threads see it closed and stop accepting.
     let (stop, stopped) = tokio::sync::watch::channel(());
-    let mut started = 0;
-    for index in 0..threads {
+    let mut unserved = Vec::new();
+    for (index, listener) in listeners.into_iter().enumerate() {
+        if let Err(err) = listener.set_nonblocking(true) {
+            tracing::error!("proxy: cannot use public socket {index}: {err}");
+            continue;
+        }
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(err) => {
+                tracing::error!("proxy: relay thread {index}: no runtime: {err}");
+                unserved.push(listener);
+                continue;
+            }
+        };
+        // The thread gets a copy, so that the socket stays ours if it cannot start.
         let copy = match listener.try_clone() {
             Ok(copy) => copy,
             Err(err) => {
-                tracing::warn!("proxy: cannot share the public socket with a relay thread: {err}");
-                break;
+                tracing::warn!("proxy: cannot hand public socket {index} to a thread: {err}");
+                unserved.push(listener);
+                continue;
             }
         };
         let (backends, slots, stopped) = (backends.clone(), slots.clone(), stopped.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("relay-{index}"))
-            .spawn(move || {
-                match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => {
-                        runtime.block_on(accept_loop(copy, backends, limits, slots, stopped))
-                    }
-                    Err(err) => tracing::error!("proxy: relay thread {index}: no runtime: {err}"),
-                }
-            });
-        match spawned {
-            Ok(_) => started += 1,
-            Err(err) => tracing::warn!("proxy: cannot start relay thread {index}: {err}"),
+            .spawn(move || runtime.block_on(accept_loop(copy, backends, limits, slots, stopped)));
+        if let Err(err) = spawned {
+            tracing::warn!("proxy: cannot start relay thread {index}: {err}");
+            unserved.push(listener);
         }
     }
-    if started == 0 {
-        // No thread: relay on the supervisor's own, as a single-threaded proxy.
-        accept_loop(listener, backends, limits, slots, stopped).await;
-        return;
-    }
-    drop(listener);
     let _stop = stop;
+    // A socket no thread took is served here, on the supervisor's thread, rather than left
+    // holding connections nobody accepts.
+    let mut here = tokio::task::JoinSet::new();
+    for listener in unserved {
+        let (backends, slots, stopped) = (backends.clone(), slots.clone(), stopped.clone());
+        here.spawn(accept_loop(listener, backends, limits, slots, stopped));
+    }
+    // Aborted with this task (a JoinSet aborts its tasks when dropped).
     std::future::pending::<()>().await
 }
 
@@ -385,6 +395,11 @@ async fn accept_loop(
     slots: Arc<Semaphore>,
     mut stopped: tokio::sync::watch::Receiver<()>,
 ) {
+    // Accepted sockets inherit TCP_NODELAY from the listening one (one system call less per
+    // connection); where it could not be set there, each connection sets it.
+    let nodelay_each =
+        nix::sys::socket::setsockopt(&listener, nix::sys::socket::sockopt::TcpNoDelay, &true)
+            .is_err();
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(err) => {
@@ -424,6 +439,9 @@ async fn accept_loop(
                 Ok((client, peer)) => {
                     let turn = backends.accepted.fetch_add(1, Ordering::Relaxed);
                     let open = Held::new(&backends.open);
+                    if nodelay_each {
+                        let _ = client.set_nodelay(true);
+                    }
                     relays.spawn(relay(
                         client,
                         peer,
@@ -462,7 +480,6 @@ async fn relay(
     idle_timeout: Option<Duration>,
     _slot: (OwnedSemaphorePermit, Held),
 ) {
-    let _ = client.set_nodelay(true);
     // While no worker is ready (all restarting), wait a little rather than refuse.
     for _attempt in 0..100 {
         let candidates = match backends.sticky.load(Ordering::Relaxed) {

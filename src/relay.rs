@@ -1,21 +1,35 @@
-//! Relay: the bytes of one proxied connection, client to worker and back, moved by splice(2).
+//! Relay: the bytes of one proxied connection, client to worker and back.
 //!
-//! Each direction owns a pipe: splice(socket -> pipe) takes what the socket has (up to the
-//! pipe's 64 KiB), splice(pipe -> socket) hands the same pages on, so the payload never enters
-//! corepool's memory and is never copied through a user buffer. The client's end of stream
-//! becomes shutdown(SHUT_WR) towards the worker (a half-close passes through: a client that
-//! stops sending still gets its whole answer); the worker's end of stream, once its last bytes
-//! are handed on, ends the relay and releases both sockets and both pipes at once (so a worker
-//! dropping an idle keep-alive client frees everything corepool held for it). A relay also ends
-//! when either side fails, or when no byte moved either way for the idle timeout. Nothing is
-//! interpreted, so WebSocket upgrades and large bodies pass intact.
+//! Most connections carry small messages (a request, its answer). Each direction reads what
+//! its socket holds into the relay thread's 16 KiB buffer with recv(2) and hands it on at once
+//! with send(2): two system calls per message, as HAProxy. A read that returns less than the
+//! buffer has emptied the socket, so its readiness is cleared with it and the next round waits
+//! for the kernel's next notice instead of reading only to be told EAGAIN. What a send could
+//! not take (the other side reads slowly) is kept, at most one buffer per direction, and
+//! nothing more is read until it is gone.
 //!
-//! The pipes cost 4 descriptors per connection. What splice bought over tokio's
-//! `copy_bidirectional` (a third of the CPU, twice the bulk throughput) is measured in the
-//! README's "Design notes" and `bench/results/relay-20261125.md`.
+//! A read that fills the buffer means a large transfer: that direction switches to splice(2)
+//! through a pipe of its own (made at its first large transfer and kept), so the payload never
+//! enters corepool's memory. Filling the pipe from one socket and draining it into the other
+//! overlap, so a slow side does not stall the fast one for a whole chunk. Once the socket is
+//! empty and the pipe drained, the direction goes back to recv/send (a keep-alive connection
+//! that sent one large page goes on with small answers).
+//!
+//! The client's end of stream becomes shutdown(SHUT_WR) towards the worker (a half-close
+//! passes through: a client that stops sending still gets its whole answer); the worker's end
+//! of stream, once its last bytes are handed on, ends the relay and releases both sockets and
+//! any pipes at once (so a worker dropping an idle keep-alive client frees everything corepool
+//! held for it). A relay also ends when either side fails, or when no byte moved either way for
+//! the idle timeout. Nothing is interpreted, so WebSocket upgrades and large bodies pass
+//! intact.
+//!
+//! At most a relay holds two sockets and two pipes (six descriptors, see `limits`), and in user
+//! memory at most one buffer of unsent bytes per direction. What recv/send and the splice
+//! switch bought over splice for every byte is measured in the README's "Design notes".
 
-use nix::fcntl::{SpliceFFlags, splice};
-use nix::sys::socket::{MsgFlags, Shutdown, recv, shutdown};
+use nix::fcntl::{FcntlArg, SpliceFFlags, fcntl, splice};
+use nix::sys::socket::{MsgFlags, Shutdown, recv, send, shutdown};
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,11 +38,21 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// Most bytes asked of one splice: the default capacity of a pipe.
-const CHUNK: usize = 64 * 1024;
+/// The relay thread's buffer: the most one recv takes. A read that fills it switches its
+/// direction to splice.
+const BUFFER: usize = 16 * 1024;
+
+/// The capacity asked for a direction's pipe (the kernel's default, 64 KiB, if refused).
+const PIPE_SIZE: usize = 256 * 1024;
 
 /// Most unread client bytes discarded when the worker has closed (see [`relay`]).
 const DISCARD_AT_MOST: usize = 256 * 1024;
+
+thread_local! {
+    /// Each relay thread's one buffer: bytes pass through it within one poll, never across a
+    /// wait, so one per thread serves all of its relays.
+    static THROUGH: RefCell<Box<[u8]>> = RefCell::new(vec![0; BUFFER].into_boxed_slice());
+}
 
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +105,10 @@ pub async fn relay(
     };
     let (up_bytes, down_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     let moving = async {
-        let up = one_way(client, worker, &activity, &up_bytes);
-        let down = one_way(worker, client, &activity, &down_bytes);
+        let up = one_way(client, worker, &activity, &up_bytes, true);
+        // The relay ends with the worker's end of stream and closes the client's socket, which
+        // tells the client: no shutdown needed on that side.
+        let down = one_way(worker, client, &activity, &down_bytes, false);
         tokio::pin!(up, down);
         let by_worker = tokio::select! {
             result = &mut down => {
@@ -138,54 +164,271 @@ fn discard_unread(client: &TcpStream) {
     }
 }
 
-/// Moves everything `from` sends to `to`, then half-closes `to`. Each chunk moved is counted
-/// in `moved` and noted in `activity`.
+/// What one read without waiting gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Got {
+    Bytes(usize),
+    /// End of stream.
+    End,
+    /// Nothing now: wait for readiness.
+    Nothing,
+}
+
+/// Whether an error only means "not now".
+fn not_now(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+/// Runs `op` on `socket` if tokio last saw it ready for `interest`, and clears that readiness
+/// when `op` says the socket is exhausted (`Ok((value, true))`: a short read or write, which
+/// empties or fills it) as well as on EAGAIN. Clearing goes by the readiness tick taken before
+/// `op` ran, so a notice that arrived meanwhile is kept and nothing is missed. `None`: not
+/// ready, or EAGAIN.
+fn attempt<T>(
+    socket: &TcpStream,
+    interest: Interest,
+    op: impl FnOnce() -> io::Result<(T, bool)>,
+) -> io::Result<Option<T>> {
+    let mut done = None;
+    let result = socket.try_io(interest, || {
+        let (value, exhausted) = op()?;
+        done = Some(value);
+        match exhausted {
+            true => Err(io::ErrorKind::WouldBlock.into()),
+            false => Ok(()),
+        }
+    });
+    match result {
+        Err(err) if !not_now(&err) => Err(err),
+        _ => Ok(done),
+    }
+}
+
+/// recv(2) into `buf` without waiting.
+fn read_now(from: &TcpStream, buf: &mut [u8]) -> io::Result<Got> {
+    let room = buf.len();
+    let got = attempt(from, Interest::READABLE, || {
+        let n = recv(from.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT)?;
+        // A short read took everything the socket had.
+        Ok((n, n > 0 && n < room))
+    })?;
+    Ok(match got {
+        None => Got::Nothing,
+        Some(0) => Got::End,
+        Some(n) => Got::Bytes(n),
+    })
+}
+
+/// send(2) of as much of `bytes` as `to` takes now: how much it took.
+fn write_now(to: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    let sent = attempt(to, Interest::WRITABLE, || {
+        let n = send(
+            to.as_raw_fd(),
+            bytes,
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        )?;
+        // A short write filled the socket's buffer.
+        Ok((n, n < bytes.len()))
+    })?;
+    Ok(sent.unwrap_or(0))
+}
+
+/// A direction's pipe for large transfers: (read end, write end).
+struct Pipe {
+    out: OwnedFd,
+    into: OwnedFd,
+    /// What one splice into it asks for: its capacity.
+    capacity: usize,
+}
+
+impl Pipe {
+    /// Non-blocking and close-on-exec (a worker started later must not inherit it), enlarged
+    /// to `PIPE_SIZE` where the kernel allows (past the user's pipe allowance it does not, and
+    /// the default 64 KiB serves).
+    fn new() -> io::Result<Pipe> {
+        let (out, into) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+        let capacity = fcntl(&into, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32))
+            .map_or(64 * 1024, |size| size as usize);
+        Ok(Pipe {
+            out,
+            into,
+            capacity,
+        })
+    }
+}
+
+const SPLICE: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
+
+/// splice(2) from `from` into the pipe, which holds `held` bytes, without waiting. With the
+/// pipe empty an EAGAIN can only be the socket's, so it clears the socket's readiness; with
+/// bytes in the pipe it may mean the pipe is full, and the readiness is kept.
+fn fill_now(from: &TcpStream, pipe: &Pipe, held: usize) -> io::Result<Got> {
+    let take = || {
+        splice(
+            from.as_fd(),
+            None,
+            pipe.into.as_fd(),
+            None,
+            pipe.capacity,
+            SPLICE,
+        )
+    };
+    let got = match held {
+        0 => attempt(from, Interest::READABLE, || Ok((take()?, false)))?,
+        _ => match take() {
+            Ok(n) => Some(n),
+            Err(err) if not_now(&io::Error::from(err)) => None,
+            Err(err) => return Err(err.into()),
+        },
+    };
+    Ok(match got {
+        None => Got::Nothing,
+        Some(0) => Got::End,
+        Some(n) => Got::Bytes(n),
+    })
+}
+
+/// splice(2) of up to `held` bytes from the pipe into `to` without waiting: how many went.
+fn drain_now(pipe: &Pipe, to: &TcpStream, held: usize) -> io::Result<usize> {
+    let sent = attempt(to, Interest::WRITABLE, || {
+        let n = splice(pipe.out.as_fd(), None, to.as_fd(), None, held, SPLICE)?;
+        Ok((n, n < held))
+    })?;
+    Ok(sent.unwrap_or(0))
+}
+
+/// How a stretch of splicing ended.
+enum Spliced {
+    /// The socket is empty and the pipe drained: back to recv/send.
+    Drained,
+    /// End of stream, everything before it handed on.
+    End,
+}
+
+/// Moves everything `from` sends to `to`; at its end of stream, half-closes `to` if
+/// `half_close`. Each chunk moved is counted in `moved` and noted in `activity`.
 async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
     activity: &Activity,
     moved: &AtomicU64,
+    half_close: bool,
 ) -> io::Result<()> {
-    let (pipe_out, pipe_in) = pipe()?;
-    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    // Bytes read but not yet taken by `to`.
+    let mut unsent: Vec<u8> = Vec::new();
+    let mut pipe: Option<Pipe> = None;
+    let mut large = false;
     loop {
-        // The pipe is empty here, so a splice into it can only wait for the socket.
-        let n = from
-            .async_io(Interest::READABLE, || {
-                splice(from.as_fd(), None, pipe_in.as_fd(), None, CHUNK, flags)
-                    .map_err(io::Error::from)
-            })
-            .await?;
-        if n == 0 {
-            return match shutdown(to.as_raw_fd(), Shutdown::Write) {
-                // The other side is already gone: nothing left to tell it.
-                Ok(()) | Err(nix::errno::Errno::ENOTCONN) => Ok(()),
-                Err(err) => Err(err.into()),
+        while !unsent.is_empty() {
+            to.writable().await?;
+            let n = write_now(to, &unsent)?;
+            if n > 0 {
+                activity.note();
+                unsent.drain(..n);
+            }
+        }
+        // Let an idle connection hold no buffer.
+        unsent = Vec::new();
+        if large {
+            large = false;
+            let pipe = match &mut pipe {
+                Some(pipe) => pipe,
+                None => pipe.insert(Pipe::new()?),
             };
+            match splice_while_large(from, to, pipe, activity, moved).await? {
+                Spliced::Drained => {}
+                Spliced::End => break,
+            }
         }
-        activity.note();
-        let mut left = n;
-        while left > 0 {
-            // The pipe holds `left` bytes, so a splice out of it can only wait for the socket.
-            left -= to
-                .async_io(Interest::WRITABLE, || {
-                    splice(pipe_out.as_fd(), None, to.as_fd(), None, left, flags)
-                        .map_err(io::Error::from)
-                })
-                .await?;
-            activity.note();
+        from.readable().await?;
+        let got = THROUGH.with_borrow_mut(|buf| -> io::Result<Got> {
+            let got = read_now(from, buf)?;
+            if let Got::Bytes(n) = got {
+                let sent = write_now(to, &buf[..n])?;
+                unsent.extend_from_slice(&buf[sent..n]);
+            }
+            Ok(got)
+        })?;
+        match got {
+            Got::Nothing => {}
+            Got::End => break,
+            Got::Bytes(n) => {
+                activity.note();
+                moved.fetch_add(n as u64, Ordering::Relaxed);
+                large = n == BUFFER;
+            }
         }
-        moved.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    if half_close {
+        match shutdown(to.as_raw_fd(), Shutdown::Write) {
+            // The other side is already gone: nothing left to tell it.
+            Ok(()) | Err(nix::errno::Errno::ENOTCONN) => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Splices from `from` into `pipe` and from `pipe` into `to`, both as far as each side allows,
+/// until the socket is empty with the pipe drained, or end of stream.
+async fn splice_while_large(
+    from: &TcpStream,
+    to: &TcpStream,
+    pipe: &Pipe,
+    activity: &Activity,
+    moved: &AtomicU64,
+) -> io::Result<Spliced> {
+    let mut held = 0;
+    let mut ended = false;
+    // The last fill found nothing while the pipe held bytes: it may be full, so only draining
+    // it helps.
+    let mut full = false;
+    loop {
+        let mut progress = false;
+        if !ended && !full {
+            match fill_now(from, pipe, held)? {
+                Got::Bytes(n) => {
+                    held += n;
+                    progress = true;
+                    activity.note();
+                    moved.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Got::End => ended = true,
+                Got::Nothing if held == 0 => return Ok(Spliced::Drained),
+                Got::Nothing => full = true,
+            }
+        }
+        if held > 0 {
+            let n = drain_now(pipe, to, held)?;
+            if n > 0 {
+                held -= n;
+                progress = true;
+                full = false;
+                activity.note();
+            }
+        }
+        if ended && held == 0 {
+            return Ok(Spliced::End);
+        }
+        if progress {
+            continue;
+        }
+        if held == 0 {
+            from.readable().await?;
+        } else if full || ended {
+            to.writable().await?;
+        } else {
+            tokio::select! {
+                ready = to.writable() => ready?,
+                ready = from.readable() => ready?,
+            }
+        }
     }
 }
-
-/// A pipe for one direction: (read end, write end), non-blocking and close-on-exec (a worker
-/// started later must not inherit it).
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
-        .map_err(io::Error::from)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,5 +472,83 @@ mod tests {
                 down: 6
             }
         );
+    }
+
+    /// A pattern that shows any byte lost, doubled or out of place.
+    fn pattern(n: usize, seed: usize) -> Vec<u8> {
+        (0..n).map(|i| ((i * 31 + (i >> 9) + seed) % 251) as u8).collect()
+    }
+
+    /// One keep-alive connection carries a large answer (the direction switches to splice)
+    /// and then small exchanges (back to recv/send), each intact and in order.
+    #[tokio::test]
+    async fn a_large_answer_then_small_exchanges_on_one_connection() {
+        let (mut client, near) = pair().await;
+        let (far, mut server) = pair().await;
+        let relaying = tokio::spawn(async move { relay(&near, &far, None).await });
+        let large = pattern(5_000_000, 1);
+        let sent = large.clone();
+        let serving = tokio::spawn(async move {
+            let mut ask = [0u8; 5];
+            server.read_exact(&mut ask).await.unwrap();
+            assert_eq!(&ask, b"large");
+            server.write_all(&sent).await.unwrap();
+            for i in 0..200u32 {
+                let mut ping = [0u8; 4];
+                server.read_exact(&mut ping).await.unwrap();
+                assert_eq!(u32::from_be_bytes(ping), i);
+                server.write_all(&(i * 7).to_be_bytes()).await.unwrap();
+            }
+            server.shutdown().await.unwrap();
+        });
+        client.write_all(b"large").await.unwrap();
+        let mut got = vec![0u8; large.len()];
+        client.read_exact(&mut got).await.unwrap();
+        assert!(got == large, "the large answer differs");
+        for i in 0..200u32 {
+            client.write_all(&i.to_be_bytes()).await.unwrap();
+            let mut pong = [0u8; 4];
+            client.read_exact(&mut pong).await.unwrap();
+            assert_eq!(u32::from_be_bytes(pong), i * 7);
+        }
+        serving.await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+        match relaying.await.unwrap().unwrap() {
+            Ended::ByWorker { up, down } => {
+                assert_eq!((up, down), (5 + 800, 5_000_000 + 800));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A client that does not read while the worker sends many small messages: the relay
+    /// keeps what the client's socket cannot take (the worker is held back, not buffered
+    /// without bound), and once the client reads, every byte arrives in order.
+    #[tokio::test]
+    async fn small_messages_to_a_client_that_reads_late_arrive_whole() {
+        let (mut client, near) = pair().await;
+        let (far, mut server) = pair().await;
+        let relaying = tokio::spawn(async move { relay(&near, &far, None).await });
+        let stream = pattern(40_000_000, 2);
+        let sent = stream.clone();
+        let serving = tokio::spawn(async move {
+            // 3 KiB writes: each read by the relay is short, so it stays on recv/send.
+            for chunk in sent.chunks(3000) {
+                server.write_all(chunk).await.unwrap();
+            }
+            server.shutdown().await.unwrap();
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !serving.is_finished(),
+            "40 MB went nowhere while the client read nothing"
+        );
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        serving.await.unwrap();
+        assert!(got == stream, "the stream differs ({} bytes)", got.len());
+        relaying.await.unwrap().unwrap();
     }
 }

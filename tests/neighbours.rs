@@ -133,16 +133,40 @@ fn two_pools_in_one_network_namespace_both_serve() {
 /// and fails /readyz until it leaves.
 #[test]
 fn the_public_port_stays_the_pools_alone() {
+    the_public_port_stays_the_pools_alone_in("socket");
+}
+
+/// The same in proxy mode, whose relay threads accept on a group of SO_REUSEPORT sockets of
+/// their own (one per CPU): a stranger joining it would take connections from the relays.
+#[test]
+fn the_public_port_stays_the_relays_alone() {
+    let cpus = std::thread::available_parallelism().unwrap().get();
+    assert!(
+        cpus >= 2,
+        "this test needs 2 CPUs (one relay thread per CPU makes the group); found {cpus}"
+    );
+    the_public_port_stays_the_pools_alone_in("proxy");
+}
+
+fn the_public_port_stays_the_pools_alone_in(mode: &str) {
     require("python3");
     let port = free_port();
     let metrics = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics}");
-    let args = socket_args(2, port, &["--metrics", &metrics_addr, "--", "node", HELLO]);
+    let args = pool_args(
+        2,
+        mode,
+        &port.to_string(),
+        &["--metrics", &metrics_addr, "--", "node", HELLO],
+    );
     let first = Run::start(&args, &[]);
     first.wait_stderr(" ready (pid", 2, SECS(15));
     assert_eq!(http(metrics, "GET", "/readyz").unwrap().0, 200);
 
-    let mut second = Run::start(&socket_args(2, port, &["--", "node", HELLO]), &[]);
+    let mut second = Run::start(
+        &pool_args(2, mode, &port.to_string(), &["--", "node", HELLO]),
+        &[],
+    );
     assert_eq!(second.exit_code(SECS(10)), 3, "{}", second.stderr());
     let err = second.stderr();
     assert!(

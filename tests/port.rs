@@ -38,16 +38,9 @@ fn workers_share_one_port_and_see_the_client() {
     // The app's own start-up line shows the public port.
     run.wait_stdout(&format!("listening on 127.0.0.1:{port}"), 2, SECS(5));
     // One SO_REUSEPORT listening socket per slot on the port, all held by corepool.
-    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
-    let listening = tcp
-        .lines()
-        .filter(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.get(3) == Some(&"0A") && f[1].ends_with(&format!(":{port:04X}"))
-        })
-        .count();
     assert_eq!(
-        listening, 2,
+        listening_sockets(port),
+        2,
         "expected one listening socket per slot on {port}"
     );
 }

@@ -370,7 +370,13 @@ process.on('SIGTERM', () => { console.log('stopping'); setTimeout(() => process.
             "no thread relay-{i} among {names:?}"
         );
     }
-    // Every thread relays: as many held connections as threads, each answered.
+    // Each thread accepts on a socket of its own: the kernel spreads connections over them.
+    assert_eq!(
+        listening_sockets(port),
+        cpus,
+        "one listening socket per relay thread"
+    );
+    // As many held connections as threads, four times over, each answered.
     let held: Vec<TcpStream> = (0..cpus * 4)
         .map(|_| {
             let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();

@@ -232,11 +232,13 @@ impl Balancer {
         }
     }
 
-    /// Socket mode: watches the public port for listeners that are not the pool's, and reports
-    /// them through /readyz (once, in the runtime).
+    /// Socket and proxy mode: watches the public port for listeners that are not the pool's,
+    /// and reports them through /readyz (once, in the runtime).
     pub fn watch_port(&mut self, shared: Arc<Shared>) {
-        if let Balance::Socket(socket) = &mut self.balance {
-            socket.watch_port(shared);
+        match &mut self.balance {
+            Balance::Socket(socket) => socket.watch_port(shared),
+            Balance::Proxy(proxied) => proxied.watch_port(shared),
+            Balance::None { .. } => {}
         }
     }
 

@@ -1,18 +1,32 @@
-//! Proxy mode's state: the public socket corepool accepts on, the workers' private ports (the
-//! backends) and the accept loop. The relaying itself is `proxy` and `relay`.
+//! Proxy mode's state: the public sockets corepool accepts on, the workers' private ports (the
+//! backends) and the accept loops. The relaying itself is `proxy` and `relay`.
+//!
+//! With one relay thread the public port is one plain socket. With several, each relay thread
+//! accepts on a socket of its own in an SO_REUSEPORT group, so that the kernel spreads new
+//! connections over the threads (one shared socket woke every thread for each connection and
+//! left most of them to whichever thread woke first). The group is bound as socket mode's is:
+//! refused when anything already listens on the port, and watched for strangers joining it.
 
-use super::ports::bind_public;
+use super::ports::{OurSockets, bind_group, bind_public, socket_inodes, watch_port};
 use crate::launch::WorkerIo;
+use crate::metrics::Shared;
 use crate::proxy::{self, Backends};
 use crate::readiness::Ready;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use tokio::sync::mpsc;
 
 pub struct ProxyMode {
-    /// The public socket we accept on (moved into the accept loop at `start`).
-    listener: Option<OwnedFd>,
+    host: IpAddr,
+    port: u16,
+    /// The public sockets we accept on, one per relay thread (moved into the accept loops at
+    /// `start`).
+    listeners: Vec<OwnedFd>,
+    /// Their inodes, for the port watch (empty with one plain socket: nobody can join it).
+    ours: OurSockets,
+    port_watch: Option<tokio::task::JoinHandle<()>>,
     /// The workers' private ports.
     backends: Backends,
     accept_task: Option<tokio::task::JoinHandle<()>>,
@@ -21,13 +35,30 @@ pub struct ProxyMode {
 }
 
 impl ProxyMode {
-    /// Binds the public port (no SO_REUSEPORT: corepool alone accepts on it).
+    /// Binds the public port: one socket per relay thread (see the module's comment).
     pub fn bind(host: IpAddr, port: u16) -> Result<ProxyMode, String> {
         let addr = SocketAddr::new(host, port);
-        let listener = bind_public(host, port, false)
-            .map_err(|e| format!("cannot listen on {addr} (--host/--port): {e}"))?;
+        let (listeners, ours) = match proxy::relay_threads() {
+            1 => {
+                let listener = bind_public(host, port, false)
+                    .map_err(|e| format!("cannot listen on {addr} (--host/--port): {e}"))?;
+                (vec![listener], Default::default())
+            }
+            threads => {
+                let group: Vec<OwnedFd> = bind_group(host, port, threads)?
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let ours = socket_inodes(group.iter());
+                (group, ours)
+            }
+        };
         Ok(ProxyMode {
-            listener: Some(listener),
+            host,
+            port,
+            listeners,
+            ours: Arc::new(std::sync::Mutex::new(ours)),
+            port_watch: None,
             backends: Backends::default(),
             accept_task: None,
             limits: proxy::Limits::default(),
@@ -66,15 +97,34 @@ impl ProxyMode {
         self.backends.resize(workers);
     }
 
-    /// Starts the accept loop (once, in the runtime).
+    /// Starts the accept loops (once, in the runtime).
     pub fn start(&mut self) {
-        if let Some(listener) = self.listener.take() {
-            let listener = std::net::TcpListener::from(listener);
-            self.accept_task = Some(tokio::spawn(proxy::serve(
-                listener,
-                self.backends.clone(),
-                self.limits,
-            )));
+        if self.listeners.is_empty() {
+            return;
+        }
+        let listeners = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .map(std::net::TcpListener::from)
+            .collect();
+        self.accept_task = Some(tokio::spawn(proxy::serve(
+            listeners,
+            self.backends.clone(),
+            self.limits,
+        )));
+    }
+
+    /// Watches the public port for listeners that joined the group and are not the pool's,
+    /// and reports them through /readyz (once, in the runtime; nothing to watch with one plain
+    /// socket).
+    pub fn watch_port(&mut self, shared: Arc<Shared>) {
+        let grouped = !self
+            .ours
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty();
+        if grouped && self.port_watch.is_none() {
+            let ours = self.ours.clone();
+            self.port_watch = Some(tokio::spawn(watch_port(self.host, self.port, ours, shared)));
         }
     }
 
@@ -96,11 +146,14 @@ impl ProxyMode {
         self.backends.remove(pid);
     }
 
-    /// The pool is stopping: close the public socket and stop accepting.
+    /// The pool is stopping: close the public sockets and stop accepting.
     pub fn close(&mut self) {
-        self.listener = None;
+        self.listeners.clear();
         if let Some(task) = self.accept_task.take() {
             task.abort();
+        }
+        if let Some(watch) = self.port_watch.take() {
+            watch.abort();
         }
     }
 }

@@ -549,3 +549,14 @@ pub fn control_client(control: &str, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Listening IPv4 TCP sockets on `port` in this network namespace (from /proc/net/tcp).
+pub fn listening_sockets(port: u16) -> usize {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    tcp.lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(3) == Some(&"0A") && f[1].ends_with(&format!(":{port:04X}"))
+        })
+        .count()
+}
