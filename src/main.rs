@@ -117,7 +117,7 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
         let mut preload_warning = None;
         let prepare = || {
             Preload::prepare(
-                node::node_version(&program, pool.search_path.clone()),
+                || node::node_version(&program, pool.search_path.clone()),
                 pool.runtime_dir.as_deref(),
             )
         };

@@ -382,8 +382,8 @@ fn heap_share_under_a_real_memory_limit() {
     let (out, _) = run_in(&port, &[]);
     for line in out.lines() {
         assert!(
-            line.starts_with("opts=--max-old-space-size=358 --import=data:")
-                || line.starts_with("opts=--import=data:")
+            line.starts_with("opts=--max-old-space-size=358 --require ")
+                || line.starts_with("opts=--require ")
                     && line.contains(" --max-old-space-size=358 "),
             "{}…",
             &line[..line.len().min(120)]
