@@ -28,8 +28,15 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use crate::readiness::Ready;
 use crate::relay;
 
-/// How often a starting worker's private port is probed.
+/// How often a starting worker's private port is probed: often while a server of the usual
+/// kind would be starting (Node's hello listens ~90 ms after exec), then less.
 const PROBE_EVERY: Duration = Duration::from_millis(50);
+const PROBE_EARLY_EVERY: Duration = Duration::from_millis(5);
+const PROBE_EARLY_FOR: Duration = Duration::from_secs(2);
+
+/// How long a connection waits for a ready worker when none is (all starting or restarting)
+/// before it is closed.
+const WAIT_FOR_READY: Duration = Duration::from_secs(5);
 
 /// Reaching `--max-connections` is logged at most this often.
 const LIMIT_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -91,6 +98,8 @@ pub struct Backends {
     /// `--sticky ip`: the pool's slot count (clients are picked a slot by address); 0: off.
     /// Shared with the accept loop, as a scale changes it.
     sticky: Arc<AtomicUsize>,
+    /// Told whenever a worker becomes ready: connections waiting for one go on at once.
+    readied: Arc<tokio::sync::Notify>,
 }
 
 impl Backends {
@@ -120,6 +129,7 @@ impl Backends {
                 .filter(|b| b.pid == pid)
                 .for_each(|b| b.ready = true)
         });
+        self.readied.notify_waiters();
     }
 
     /// The private ports given to the workers known now.
@@ -295,6 +305,7 @@ fn free_everywhere(port: u16) -> bool {
 /// the backend list (it exited, or was stopped).
 pub fn probe(backends: Backends, pid: i32, port: u16, tx: mpsc::UnboundedSender<Ready>) {
     tokio::spawn(async move {
+        let started = Instant::now();
         loop {
             let known = backends.with(|list| list.iter().any(|b| b.pid == pid));
             if !known {
@@ -308,7 +319,11 @@ pub fn probe(backends: Backends, pid: i32, port: u16, tx: mpsc::UnboundedSender<
                 let _ = tx.send(Ready { pid });
                 return;
             }
-            tokio::time::sleep(PROBE_EVERY).await;
+            let every = match started.elapsed() < PROBE_EARLY_FOR {
+                true => PROBE_EARLY_EVERY,
+                false => PROBE_EVERY,
+            };
+            tokio::time::sleep(every).await;
         }
     });
 }
@@ -480,8 +495,13 @@ async fn relay(
     idle_timeout: Option<Duration>,
     _slot: (OwnedSemaphorePermit, Held),
 ) {
-    // While no worker is ready (all restarting), wait a little rather than refuse.
-    for _attempt in 0..100 {
+    // While no worker is ready (all starting or restarting), wait for one rather than refuse.
+    let deadline = tokio::time::Instant::now() + WAIT_FOR_READY;
+    loop {
+        // Listening before looking, so that a worker readied in between is not missed.
+        let readied = backends.readied.notified();
+        tokio::pin!(readied);
+        readied.as_mut().enable();
         let candidates = match backends.sticky.load(Ordering::Relaxed) {
             0 => backends.candidates(turn),
             slots => backends.sticky_candidates(peer.ip(), slots),
@@ -504,7 +524,11 @@ async fn relay(
             }
             return;
         }
-        tokio::time::sleep(PROBE_EVERY).await;
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        // A worker readied, or a while (one that refused may take connections again).
+        let _ = tokio::time::timeout(PROBE_EVERY, readied).await;
     }
-    tracing::warn!("proxy: no worker ready for {peer} after 5s; connection closed");
+    tracing::warn!("proxy: no worker ready for {peer} after {WAIT_FOR_READY:?}; connection closed");
 }
