@@ -32,7 +32,9 @@
   const DEFER_MAX_MS = 2 * DRAIN_GRACE_MS;
   const net = require('net');
   const http = require('http');
-  const https = require('https');
+  // https costs a worker a few ms of CPU to load: it is loaded when a TLS server first listens
+  // (the app has loaded tls by then, most of that cost), never for a plain HTTP app.
+  let https = null;
   const wanted = process.env.COREPOOL_STOP_SIGNAL;
   const signal = /^SIG[A-Z0-9]+$/.test(wanted || '') ? wanted : 'SIGTERM';
 
@@ -56,6 +58,10 @@
     return !!socket.parser && !socket.destroyed;
   }
 
+  function isHttps(server) {
+    return https !== null && server instanceof https.Server;
+  }
+
   function isHttp2(server) {
     return !!server.constructor && /^Http2/.test(server.constructor.name);
   }
@@ -63,7 +69,7 @@
   // Connections of `server` the drain waits for: all it accepted (TLS handshakes included)
   // but the upgraded ones. A plain net server's connections are the app's business.
   function open(server) {
-    if (!(server instanceof http.Server || server instanceof https.Server || isHttp2(server))) {
+    if (!(server instanceof http.Server || isHttps(server) || isHttp2(server))) {
       return 0;
     }
     let n = server._connections || 0;
@@ -245,7 +251,11 @@
     // A closed server has no connection left ('close' waits for them): forget it (port
     // probes such as get-port's open and close servers all the time).
     server.on('close', () => servers.delete(server));
-    if (server instanceof https.Server) {
+    if (https === null && typeof server.setSecureContext === 'function') {
+      https = require('https');
+      deferIdleClose(https.Server);
+    }
+    if (isHttps(server)) {
       server.on('secureConnection', onSocket);
       server.prependListener('request', onRequest);
     } else if (server instanceof http.Server) {
@@ -281,15 +291,17 @@
     }
     return this;
   };
-  // While draining, the idle connections are closed after the grace, not at once.
-  for (const Server of [http.Server, https.Server]) {
+  // While draining, the idle connections are closed after the grace, not at once (https's
+  // servers have a copy of the method of their own, deferred when https is loaded).
+  function deferIdleClose(Server) {
     const closeIdle = Server.prototype.closeIdleConnections;
-    if (typeof closeIdle !== 'function') continue;
+    if (typeof closeIdle !== 'function') return;
     Server.prototype.closeIdleConnections = function corepoolCloseIdle(...args) {
       if (draining && (servers.has(this) || drainClosed.has(this))) return undefined;
       return closeIdle.apply(this, args);
     };
   }
+  deferIdleClose(http.Server);
   // The app's listeners for the stop signal are registered deferring (once() and
   // prependOnceListener() come through on() and prependListener()).
   for (const name of ['on', 'addListener', 'prependListener']) {
