@@ -476,7 +476,9 @@ mod tests {
 
     /// A pattern that shows any byte lost, doubled or out of place.
     fn pattern(n: usize, seed: usize) -> Vec<u8> {
-        (0..n).map(|i| ((i * 31 + (i >> 9) + seed) % 251) as u8).collect()
+        (0..n)
+            .map(|i| ((i * 31 + (i >> 9) + seed) % 251) as u8)
+            .collect()
     }
 
     /// One keep-alive connection carries a large answer (the direction switches to splice)
