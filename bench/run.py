@@ -22,6 +22,7 @@ alternation (A B C ... A B C ...) and medians are quoted. Writes bench/results/<
 """
 
 import argparse
+import base64
 import json
 import os
 import platform
@@ -795,6 +796,35 @@ def sizes_pm2(tools, n, idle_s, load_s):
     return out
 
 
+def sizes_node(tools, n, idle_s, load_s):
+    """The anchor: n bare `node` hello servers started at once, each on a port of its own; all
+    ready = every one answers 200 (the time Node itself needs to start n servers here)."""
+    ports = [free_port() for _ in range(n)]
+    env = dict(os.environ, NODE_ENV="production")
+    t0 = time.monotonic()
+    procs = [subprocess.Popen(["node", HELLO], env=dict(env, PORT=str(p)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for p in ports]
+    out = {}
+    try:
+        waiting = set(ports)
+        deadline = time.monotonic() + 240
+        while waiting and time.monotonic() < deadline:
+            waiting = {p for p in waiting if http_status(p, "/", 0.5)[0] != 200}
+            if waiting:
+                time.sleep(0.005)
+        if waiting:
+            raise RuntimeError(f"{n} bare nodes: {n - len(waiting)} answered after 240 s")
+        out["all_ready_ms"] = (time.monotonic() - t0) * 1000
+    finally:
+        t0 = time.monotonic()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait()
+        out["term_ms"] = (time.monotonic() - t0) * 1000
+    return out
+
+
 def sizes_main(args, tools):
     """--sizes: corepool -i 1, 2, 8, 32, 128 (and pm2-runtime at the same counts)."""
     rounds, idle_s, load_s = (1, 3, 3) if args.quick else (2, 5, 4)
@@ -802,7 +832,7 @@ def sizes_main(args, tools):
     raw = {}
     for r in range(rounds):
         for n in counts:
-            for name, fn in (("corepool", sizes_corepool), ("pm2", sizes_pm2)):
+            for name, fn in (("corepool", sizes_corepool), ("pm2", sizes_pm2), ("node", sizes_node)):
                 log(f"round {r + 1}/{rounds}: -i {n} on {name}")
                 try:
                     v = fn(tools, n, idle_s, load_s)
@@ -825,15 +855,19 @@ def sizes_main(args, tools):
              "/proc/PID/task/*/schedstat (times put on a CPU), all threads of the supervisor. "
              "corepool all ready: /readyz with --min-ready N; pm2: N workers forked and a 200. "
              "Reload: SIGHUP to `rolling reload complete` (reload batch 1).", "",
-             "| config | -i | all ready ms | / -i 1 | RSS idle MiB | RSS load MiB | CPU idle % | "
+             "node: N bare nodes on N ports started at once, all answering 200 (the anchor for start "
+             "and SIGTERM).", "",
+             "| config | -i | all ready ms | / -i 1 | / node's | RSS idle MiB | RSS load MiB | CPU idle % | "
              "wake-ups/s idle | CPU load % | wake-ups/s load | req/s | /metrics ms | reload ms | "
-             "reload ms/worker | SIGTERM ms |", "|---|" * 1 + "---|" * 14]
+             "reload ms/worker | SIGTERM ms |", "|---|" * 1 + "---|" * 15]
     for name, per in summary.items():
         ref = per.get("1", {})
         for n, v in per.items():
             f = lambda k, fmt="{:.0f}", scale=1: fmt.format(v[k] / scale) if k in v else "-"
+            node = summary.get("node", {}).get(n, {}).get("all_ready_ms")
             lines.append(f"| {name} | {n} | {f('all_ready_ms')} | " +
-                         (f"{v['all_ready_ms'] / ref['all_ready_ms']:.1f} | " if 'all_ready_ms' in v and ref.get('all_ready_ms') else "- | "))
+                         (f"{v['all_ready_ms'] / ref['all_ready_ms']:.1f} | " if 'all_ready_ms' in v and ref.get('all_ready_ms') else "- | ") +
+                         (f"{v['all_ready_ms'] / node:.2f} | " if 'all_ready_ms' in v and node else "- | "))
             lines[-1] += (f"{f('rss_idle_kib', '{:.1f}', 1024)} | {f('rss_load_kib', '{:.1f}', 1024)} | "
                           f"{f('cpu_idle_pct', '{:.2f}')} | {f('wakeups_idle_s', '{:.1f}')} | {f('cpu_load_pct', '{:.1f}')} | "
                           f"{f('wakeups_load_s')} | {f('load_rps')} | {f('metrics_ms', '{:.1f}')} | {f('reload_ms')} | "
@@ -940,7 +974,8 @@ def strace_timeline(tools):
 
 def preload_option(tools):
     """The NODE_OPTIONS corepool gives its workers (the preload), read from a worker's
-    environment."""
+    environment; with `--require FILE`, FILE (removed when corepool exits) is copied first.
+    Returns (the option, the preload's text)."""
     port = free_port()
     proc = subprocess.Popen([tools["corepool"], "-i", "1", "--host", "127.0.0.1", "-p", str(port), "--",
                              "node", "server.js"], cwd=os.path.dirname(HELLO),
@@ -950,7 +985,15 @@ def preload_option(tools):
             raise RuntimeError("corepool did not answer")
         for var in open(f"/proc/{worker_pids(proc.pid)[0]}/environ", "rb").read().split(b"\0"):
             if var.startswith(b"NODE_OPTIONS="):
-                return var.split(b"=", 1)[1].decode()
+                option = var.split(b"=", 1)[1].decode()
+                m = re.match(r'--require "([^"]+)"', option)
+                if not m:
+                    raise RuntimeError(f"the preload is not a file: {option[:80]}")
+                text = open(m.group(1)).read()
+                copy = os.path.join(tempfile.mkdtemp(prefix="bench-preload-"), "preload.cjs")
+                with open(copy, "w") as f:
+                    f.write(text)
+                return f'--require "{copy}"', text
         raise RuntimeError("no NODE_OPTIONS in the worker's environment")
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -961,11 +1004,18 @@ def start_main(args, tools):
     """--start: first 200 of the hello server, bare node against corepool, and its parts."""
     rounds = 5 if args.quick else 15
     env = dict(os.environ, NODE_ENV="production")
-    preload = preload_option(tools)
+    preload, text = preload_option(tools)
+    # The same text as corepool delivers it where no directory is writable (src/node.rs).
+    module = ("import { createRequire } from 'node:module';\n"
+              "const require = createRequire('/corepool-preload.cjs');\n" + text)
+    imported = "--import=data:text/javascript;base64," + base64.b64encode(module.encode()).decode()
     configs = {
         "bare node + corepool's preload (its NODE_OPTIONS, no COREPOOL_* variables), first 200":
             lambda: (lambda p: first_200_ms(["node", "server.js"], p, dict(env, PORT=str(p), NODE_OPTIONS=preload),
                                             "bare node + preload"))(free_port()),
+        "bare node + the preload by --import of a data: URL (no writable directory), first 200":
+            lambda: (lambda p: first_200_ms(["node", "server.js"], p, dict(env, PORT=str(p), NODE_OPTIONS=imported),
+                                            "bare node + preload by --import"))(free_port()),
         "node --version": lambda: timed(["node", "--version"]),
         "node -e 0": lambda: timed(["node", "-e", "0"]),
         "bare node, first 200": lambda: (lambda p: first_200_ms(["node", "server.js"], p, dict(env, PORT=str(p)),
