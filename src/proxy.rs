@@ -510,10 +510,9 @@ async fn relay(
             // Counted from the attempt on, so that connections being made at the same time
             // see each other and spread instead of all choosing the same least-busy worker.
             let _active = Held::new(&active);
-            let Ok(upstream) = TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await else {
+            let Ok(upstream) = connect_worker(port).await else {
                 continue;
             };
-            let _ = upstream.set_nodelay(true);
             match relay::relay(&client, &upstream, idle_timeout).await {
                 Ok(relay::Ended::Idle) => tracing::debug!(
                     "proxy: connection from {peer} closed: idle for {:?} (--idle-timeout)",
@@ -531,4 +530,43 @@ async fn relay(
         let _ = tokio::time::timeout(PROBE_EVERY, readied).await;
     }
     tracing::warn!("proxy: no worker ready for {peer} after {WAIT_FOR_READY:?}; connection closed");
+}
+
+/// Connects to a worker's private port, with TCP_NODELAY. On loopback the handshake (or the
+/// refusal) is over by the time connect(2) returns EINPROGRESS, so one poll(2) tells which at
+/// once, where tokio's connect would wait for the runtime's next turn to ask epoll and then
+/// read SO_ERROR; a connection still in progress (the worker's backlog full) is awaited.
+async fn connect_worker(port: u16) -> std::io::Result<TcpStream> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrIn, sockopt};
+    use std::os::fd::AsFd;
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let _ = socket::setsockopt(&fd, sockopt::TcpNoDelay, &true);
+    let addr = SockaddrIn::from(std::net::SocketAddrV4::new(Ipv4Addr::LOCALHOST, port));
+    match socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr) {
+        Ok(()) | Err(nix::errno::Errno::EINPROGRESS) => {}
+        Err(err) => return Err(err.into()),
+    }
+    let mut polled = [PollFd::new(fd.as_fd(), PollFlags::POLLOUT)];
+    let events = match poll(&mut polled, PollTimeout::ZERO) {
+        Ok(_) => polled[0].revents().unwrap_or(PollFlags::empty()),
+        Err(_) => PollFlags::empty(),
+    };
+    let failed = events.intersects(PollFlags::POLLERR | PollFlags::POLLHUP);
+    let stream = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+    if !failed && events.contains(PollFlags::POLLOUT) {
+        return Ok(stream);
+    }
+    if !failed {
+        stream.writable().await?;
+    }
+    match stream.take_error()? {
+        Some(err) => Err(err),
+        None => Ok(stream),
+    }
 }

@@ -105,10 +105,11 @@ pub async fn relay(
     };
     let (up_bytes, down_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     let moving = async {
-        let up = one_way(client, worker, &activity, &up_bytes, true);
+        // The client's request is usually there already: read it before the runtime's turn.
+        let up = one_way(client, worker, &activity, &up_bytes, true, true);
         // The relay ends with the worker's end of stream and closes the client's socket, which
         // tells the client: no shutdown needed on that side.
-        let down = one_way(worker, client, &activity, &down_bytes, false);
+        let down = one_way(worker, client, &activity, &down_bytes, false, false);
         tokio::pin!(up, down);
         let by_worker = tokio::select! {
             result = &mut down => {
@@ -207,14 +208,36 @@ fn attempt<T>(
     }
 }
 
-/// recv(2) into `buf` without waiting.
-fn read_now(from: &TcpStream, buf: &mut [u8]) -> io::Result<Got> {
+/// Runs `op` regardless of what tokio last saw, for a socket whose readiness it has not seen
+/// yet (a connection just made: its first notice comes with the runtime's next turn). Nothing
+/// is cleared, so an EAGAIN here (`None`) leaves the wait for that first notice intact.
+fn unguarded<T>(op: impl FnOnce() -> nix::Result<T>) -> io::Result<Option<T>> {
+    match op() {
+        Ok(value) => Ok(Some(value)),
+        Err(err) => {
+            let err = io::Error::from(err);
+            match not_now(&err) {
+                true => Ok(None),
+                false => Err(err),
+            }
+        }
+    }
+}
+
+/// recv(2) into `buf` without waiting. `speculative`: also when tokio has not seen the socket
+/// readable (a new client's request is usually there when it is accepted, as HAProxy bets too).
+fn read_now(from: &TcpStream, buf: &mut [u8], speculative: bool) -> io::Result<Got> {
     let room = buf.len();
-    let got = attempt(from, Interest::READABLE, || {
+    let mut asked = false;
+    let mut got = attempt(from, Interest::READABLE, || {
+        asked = true;
         let n = recv(from.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT)?;
         // A short read took everything the socket had.
         Ok((n, n > 0 && n < room))
     })?;
+    if !asked && speculative {
+        got = unguarded(|| recv(from.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT))?;
+    }
     Ok(match got {
         None => Got::Nothing,
         Some(0) => Got::End,
@@ -222,17 +245,20 @@ fn read_now(from: &TcpStream, buf: &mut [u8]) -> io::Result<Got> {
     })
 }
 
-/// send(2) of as much of `bytes` as `to` takes now: how much it took.
+/// send(2) of as much of `bytes` as `to` takes now: how much it took. Tried also when tokio has
+/// not seen the socket writable (a worker connection just made takes the request at once).
 fn write_now(to: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
-    let sent = attempt(to, Interest::WRITABLE, || {
-        let n = send(
-            to.as_raw_fd(),
-            bytes,
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-        )?;
+    let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+    let mut asked = false;
+    let mut sent = attempt(to, Interest::WRITABLE, || {
+        asked = true;
+        let n = send(to.as_raw_fd(), bytes, flags)?;
         // A short write filled the socket's buffer.
         Ok((n, n < bytes.len()))
     })?;
+    if !asked {
+        sent = unguarded(|| send(to.as_raw_fd(), bytes, flags))?;
+    }
     Ok(sent.unwrap_or(0))
 }
 
@@ -310,13 +336,15 @@ enum Spliced {
 }
 
 /// Moves everything `from` sends to `to`; at its end of stream, half-closes `to` if
-/// `half_close`. Each chunk moved is counted in `moved` and noted in `activity`.
+/// `half_close`. `speculate`: the first read is tried before tokio has seen `from` readable.
+/// Each chunk moved is counted in `moved` and noted in `activity`.
 async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
     activity: &Activity,
     moved: &AtomicU64,
     half_close: bool,
+    mut speculate: bool,
 ) -> io::Result<()> {
     // Bytes read but not yet taken by `to`.
     let mut unsent: Vec<u8> = Vec::new();
@@ -344,9 +372,11 @@ async fn one_way(
                 Spliced::End => break,
             }
         }
-        from.readable().await?;
+        if !speculate {
+            from.readable().await?;
+        }
         let got = THROUGH.with_borrow_mut(|buf| -> io::Result<Got> {
-            let got = read_now(from, buf)?;
+            let got = read_now(from, buf, std::mem::take(&mut speculate))?;
             if let Got::Bytes(n) = got {
                 let sent = write_now(to, &buf[..n])?;
                 unsent.extend_from_slice(&buf[sent..n]);
