@@ -294,6 +294,10 @@ impl Slots {
                     // Its time came, but --start-concurrency holds it back.
                     State::Waiting { at } if at <= now && !ending => ("queued", None),
                     State::Waiting { .. } => ("waiting", None),
+                    // Spawned, not ready yet (one of --start-concurrency's).
+                    State::Running { since, .. } if !w.is_ready() && !ending => {
+                        ("starting", Some(now.saturating_duration_since(since)))
+                    }
                     State::Running { since, .. } => {
                         ("running", Some(now.saturating_duration_since(since)))
                     }

@@ -525,8 +525,10 @@ fn a_queued_worker_times_out_from_its_own_spawn() {
     let mut r = Rig::new(s);
     r.turn(0);
     assert_eq!(r.pids(), vec![Some(101), None]);
-    assert_eq!(r.states(), vec!["running", "queued"]);
+    assert_eq!(r.states(), vec!["starting", "queued"]);
     r.ready(101, 400);
+    r.turn(400);
+    assert_eq!(r.states()[0], "running", "ready: running");
     r.turn(400);
     assert_eq!(r.pids(), vec![Some(101), Some(102)]);
     // 500 ms after the pool started, but only 200 ms after its spawn: not restarted.
@@ -551,7 +553,7 @@ fn restarts_after_backoff_wait_their_turn() {
     // Slot 0's backoff is over, but two workers are still starting: it queues.
     r.turn(110);
     let states: Vec<_> = r.core.slots(r.at(110)).iter().map(|s| s.state).collect();
-    assert_eq!(states, vec!["queued", "running", "running"]);
+    assert_eq!(states, vec!["queued", "starting", "starting"]);
     r.ready(102, 150);
     r.turn(150);
     assert_eq!(r.pids(), vec![Some(104), Some(102), Some(103)]);

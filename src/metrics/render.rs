@@ -66,7 +66,7 @@ pub fn render(shared: &Shared) -> String {
     let states = Family::<Labels, Gauge>::default();
     for &pool in &names {
         for state in [
-            "waiting", "queued", "running", "stopping", "done", "given-up",
+            "waiting", "queued", "starting", "running", "stopping", "done", "given-up",
         ] {
             let n = by_pool
                 .iter()
