@@ -311,10 +311,7 @@ pub fn probe(backends: Backends, pid: i32, port: u16, tx: mpsc::UnboundedSender<
             if !known {
                 return;
             }
-            if TcpStream::connect((Ipv4Addr::LOCALHOST, port))
-                .await
-                .is_ok()
-            {
+            if connect_worker(port).await.is_ok() {
                 backends.ready(pid);
                 let _ = tx.send(Ready { pid });
                 return;

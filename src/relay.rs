@@ -175,6 +175,17 @@ enum Got {
     Nothing,
 }
 
+impl From<Option<usize>> for Got {
+    /// What a read's count means: `None` from [`attempt`] or [`unguarded`] is "not now".
+    fn from(read: Option<usize>) -> Got {
+        match read {
+            None => Got::Nothing,
+            Some(0) => Got::End,
+            Some(n) => Got::Bytes(n),
+        }
+    }
+}
+
 /// Whether an error only means "not now".
 fn not_now(err: &io::Error) -> bool {
     matches!(
@@ -208,9 +219,10 @@ fn attempt<T>(
     }
 }
 
-/// Runs `op` regardless of what tokio last saw, for a socket whose readiness it has not seen
-/// yet (a connection just made: its first notice comes with the runtime's next turn). Nothing
-/// is cleared, so an EAGAIN here (`None`) leaves the wait for that first notice intact.
+/// Runs `op` regardless of what tokio last saw and clears nothing: for a socket whose readiness
+/// it has not seen yet (a connection just made: its first notice comes with the runtime's next
+/// turn), or where an EAGAIN may not be the socket's (a splice into a pipe that may be full).
+/// An EAGAIN here (`None`) leaves the wait for the socket's next notice intact.
 fn unguarded<T>(op: impl FnOnce() -> nix::Result<T>) -> io::Result<Option<T>> {
     match op() {
         Ok(value) => Ok(Some(value)),
@@ -238,11 +250,7 @@ fn read_now(from: &TcpStream, buf: &mut [u8], speculative: bool) -> io::Result<G
     if !asked && speculative {
         got = unguarded(|| recv(from.as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT))?;
     }
-    Ok(match got {
-        None => Got::Nothing,
-        Some(0) => Got::End,
-        Some(n) => Got::Bytes(n),
-    })
+    Ok(got.into())
 }
 
 /// send(2) of as much of `bytes` as `to` takes now: how much it took. Tried also when tokio has
@@ -305,17 +313,9 @@ fn fill_now(from: &TcpStream, pipe: &Pipe, held: usize) -> io::Result<Got> {
     };
     let got = match held {
         0 => attempt(from, Interest::READABLE, || Ok((take()?, false)))?,
-        _ => match take() {
-            Ok(n) => Some(n),
-            Err(err) if not_now(&io::Error::from(err)) => None,
-            Err(err) => return Err(err.into()),
-        },
+        _ => unguarded(take)?,
     };
-    Ok(match got {
-        None => Got::Nothing,
-        Some(0) => Got::End,
-        Some(n) => Got::Bytes(n),
-    })
+    Ok(got.into())
 }
 
 /// splice(2) of up to `held` bytes from the pipe into `to` without waiting: how many went.
