@@ -718,6 +718,21 @@ def idle_and_load(pid, port, idle_s, load_s):
     return out
 
 
+def sigterm_ms(procs):
+    """SIGTERM to every one of `procs`, then the time until all have exited (ms); one still
+    there after 60 s is killed."""
+    t0 = time.monotonic()
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return (time.monotonic() - t0) * 1000
+
+
 def sizes_corepool(tools, n, idle_s, load_s):
     port, mport = free_port(), free_port()
     logf = tempfile.NamedTemporaryFile(prefix="corepool-sizes-", suffix=".log", delete=False)
@@ -752,14 +767,7 @@ def sizes_corepool(tools, n, idle_s, load_s):
         out["reload_ms"] = (time.monotonic() - t0) * 1000
         time.sleep(0.5)
     finally:
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        out["term_ms"] = (time.monotonic() - t0) * 1000
+        out["term_ms"] = sigterm_ms([proc])
         os.unlink(logf.name)
     return out
 
@@ -784,14 +792,7 @@ def sizes_pm2(tools, n, idle_s, load_s):
         time.sleep(2)
         out.update(idle_and_load(proc.pid, port, idle_s, load_s))
     finally:
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        out["term_ms"] = (time.monotonic() - t0) * 1000
+        out["term_ms"] = sigterm_ms([proc])
         shutil.rmtree(home, ignore_errors=True)
     return out
 
@@ -816,12 +817,7 @@ def sizes_node(tools, n, idle_s, load_s):
             raise RuntimeError(f"{n} bare nodes: {n - len(waiting)} answered after 240 s")
         out["all_ready_ms"] = (time.monotonic() - t0) * 1000
     finally:
-        t0 = time.monotonic()
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            proc.wait()
-        out["term_ms"] = (time.monotonic() - t0) * 1000
+        out["term_ms"] = sigterm_ms(procs)
     return out
 
 

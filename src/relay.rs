@@ -473,13 +473,23 @@ mod tests {
         (a.unwrap(), b.unwrap().0)
     }
 
+    /// client <-> [near | relay | far] <-> server, the relay running: (client, server, relay).
+    async fn relayed() -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<io::Result<Ended>>,
+    ) {
+        let (client, near) = pair().await;
+        let (far, server) = pair().await;
+        let relaying = tokio::spawn(async move { relay(&near, &far, None).await });
+        (client, server, relaying)
+    }
+
     /// client <-> [near | relay | far] <-> server: bytes arrive intact both ways, and a
     /// half-close from the client still lets the server's answer through.
     #[tokio::test]
     async fn relays_both_ways_and_passes_a_half_close() {
-        let (mut client, near) = pair().await;
-        let (far, mut server) = pair().await;
-        let relaying = tokio::spawn(async move { relay(&near, &far, None).await });
+        let (mut client, mut server, relaying) = relayed().await;
         let request: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let sent = request.clone();
         let writer = tokio::spawn(async move {
@@ -515,9 +525,7 @@ mod tests {
     /// and then small exchanges (back to recv/send), each intact and in order.
     #[tokio::test]
     async fn a_large_answer_then_small_exchanges_on_one_connection() {
-        let (mut client, near) = pair().await;
-        let (far, mut server) = pair().await;
-        let relaying = tokio::spawn(async move { relay(&near, &far, None).await });
+        let (mut client, mut server, relaying) = relayed().await;
         let large = pattern(5_000_000, 1);
         let sent = large.clone();
         let serving = tokio::spawn(async move {
@@ -560,9 +568,7 @@ mod tests {
     /// without bound), and once the client reads, every byte arrives in order.
     #[tokio::test]
     async fn small_messages_to_a_client_that_reads_late_arrive_whole() {
-        let (mut client, near) = pair().await;
-        let (far, mut server) = pair().await;
-        let relaying = tokio::spawn(async move { relay(&near, &far, None).await });
+        let (mut client, mut server, relaying) = relayed().await;
         let stream = pattern(40_000_000, 2);
         let sent = stream.clone();
         let serving = tokio::spawn(async move {
