@@ -494,15 +494,20 @@ async fn relay(
 ) {
     // While no worker is ready (all starting or restarting), wait for one rather than refuse.
     let deadline = tokio::time::Instant::now() + WAIT_FOR_READY;
+    // Armed only while no worker is ready: the common path takes no lock shared by the threads.
+    let mut readied = None;
     loop {
-        // Listening before looking, so that a worker readied in between is not missed.
-        let readied = backends.readied.notified();
-        tokio::pin!(readied);
-        readied.as_mut().enable();
         let candidates = match backends.sticky.load(Ordering::Relaxed) {
             0 => backends.candidates(turn),
             slots => backends.sticky_candidates(peer.ip(), slots),
         };
+        if candidates.is_empty() && readied.is_none() {
+            // Listening, then looking again, so that a worker readied in between is not missed.
+            let mut notified = Box::pin(backends.readied.notified());
+            notified.as_mut().enable();
+            readied = Some(notified);
+            continue;
+        }
         for (port, active) in candidates {
             // Counted from the attempt on, so that connections being made at the same time
             // see each other and spread instead of all choosing the same least-busy worker.
@@ -524,7 +529,12 @@ async fn relay(
             break;
         }
         // A worker readied, or a while (one that refused may take connections again).
-        let _ = tokio::time::timeout(PROBE_EVERY, readied).await;
+        match readied.take() {
+            Some(notified) => {
+                let _ = tokio::time::timeout(PROBE_EVERY, notified).await;
+            }
+            None => tokio::time::sleep(PROBE_EVERY).await,
+        }
     }
     tracing::warn!("proxy: no worker ready for {peer} after {WAIT_FOR_READY:?}; connection closed");
 }
