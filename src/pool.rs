@@ -396,7 +396,7 @@ impl Pool {
         let several = self.fleet.members.iter().any(|m| !m.name.is_empty());
         for (m, &min_ready) in self.fleet.members.iter().zip(&self.min_ready) {
             let balancer = &m.os.balancer;
-            let (open, total) = balancer.connections();
+            let (open, total, resent) = balancer.connections();
             let add = |a: Option<u64>, b: Option<u64>| match (a, b) {
                 (None, None) => None,
                 (a, b) => Some(a.unwrap_or(0) + b.unwrap_or(0)),
@@ -407,6 +407,7 @@ impl Pool {
             )
             .map(|n| n as usize);
             snap.connections_total = add(snap.connections_total, total);
+            snap.connections_resent = add(snap.connections_resent, resent);
             snap.connection_limit = snap.connection_limit.or(balancer.connection_limit());
             let slots = match &m.core {
                 Some(core) => {

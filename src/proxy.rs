@@ -84,6 +84,24 @@ struct Backend {
     active: Arc<AtomicUsize>,
 }
 
+/// A ready worker a connection may go to.
+struct Candidate {
+    pid: i32,
+    port: u16,
+    /// Its open connections.
+    active: Arc<AtomicUsize>,
+}
+
+impl From<&Backend> for Candidate {
+    fn from(b: &Backend) -> Candidate {
+        Candidate {
+            pid: b.pid,
+            port: b.port,
+            active: b.active.clone(),
+        }
+    }
+}
+
 /// The workers' private ports, shared by the pool (which adds, readies and removes them) and
 /// the accept loop (which picks one per connection), and the proxy's counters.
 #[derive(Clone, Default)]
@@ -95,6 +113,8 @@ pub struct Backends {
     open: Arc<AtomicUsize>,
     /// Times the accept loop stopped at `--max-connections`.
     limit_reached: Arc<AtomicU64>,
+    /// Requests sent again to another worker, theirs gone without reading them.
+    resent: Arc<AtomicU64>,
     /// `--sticky ip`: the pool's slot count (clients are picked a slot by address); 0: off.
     /// Shared with the accept loop, as a scale changes it.
     sticky: Arc<AtomicUsize>,
@@ -146,18 +166,18 @@ impl Backends {
     /// client making requests one after another is spread too). `turn` is the connection's
     /// number, taken when it was accepted: a burst of connections accepted before any relay
     /// task ran still gets one turn each.
-    fn candidates(&self, turn: u64) -> Vec<(u16, Arc<AtomicUsize>)> {
+    fn candidates(&self, turn: u64) -> Vec<Candidate> {
         let turn = turn as usize;
         self.with(|list| {
-            let mut ready: Vec<_> = list
+            let mut ready: Vec<Candidate> = list
                 .iter()
                 .filter(|b| b.ready)
-                .map(|b| (b.port, b.active.clone()))
+                .map(Candidate::from)
                 .collect();
             let n = ready.len().max(1);
             ready.rotate_left(turn % n);
             // A stable sort keeps the rotation among backends equally busy.
-            ready.sort_by_key(|(_, active)| active.load(Ordering::Relaxed));
+            ready.sort_by_key(|c| c.active.load(Ordering::Relaxed));
             ready
         })
     }
@@ -180,7 +200,7 @@ impl Backends {
     /// ready worker of the address's own slot (`hash % slots`, the oldest if a reload briefly
     /// has two), else one of the ready ones chosen by the rest of the hash; then the others
     /// in slot order, should that one refuse. The same choice as socket mode's (`steer`).
-    fn sticky_candidates(&self, ip: IpAddr, slots: usize) -> Vec<(u16, Arc<AtomicUsize>)> {
+    fn sticky_candidates(&self, ip: IpAddr, slots: usize) -> Vec<Candidate> {
         let hash = address_hash(ip) as usize;
         self.with(|list| {
             let mut ready: Vec<&Backend> = list.iter().filter(|b| b.ready).collect();
@@ -202,10 +222,7 @@ impl Backends {
                 let chosen = ready.remove(i);
                 ready.insert(0, chosen);
             }
-            ready
-                .into_iter()
-                .map(|b| (b.port, b.active.clone()))
-                .collect()
+            ready.into_iter().map(Candidate::from).collect()
         })
     }
 
@@ -224,6 +241,12 @@ impl Backends {
     /// Times the accept loop stopped at `--max-connections`, for metrics.
     pub fn limit_reached(&self) -> u64 {
         self.limit_reached.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent again to another worker because theirs died without reading them, for
+    /// metrics.
+    pub fn resent(&self) -> u64 {
+        self.resent.load(Ordering::Relaxed)
     }
 }
 
@@ -484,6 +507,14 @@ async fn accept_loop(
 /// Connects to the least busy ready worker (trying the others on refusal) and relays. `_slot`
 /// (the connection's place under the limit, and its count among the open ones) is released
 /// when this ends, whichever way.
+///
+/// A worker that dies with the connection in its accept queue, or with the client's request
+/// unread in its socket, resets the connection: the relay ends with
+/// [`relay::Ended::WorkerReset`], and if nothing listens on the worker's port any more (it
+/// died, or closed its server) the client's unanswered bytes go to another worker, as if
+/// this one had refused the connect. A worker that read the request and then died ends the
+/// connection with a FIN or after a byte of its answer: that request is not sent again (the
+/// app may have acted on it). See `relay::Unanswered`.
 async fn relay(
     client: TcpStream,
     peer: SocketAddr,
@@ -492,15 +523,19 @@ async fn relay(
     idle_timeout: Option<Duration>,
     _slot: (OwnedSemaphorePermit, Held),
 ) {
+    let unanswered = relay::Unanswered::default();
+    // Workers that reset this connection and no longer listen: not tried again.
+    let mut gone: Vec<i32> = Vec::new();
     // While no worker is ready (all starting or restarting), wait for one rather than refuse.
-    let deadline = tokio::time::Instant::now() + WAIT_FOR_READY;
+    let mut deadline = tokio::time::Instant::now() + WAIT_FOR_READY;
     // Armed only while no worker is ready: the common path takes no lock shared by the threads.
     let mut readied = None;
-    loop {
-        let candidates = match backends.sticky.load(Ordering::Relaxed) {
+    'choose: loop {
+        let mut candidates = match backends.sticky.load(Ordering::Relaxed) {
             0 => backends.candidates(turn),
             slots => backends.sticky_candidates(peer.ip(), slots),
         };
+        candidates.retain(|c| !gone.contains(&c.pid));
         if candidates.is_empty() && readied.is_none() {
             // Listening, then looking again, so that a worker readied in between is not missed.
             let mut notified = Box::pin(backends.readied.notified());
@@ -508,14 +543,34 @@ async fn relay(
             readied = Some(notified);
             continue;
         }
-        for (port, active) in candidates {
+        for candidate in candidates {
             // Counted from the attempt on, so that connections being made at the same time
             // see each other and spread instead of all choosing the same least-busy worker.
-            let _active = Held::new(&active);
-            let Ok(upstream) = connect_worker(port).await else {
+            let _active = Held::new(&candidate.active);
+            let Ok(upstream) = connect_worker(candidate.port).await else {
                 continue;
             };
-            match relay::relay(&client, &upstream, idle_timeout).await {
+            if let Some((bytes, ended)) = unanswered.to_resend()
+                && let Err(err) = resend(&upstream, &bytes, ended).await
+            {
+                tracing::debug!("proxy: connection from {peer}: resend failed: {err}");
+                continue;
+            }
+            match relay::relay(&client, &upstream, idle_timeout, &unanswered).await {
+                Ok(relay::Ended::WorkerReset) => {
+                    if unanswered.to_resend().is_some() && !listens(candidate.port).await {
+                        backends.resent.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(
+                            "proxy: connection from {peer}: worker (pid {}) gone without \
+                             reading the request; sending it to another",
+                            candidate.pid
+                        );
+                        gone.push(candidate.pid);
+                        deadline = tokio::time::Instant::now() + WAIT_FOR_READY;
+                        continue 'choose;
+                    }
+                    tracing::debug!("proxy: connection from {peer}: reset by the worker");
+                }
                 Ok(relay::Ended::Idle) => tracing::debug!(
                     "proxy: connection from {peer} closed: idle for {:?} (--idle-timeout)",
                     idle_timeout.unwrap_or_default()
@@ -537,6 +592,33 @@ async fn relay(
         }
     }
     tracing::warn!("proxy: no worker ready for {peer} after {WAIT_FOR_READY:?}; connection closed");
+}
+
+/// Sends a client's unanswered bytes to a new worker connection (and its end of stream, if the
+/// client ended its side): at most one buffer, which a fresh connection takes at once.
+async fn resend(upstream: &TcpStream, bytes: &[u8], ended: bool) -> std::io::Result<()> {
+    let mut sent = 0;
+    while sent < bytes.len() {
+        upstream.writable().await?;
+        match upstream.try_write(&bytes[sent..]) {
+            Ok(n) => sent += n,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(err) => return Err(err),
+        }
+    }
+    if ended {
+        nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(upstream),
+            nix::sys::socket::Shutdown::Write,
+        )?;
+    }
+    Ok(())
+}
+
+/// Whether something still listens on a worker's private port (a connect is refused once the
+/// worker that listened there has died or closed its server).
+async fn listens(port: u16) -> bool {
+    !matches!(connect_worker(port).await, Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused)
 }
 
 /// Connects to a worker's private port, with TCP_NODELAY. On loopback the handshake (or the

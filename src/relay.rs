@@ -23,8 +23,13 @@
 //! the idle timeout. Nothing is interpreted, so WebSocket upgrades and large bodies pass
 //! intact.
 //!
+//! What the client sent since the worker last answered is also kept (at most one buffer,
+//! [`Unanswered`]): should the worker reset the connection without having read it (it died with
+//! the connection in its accept queue, or the request unread in its socket), the proxy can hand
+//! those bytes to another worker instead of losing the request (see `proxy`).
+//!
 //! At most a relay holds two sockets and two pipes (six descriptors, see `limits`), and in user
-//! memory at most one buffer of unsent bytes per direction. What recv/send and the splice
+//! memory at most one buffer of unsent bytes per direction and one of unanswered bytes. What recv/send and the splice
 //! switch bought over splice for every byte is measured in the README's "Design notes".
 
 use nix::fcntl::{FcntlArg, SpliceFFlags, fcntl, splice};
@@ -48,6 +53,9 @@ const PIPE_SIZE: usize = 256 * 1024;
 /// Most unread client bytes discarded when the worker has closed (see [`relay`]).
 const DISCARD_AT_MOST: usize = 256 * 1024;
 
+/// Most client bytes kept unanswered for a resend (see [`Unanswered`]): one buffer.
+const UNANSWERED_AT_MOST: usize = BUFFER;
+
 thread_local! {
     /// Each relay thread's one buffer: bytes pass through it within one poll, never across a
     /// wait, so one per thread serves all of its relays.
@@ -64,6 +72,135 @@ pub enum Ended {
     ByWorker { up: u64, down: u64 },
     /// No byte moved either way for the idle timeout.
     Idle,
+    /// The worker's side was reset (its socket closed with bytes of ours unread, or before it
+    /// ever accepted the connection) while the client's side is still up: what the client
+    /// sent since the worker's last byte is in the relay's [`Unanswered`].
+    WorkerReset,
+}
+
+/// The client's bytes that the worker has not answered: everything read from the client since
+/// the worker's last byte, while that is at most [`UNANSWERED_AT_MOST`] and moved by recv/send
+/// (a direction that splices keeps nothing). If the worker resets the connection, these are
+/// the bytes it may not have read: the proxy sends them to another worker when the first one
+/// is gone (see `proxy`). A byte from the worker empties it: the request was read, whatever
+/// happens next.
+///
+/// Both directions of one relay touch it, always from the relay's one task (a lock that is
+/// never contended).
+#[derive(Debug, Default)]
+pub struct Unanswered {
+    kept: std::sync::Mutex<Kept>,
+    /// The client ended its side (after the kept bytes).
+    client_ended: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug, Default)]
+enum Kept {
+    #[default]
+    Nothing,
+    Bytes(Vec<u8>),
+    /// More than the most kept since the worker's last byte: nothing can be resent.
+    TooMuch,
+}
+
+impl Unanswered {
+    fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        // Poisoned only by a panic while held, which leaves a valid value.
+        self.kept.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes read from the client, about to go to the worker.
+    fn client_sent(&self, bytes: &[u8]) {
+        let mut kept = self.kept();
+        *kept = match std::mem::take(&mut *kept) {
+            Kept::Nothing if bytes.len() <= UNANSWERED_AT_MOST => Kept::Bytes(bytes.to_vec()),
+            Kept::Bytes(mut held) if held.len() + bytes.len() <= UNANSWERED_AT_MOST => {
+                held.extend_from_slice(bytes);
+                Kept::Bytes(held)
+            }
+            _ => Kept::TooMuch,
+        };
+    }
+
+    /// The client's bytes go by splice from now on: none are kept.
+    fn client_spliced(&self) {
+        *self.kept() = Kept::TooMuch;
+    }
+
+    fn client_ended(&self) {
+        self.client_ended.store(true, Ordering::Relaxed);
+    }
+
+    /// The worker sent something: what it was sent before was read.
+    fn worker_answered(&self) {
+        *self.kept() = Kept::Nothing;
+    }
+
+    /// What to send to another worker (the client's unanswered bytes, and whether the client
+    /// ended its side after them), if anything can be: None when there is nothing unanswered,
+    /// or more than was kept.
+    pub fn to_resend(&self) -> Option<(Vec<u8>, bool)> {
+        match &*self.kept() {
+            Kept::Bytes(bytes) => Some((bytes.clone(), self.client_ended.load(Ordering::Relaxed))),
+            Kept::Nothing | Kept::TooMuch => None,
+        }
+    }
+}
+
+/// Which way a [`one_way`] moves bytes, with what it tells the relay's [`Unanswered`].
+#[derive(Clone, Copy)]
+enum Way<'a> {
+    /// Client to worker.
+    Up(&'a Unanswered),
+    /// Worker to client.
+    Down(&'a Unanswered),
+}
+
+impl Way<'_> {
+    fn read(self, bytes: &[u8]) {
+        match self {
+            Way::Up(unanswered) => unanswered.client_sent(bytes),
+            Way::Down(unanswered) => unanswered.worker_answered(),
+        }
+    }
+
+    fn spliced(self) {
+        match self {
+            Way::Up(unanswered) => unanswered.client_spliced(),
+            Way::Down(unanswered) => unanswered.worker_answered(),
+        }
+    }
+
+    fn ended(self) {
+        if let Way::Up(unanswered) = self {
+            unanswered.client_ended();
+        }
+    }
+}
+
+/// The TCP state of a socket (`TCP_CLOSE` after a reset), from TCP_INFO.
+fn tcp_state(socket: &TcpStream) -> Option<u8> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which has that many.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: zeroed is a valid tcp_info, and the kernel filled what it wrote.
+    (rc == 0).then(|| unsafe { info.assume_init() }.tcpi_state)
+}
+
+/// Whether a relay that failed did so because the worker reset its side, the client's still
+/// being up.
+fn worker_reset(client: &TcpStream, worker: &TcpStream) -> bool {
+    const TCP_CLOSE: u8 = 7;
+    tcp_state(worker) == Some(TCP_CLOSE) && tcp_state(client).is_some_and(|s| s != TCP_CLOSE)
 }
 
 /// When bytes last moved on a relay, either way.
@@ -94,10 +231,25 @@ impl Activity {
 /// leaves. Client bytes already received but not yet read are discarded first (at most 256
 /// KiB), so that closing the client's socket sends a FIN after the answer and not a reset in
 /// front of it. With `idle_timeout`, a relay on which no byte moved for that long is closed.
+/// `unanswered` keeps the client's bytes the worker has not answered yet (see [`Unanswered`]);
+/// a relay that ends because the worker reset its side returns [`Ended::WorkerReset`].
 pub async fn relay(
     client: &TcpStream,
     worker: &TcpStream,
     idle_timeout: Option<Duration>,
+    unanswered: &Unanswered,
+) -> io::Result<Ended> {
+    match relay_until_end(client, worker, idle_timeout, unanswered).await {
+        Err(_) if worker_reset(client, worker) => Ok(Ended::WorkerReset),
+        ended => ended,
+    }
+}
+
+async fn relay_until_end(
+    client: &TcpStream,
+    worker: &TcpStream,
+    idle_timeout: Option<Duration>,
+    unanswered: &Unanswered,
 ) -> io::Result<Ended> {
     let activity = Activity {
         start: Instant::now(),
@@ -106,10 +258,24 @@ pub async fn relay(
     let (up_bytes, down_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     let moving = async {
         // The client's request is usually there already: read it before the runtime's turn.
-        let up = one_way(client, worker, &activity, &up_bytes, true, true);
+        let up = one_way(
+            client,
+            worker,
+            Way::Up(unanswered),
+            &activity,
+            &up_bytes,
+            true,
+        );
         // The relay ends with the worker's end of stream and closes the client's socket, which
         // tells the client: no shutdown needed on that side.
-        let down = one_way(worker, client, &activity, &down_bytes, false, false);
+        let down = one_way(
+            worker,
+            client,
+            Way::Down(unanswered),
+            &activity,
+            &down_bytes,
+            false,
+        );
         tokio::pin!(up, down);
         let by_worker = tokio::select! {
             result = &mut down => {
@@ -335,15 +501,15 @@ enum Spliced {
     End,
 }
 
-/// Moves everything `from` sends to `to`; at its end of stream, half-closes `to` if
-/// `half_close`. `speculate`: the first read is tried before tokio has seen `from` readable.
-/// Each chunk moved is counted in `moved` and noted in `activity`.
+/// Moves everything `from` sends to `to`; at its end of stream, half-closes `to` if the way
+/// is up (client to worker). `speculate`: the first read is tried before tokio has seen `from`
+/// readable. Each chunk moved is counted in `moved`, noted in `activity` and told to `way`.
 async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
+    way: Way<'_>,
     activity: &Activity,
     moved: &AtomicU64,
-    half_close: bool,
     mut speculate: bool,
 ) -> io::Result<()> {
     // Bytes read but not yet taken by `to`.
@@ -363,6 +529,7 @@ async fn one_way(
         unsent = Vec::new();
         if large {
             large = false;
+            way.spliced();
             let pipe = match &mut pipe {
                 Some(pipe) => pipe,
                 None => pipe.insert(Pipe::new()?),
@@ -378,6 +545,7 @@ async fn one_way(
         let got = THROUGH.with_borrow_mut(|buf| -> io::Result<Got> {
             let got = read_now(from, buf, std::mem::take(&mut speculate))?;
             if let Got::Bytes(n) = got {
+                way.read(&buf[..n]);
                 let sent = write_now(to, &buf[..n])?;
                 unsent.extend_from_slice(&buf[sent..n]);
             }
@@ -393,7 +561,8 @@ async fn one_way(
             }
         }
     }
-    if half_close {
+    way.ended();
+    if let Way::Up(_) = way {
         match shutdown(to.as_raw_fd(), Shutdown::Write) {
             // The other side is already gone: nothing left to tell it.
             Ok(()) | Err(nix::errno::Errno::ENOTCONN) => {}
@@ -481,7 +650,8 @@ mod tests {
     ) {
         let (client, near) = pair().await;
         let (far, server) = pair().await;
-        let relaying = tokio::spawn(async move { relay(&near, &far, None).await });
+        let relaying =
+            tokio::spawn(async move { relay(&near, &far, None, &Unanswered::default()).await });
         (client, server, relaying)
     }
 
@@ -588,5 +758,61 @@ mod tests {
         serving.await.unwrap();
         assert!(got == stream, "the stream differs ({} bytes)", got.len());
         relaying.await.unwrap().unwrap();
+    }
+
+    /// Closes a socket with a reset (SO_LINGER 0), as the kernel does for one whose process
+    /// died with bytes unread in it.
+    fn reset(socket: TcpStream) {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Linger, &linger).unwrap();
+        drop(socket);
+    }
+
+    /// A worker that resets the connection: the relay says so, and keeps what the client
+    /// sent since the worker's last byte (and nothing once that is more than one buffer).
+    #[tokio::test]
+    async fn a_worker_reset_keeps_what_it_left_unanswered() {
+        for (exchanges, then, kept) in [
+            (0, &b"GET / one"[..], Some(&b"GET / one"[..])),
+            (2, b"GET / three", Some(b"GET / three")),
+            (0, &[7u8; 40_000][..], None),
+        ] {
+            let (mut client, near) = pair().await;
+            let (far, mut server) = pair().await;
+            let unanswered = std::sync::Arc::new(Unanswered::default());
+            let kept_here = unanswered.clone();
+            let relaying = tokio::spawn(async move { relay(&near, &far, None, &kept_here).await });
+            for _ in 0..exchanges {
+                client.write_all(b"ping").await.unwrap();
+                let mut ping = [0u8; 4];
+                server.read_exact(&mut ping).await.unwrap();
+                server.write_all(b"pong").await.unwrap();
+                client.read_exact(&mut ping).await.unwrap();
+            }
+            client.write_all(then).await.unwrap();
+            // The bytes reach the worker's socket, unread, before it resets.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let unread = || {
+                let mut n: libc::c_int = 0;
+                // SAFETY: FIONREAD writes one int into n.
+                unsafe { libc::ioctl(server.as_raw_fd(), libc::FIONREAD, &mut n) };
+                n as usize
+            };
+            while unread() < then.len() {
+                assert!(Instant::now() < deadline);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            reset(server);
+            assert_eq!(relaying.await.unwrap().unwrap(), Ended::WorkerReset);
+            assert_eq!(
+                unanswered.to_resend().map(|(bytes, _)| bytes),
+                kept.map(|k| k.to_vec()),
+                "after {exchanges} exchanges"
+            );
+            drop(client);
+        }
     }
 }

@@ -408,3 +408,145 @@ process.on('SIGTERM', () => { console.log('stopping'); setTimeout(() => process.
     drop(held);
     assert_eq!(pool.exit_code(SECS(20)), 0, "{}", pool.stderr());
 }
+
+/// Connections on `port` (local side, IPv4) that are established (or half-closed by the peer)
+/// and hold unread bytes: on a worker's private port, requests sent to it that it has not read
+/// (from /proc/net/tcp).
+fn unread_connections(port: u16) -> usize {
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    tcp.lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let rx = f[4].split_once(':').map_or("0", |(_, rx)| rx);
+            f[1].ends_with(&format!(":{port:04X}"))
+                && (f[3] == "01" || f[3] == "08")
+                && u64::from_str_radix(rx, 16).unwrap() > 0
+        })
+        .count()
+}
+
+/// A worker killed with requests relayed to it that it never read (they wait in its accept
+/// queue while it is busy) loses none of them: each is reset by the kernel, and the relay sends
+/// the kept request to the other worker, a half-closed client's end of stream included. The
+/// request the worker had read is not sent again: its client gets end of stream, no answer.
+#[test]
+fn requests_a_killed_worker_never_read_go_to_another_worker() {
+    const BUSY_SERVER: &str = r#"
+const http = require('http'), fs = require('fs');
+http.createServer((req, res) => {
+  if (req.url === '/busy') {
+    // Tell the test, then keep the event loop busy: no connection is accepted any more.
+    fs.writeFileSync(process.env.BUSY_FILE + '.tmp', process.env.PORT);
+    fs.renameSync(process.env.BUSY_FILE + '.tmp', process.env.BUSY_FILE);
+    for (;;) {}
+  }
+  res.end(JSON.stringify({ pid: process.pid }));
+}).listen(Number(process.env.PORT), process.env.HOSTNAME);
+"#;
+    let dir = scratch("resend");
+    let server = dir.join("server.js");
+    std::fs::write(&server, BUSY_SERVER).unwrap();
+    let busy_file = dir.join("busy");
+    let port = free_port();
+    let metrics = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    // --sticky ip: every connection from 127.0.0.1 goes to one worker while it is ready.
+    let mut args = pool_args(2, "proxy", &port.to_string(), &["--sticky", "ip"]);
+    args.extend(
+        [
+            "--metrics",
+            &metrics_addr,
+            "--log-format",
+            "prefix",
+            "--",
+            "node",
+        ]
+        .map(String::from),
+    );
+    args.push(server.to_string_lossy().into_owned());
+    let mut run = Run::start(&args, &[("BUSY_FILE", busy_file.to_str().unwrap())]);
+    run.wait_stderr(" ready (pid", 2, SECS(15));
+    let pid_of = |out: &[u8]| -> i64 {
+        let v: serde_json::Value = serde_json::from_slice(body(out)).unwrap();
+        v["pid"].as_i64().unwrap()
+    };
+    let sticky = pid_of(&exchange(port, b"GET / HTTP/1.0\r\n\r\n").unwrap());
+
+    let mut busy = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    busy.write_all(b"GET /busy HTTP/1.0\r\n\r\n").unwrap();
+    let deadline = Instant::now() + SECS(10);
+    while !busy_file.exists() {
+        assert!(Instant::now() < deadline, "the worker never got /busy");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let private: u16 = std::fs::read_to_string(&busy_file)
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    // Five requests, the last from a client that half-closes after it: all relayed to the
+    // busy worker, where they wait unread.
+    let mut waiting: Vec<TcpStream> = (0..5)
+        .map(|i| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+            if i == 4 {
+                s.shutdown(Shutdown::Write).unwrap();
+            }
+            s
+        })
+        .collect();
+    let deadline = Instant::now() + SECS(10);
+    while unread_connections(private) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the requests never reached the busy worker's port {private} ({} there)",
+            unread_connections(private)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // SAFETY: kill(2) on the worker pid the server itself reported.
+    unsafe { libc::kill(sticky as i32, libc::SIGKILL) };
+    for (i, s) in waiting.iter_mut().enumerate() {
+        s.set_read_timeout(Some(SECS(20))).unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)
+            .unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert!(
+            out.starts_with(b"HTTP/1.1 200"),
+            "request {i}: {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        assert_ne!(
+            pid_of(&out),
+            sticky,
+            "request {i} answered by the dead worker?"
+        );
+    }
+    busy.set_read_timeout(Some(SECS(20))).unwrap();
+    let mut out = Vec::new();
+    let _ = busy.read_to_end(&mut out);
+    assert!(
+        out.is_empty(),
+        "the request the worker had read was sent again: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+    // The count reaches /metrics with the pool's next publication.
+    let deadline = Instant::now() + SECS(10);
+    loop {
+        let scraped = get_ok(metrics, "/metrics").unwrap();
+        let resent: Vec<&str> = scraped
+            .lines()
+            .filter(|l| l.starts_with("corepool_proxy_resent_total"))
+            .collect();
+        if resent == ["corepool_proxy_resent_total 5"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{resent:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(15)), 0, "{}", run.stderr());
+}

@@ -242,14 +242,15 @@ impl Balancer {
         }
     }
 
-    /// Proxy connections (open now, accepted in all), for metrics; None in the other modes.
-    pub fn connections(&self) -> (Option<usize>, Option<u64>) {
+    /// Proxy connections (open now, accepted in all, requests resent to another worker), for
+    /// metrics; None in the other modes.
+    pub fn connections(&self) -> (Option<usize>, Option<u64>, Option<u64>) {
         match &self.balance {
             Balance::Proxy(proxied) => {
-                let (open, accepted) = proxied.connections();
-                (Some(open), Some(accepted))
+                let (open, accepted, resent) = proxied.connections();
+                (Some(open), Some(accepted), Some(resent))
             }
-            _ => (None, None),
+            _ => (None, None, None),
         }
     }
 

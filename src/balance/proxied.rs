@@ -128,9 +128,14 @@ impl ProxyMode {
         }
     }
 
-    /// Connections open now and accepted in all, for metrics.
-    pub fn connections(&self) -> (usize, u64) {
-        (self.backends.open_connections(), self.backends.accepted())
+    /// Connections open now, accepted in all, and requests resent to another worker, for
+    /// metrics.
+    pub fn connections(&self) -> (usize, u64, u64) {
+        (
+            self.backends.open_connections(),
+            self.backends.accepted(),
+            self.backends.resent(),
+        )
     }
 
     /// The connection limit and the times the accept loop stopped at it, for metrics.

@@ -59,6 +59,8 @@ pub struct Snapshot {
     pub memory_restarts: u64,
     pub open_connections: Option<usize>,
     pub connections_total: Option<u64>,
+    /// Proxy mode: requests sent to another worker, theirs gone without reading them.
+    pub connections_resent: Option<u64>,
     /// Proxy mode: `--max-connections`, and the times the accept loop stopped at it.
     pub connection_limit: Option<(usize, u64)>,
     /// Several pools (`[pool.NAME]`): each, in order, owning the next `slots` of `slots`.
@@ -93,6 +95,7 @@ impl Snapshot {
             memory_restarts: 0,
             open_connections: None,
             connections_total: None,
+            connections_resent: None,
             connection_limit: None,
             pools: Vec::new(),
             pinned: false,

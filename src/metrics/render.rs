@@ -170,6 +170,16 @@ pub fn render(shared: &Shared) -> String {
             total_counter,
         );
     }
+    if let Some(resent) = snap.connections_resent {
+        let resent_counter = Counter::<u64>::default();
+        resent_counter.inc_by(resent);
+        registry.register(
+            "proxy_resent",
+            "Requests the proxy sent to another worker because theirs died or closed its \
+             server without reading them",
+            resent_counter,
+        );
+    }
     if let Some((max, reached)) = snap.connection_limit {
         let max_gauge = Gauge::<i64>::default();
         max_gauge.set(i64::try_from(max).unwrap_or(i64::MAX));
