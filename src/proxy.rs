@@ -5,7 +5,9 @@
 //! corepool accepts on the public port and relays each connection to a ready worker, the one
 //! with the fewest open connections first; when a worker refuses the connect (it is restarting
 //! or shutting down), the next one is tried, so a client sees no refusal while any worker is
-//! up. A worker is ready once its private port accepts a connection (probed every 50 ms).
+//! up; when a worker dies without reading what the client sent, that goes to another (see
+//! [`relay`]). A worker is ready once its private port accepts a connection (probed every 5 ms
+//! for its first 2 s, then every 50 ms).
 //!
 //! The bytes of each connection are moved by `relay` (splice(2), half-closes kept, nothing
 //! interpreted, so WebSocket upgrades and large bodies pass as they are), on relay threads of
