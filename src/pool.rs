@@ -408,7 +408,11 @@ impl Pool {
             .map(|n| n as usize);
             snap.connections_total = add(snap.connections_total, total);
             snap.connections_resent = add(snap.connections_resent, resent);
-            snap.connection_limit = snap.connection_limit.or(balancer.connection_limit());
+            // Each proxy pool has a limit of its own: the pools' limits and stops add up.
+            snap.connection_limit = match (snap.connection_limit, balancer.connection_limit()) {
+                (Some((max, reached)), Some((more, times))) => Some((max + more, reached + times)),
+                (limit, other) => limit.or(other),
+            };
             let slots = match &m.core {
                 Some(core) => {
                     let (reloads, memory_restarts) = core.counters();

@@ -179,6 +179,32 @@ fn the_public_port_stays_the_pools_alone_in(mode: &str) {
         get_json(port).expect("the first pool keeps serving");
     }
 
+    let mut stranger = join_port(port);
+    first.wait_stderr("listening socket(s) not corepool's", 1, SECS(10));
+    let err = first.stderr();
+    assert!(
+        err.contains(&format!("pid {} (python3)", stranger.id())),
+        "the warning names the holder: {err}"
+    );
+    let (code, body) = http(metrics, "GET", "/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains(&format!("port {port} is shared")), "{body}");
+
+    drop(stranger.stdin.take());
+    stranger.wait().unwrap();
+    first.wait_stderr("foreign listening sockets are gone", 1, SECS(10));
+    assert_eq!(http(metrics, "GET", "/readyz").unwrap().0, 200);
+    assert_eq!(
+        first.stderr().matches("not corepool's").count(),
+        1,
+        "one warning, not one per check: {}",
+        first.stderr()
+    );
+}
+
+/// A python3 process of the same user that joins `port` on 127.0.0.1 with SO_REUSEPORT, as a
+/// stranger to the pool would, once it says it listens. It leaves when its stdin is closed.
+fn join_port(port: u16) -> std::process::Child {
     let joiner = format!(
         "import socket, sys, time\n\
          s = socket.socket()\n\
@@ -200,26 +226,69 @@ fn the_public_port_stays_the_pools_alone_in(mode: &str) {
         .read_line(&mut line)
         .unwrap();
     assert_eq!(line.trim(), "ready", "the stranger could not join the port");
-    first.wait_stderr("listening socket(s) not corepool's", 1, SECS(10));
-    let err = first.stderr();
-    assert!(
-        err.contains(&format!("pid {} (python3)", stranger.id())),
-        "the warning names the holder: {err}"
+    stranger
+}
+
+/// Two pools, a stranger on each one's port: /readyz fails while either is there. The first
+/// to leave must not clear the other's report (each port's watch answers for its own port).
+/// (Both in proxy mode, whose relay threads make an SO_REUSEPORT group on 2 CPUs; socket
+/// mode's watch is the same code, tested alone above.)
+#[test]
+fn a_stranger_on_either_pools_port_fails_readyz_until_it_leaves() {
+    require("python3");
+    let (web, api, metrics) = (free_port(), free_port(), free_port());
+    let config = scratch_file(
+        "two-strangers",
+        "corepool.toml",
+        &format!(
+            "host = \"127.0.0.1\"\nmetrics = \"127.0.0.1:{metrics}\"\n\n\
+             [pool.web]\ncommand = [\"node\", \"{HELLO}\"]\ninstances = 2\nbalance = \"proxy\"\n\
+             port = {web}\nmax_connections = 100\n\n\
+             [pool.api]\ncommand = [\"node\", \"{HELLO}\"]\ninstances = 2\nbalance = \"proxy\"\n\
+             port = {api}\nmax_connections = 200\n"
+        ),
     );
+    let mut run = Run::start(&["--config", config.to_str().unwrap()], &[]);
+    run.wait_stderr(" ready (pid", 4, SECS(20));
+    assert_eq!(http(metrics, "GET", "/readyz").unwrap().0, 200);
+    // Each pool has a connection limit of its own: /metrics reports what they hold together.
+    let scraped = get_ok(metrics, "/metrics").unwrap();
+    assert!(
+        scraped
+            .lines()
+            .any(|l| l == "corepool_proxy_max_connections 300"),
+        "{}",
+        scraped
+            .lines()
+            .filter(|l| l.contains("max_connections"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let mut on_web = join_port(web);
+    let mut on_api = join_port(api);
+    run.wait_stderr("listening socket(s) not corepool's", 2, SECS(10));
     let (code, body) = http(metrics, "GET", "/readyz").unwrap();
     assert_eq!(code, 503, "{body}");
-    assert!(body.contains(&format!("port {port} is shared")), "{body}");
-
-    drop(stranger.stdin.take());
-    stranger.wait().unwrap();
-    first.wait_stderr("foreign listening sockets are gone", 1, SECS(10));
-    assert_eq!(http(metrics, "GET", "/readyz").unwrap().0, 200);
-    assert_eq!(
-        first.stderr().matches("not corepool's").count(),
-        1,
-        "one warning, not one per check: {}",
-        first.stderr()
+    assert!(
+        body.contains(&format!("port {web} is shared"))
+            && body.contains(&format!("port {api} is shared")),
+        "{body}"
     );
+
+    drop(on_api.stdin.take());
+    on_api.wait().unwrap();
+    run.wait_stderr("foreign listening sockets are gone", 1, SECS(10));
+    let (code, body) = http(metrics, "GET", "/readyz").unwrap();
+    assert_eq!(code, 503, "the stranger on {web} is still there: {body}");
+    assert!(body.contains(&format!("port {web} is shared")), "{body}");
+    assert!(!body.contains(&format!("port {api} is shared")), "{body}");
+
+    drop(on_web.stdin.take());
+    on_web.wait().unwrap();
+    run.wait_stderr("foreign listening sockets are gone", 2, SECS(10));
+    assert_eq!(http(metrics, "GET", "/readyz").unwrap().0, 200);
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(15)), 0, "{}", run.stderr());
 }
 
 /// corepool as PID 1 of a pid namespace, with COREPOOL_RUNTIME_DIR, running `rest`.

@@ -379,11 +379,11 @@ pub async fn watch_port(host: IpAddr, port: u16, ours: OurSockets, shared: Arc<S
                     who.join(", ")
                 );
                 tracing::warn!("{why}; /readyz fails until they are gone");
-                shared.set_port_taken(Some(why));
+                shared.set_port_taken(host, port, Some(why));
             }
             (false, true) => {
                 tracing::info!("port {port}: the foreign listening sockets are gone");
-                shared.set_port_taken(None);
+                shared.set_port_taken(host, port, None);
             }
             _ => {}
         }

@@ -125,8 +125,9 @@ pub struct Shared {
     usage: Mutex<Option<UsageScan>>,
     pub balance: &'static str,
     pub min_ready: usize,
-    /// Why the public port is not the pool's alone (foreign listeners joined it): not ready.
-    port_taken: Mutex<Option<String>>,
+    /// Why a public port is not the pool's alone (foreign listeners joined it), by address:
+    /// not ready while any is. Each port's watch reports only its own.
+    port_taken: Mutex<std::collections::BTreeMap<(std::net::IpAddr, u16), String>>,
 }
 
 impl Shared {
@@ -136,7 +137,7 @@ impl Shared {
             usage: Mutex::new(None),
             balance,
             min_ready,
-            port_taken: Mutex::new(None),
+            port_taken: Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 
@@ -151,16 +152,20 @@ impl Shared {
             .clone()
     }
 
-    /// The port watch found listeners that are not the pool's (Some: why), or they left (None).
-    pub fn set_port_taken(&self, why: Option<String>) {
-        *self.port_taken.lock().unwrap_or_else(|p| p.into_inner()) = why;
+    /// The watch of `host:port` found listeners there that are not the pool's (Some: why), or
+    /// they left (None). The other ports' reports stand.
+    pub fn set_port_taken(&self, host: std::net::IpAddr, port: u16, why: Option<String>) {
+        let mut taken = self.port_taken.lock().unwrap_or_else(|p| p.into_inner());
+        match why {
+            Some(why) => taken.insert((host, port), why),
+            None => taken.remove(&(host, port)),
+        };
     }
 
+    /// Why public ports are not the pools' alone, every such port's reason; None while all are.
     pub fn port_taken(&self) -> Option<String> {
-        self.port_taken
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        let taken = self.port_taken.lock().unwrap_or_else(|p| p.into_inner());
+        (!taken.is_empty()).then(|| taken.values().cloned().collect::<Vec<_>>().join("; "))
     }
 
     /// `group_usage(groups)`, read again only when the last reading is older than
