@@ -350,6 +350,34 @@ fn crash_looping_slot_takes_no_connection_without_migration() {
 /// other test here) it leaves the host's setting alone.
 #[test]
 fn as_pid1_corepool_turns_on_request_migration_in_its_network_namespace() {
+    migration_in_a_fresh_namespace("exec {corepool}", true);
+}
+
+/// The same as the child of a container init that is PID 1 (`podman run --init` runs
+/// catatonit, `docker run --init` tini): corepool is the container's program.
+#[test]
+fn under_a_container_init_corepool_turns_on_request_migration() {
+    require("catatonit");
+    migration_in_a_fresh_namespace("exec catatonit -- {corepool}", true);
+}
+
+/// But not as the child of any other PID 1 (here a shell, as a host's init would be): the
+/// namespace may be shared with others, and its setting is left alone.
+#[test]
+fn under_another_pid1_corepool_leaves_request_migration_alone() {
+    migration_in_a_fresh_namespace("{corepool}; exit $?", false);
+}
+
+/// corepool (2 workers of hello) started by the shell line `exec_corepool` (`{corepool}`
+/// standing for corepool and its arguments) in a fresh network and pid namespace, whose
+/// tcp_migrate_req starts at 0: whether corepool turned it on. Without the capabilities to load
+/// eBPF, whose steering program would move the queued connections itself (see
+/// `a_dead_workers_queue_moves_by_the_ebpf_program`).
+fn migration_in_a_fresh_namespace(exec_corepool: &str, turned_on: bool) {
+    let exec_corepool = exec_corepool.replace(
+        "{corepool}",
+        "setpriv --inh-caps=-all --bounding-set=-bpf,-sys_admin,-net_admin \"$0\" \"$@\"",
+    );
     require("node");
     require("ip");
     let hello = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hello/server.js");
@@ -362,23 +390,159 @@ fn as_pid1_corepool_turns_on_request_migration_in_its_network_namespace() {
         "--kill-child=SIGTERM",
         "sh",
         "-c",
-        "ip link set lo up && cat /proc/sys/net/ipv4/tcp_migrate_req && exec \"$0\" \"$@\"",
+        &format!("ip link set lo up && cat /proc/sys/net/ipv4/tcp_migrate_req && {exec_corepool}"),
         bin(),
     ]);
     cmd.args(socket_args(2, 8080, &["--", "node", hello]));
     let mut run = Run::from_command(cmd, &[]);
     run.wait_stderr(" ready (pid", 2, SECS(30));
     assert_eq!(run.stdout().lines().next(), Some("0"), "a fresh namespace");
-    assert!(
-        run.stderr()
-            .contains("net.ipv4.tcp_migrate_req set to 1 in this network namespace"),
-        "{}",
-        run.stderr()
-    );
-    // unshare ignores SIGTERM: the stop goes to corepool, its child.
-    let corepool = children_of(run.pid());
-    assert_eq!(corepool.len(), 1, "{corepool:?}");
-    // SAFETY: kill(2) on the corepool this test started.
-    assert_eq!(unsafe { libc::kill(corepool[0].0, libc::SIGTERM) }, 0);
+    let said = match turned_on {
+        true => "net.ipv4.tcp_migrate_req set to 1 in this network namespace",
+        false => "net.ipv4.tcp_migrate_req is 0 and corepool is neither PID 1 nor a container",
+    };
+    assert!(run.stderr().contains(said), "{}", run.stderr());
+    // unshare ignores SIGTERM: the stop goes to the namespace's PID 1 (corepool, catatonit
+    // which forwards it, or the shell, which passes it to nobody: then to corepool).
+    let init = children_of(run.pid());
+    assert_eq!(init.len(), 1, "{init:?}");
+    let target = match turned_on {
+        true => init[0].0,
+        false => children_of(init[0].0)[0].0,
+    };
+    // SAFETY: kill(2) on a process this test started.
+    assert_eq!(unsafe { libc::kill(target, libc::SIGTERM) }, 0);
     assert_eq!(run.exit_code(SECS(15)), 0, "{}", run.stderr());
+}
+
+/// With the eBPF steering, the connections queued on a dead worker's socket go to a ready
+/// worker at once, even where net.ipv4.tcp_migrate_req is 0 (a fresh network namespace;
+/// corepool neither PID 1 nor under a container init, so it leaves the setting alone): the
+/// program is loaded to choose for migration too. Three requests wait on a worker that is busy
+/// (it accepts nothing); it is killed; all three are answered by the other worker, long before
+/// the dead worker's slot could restart (`--restart-delay 5s`).
+#[test]
+fn a_dead_workers_queue_moves_by_the_ebpf_program() {
+    require("node");
+    require("unshare");
+    require("ip");
+    let dir = scratch("steer-ebpf-migrate");
+    let busy_file = dir.join("busy");
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        "const fs = require('fs');\n\
+         require('http').createServer((q, r) => {\n\
+           if (q.url === '/busy') {\n\
+             fs.writeFileSync(process.env.BUSY_FILE + '.tmp', String(process.pid));\n\
+             fs.renameSync(process.env.BUSY_FILE + '.tmp', process.env.BUSY_FILE);\n\
+             for (;;) {}\n\
+           }\n\
+           r.end(`${process.pid}\\n`);\n\
+         }).listen(process.env.PORT);\n",
+    )
+    .unwrap();
+    let port = 8080;
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--net",
+        "sh",
+        "-c",
+        "ip link set lo up && exec \"$0\" \"$@\"",
+        bin(),
+    ]);
+    cmd.args(socket_args(
+        2,
+        port,
+        &[
+            "--restart-delay",
+            "5s",
+            "--",
+            "node",
+            server.to_str().unwrap(),
+        ],
+    ));
+    let run = Run::from_command(cmd, &[("BUSY_FILE", busy_file.to_str().unwrap())]);
+    run.wait_stderr(" ready (pid", 2, SECS(30));
+    let stderr = run.stderr();
+    assert!(
+        stderr.contains("connections in turn (eBPF)")
+            && stderr.contains("the eBPF program migrates them"),
+        "{stderr}"
+    );
+    let corepool = run.pid();
+    let netns = format!("/proc/{corepool}/ns/net");
+    let busy_file_here = busy_file.clone();
+    let (busy, survivor, answers) = std::thread::spawn(move || {
+        enter_netns(&netns);
+        let pids: std::collections::HashSet<String> = (0..4)
+            .map(|_| get_within(port, SECS(5)).unwrap().trim().to_string())
+            .collect();
+        assert_eq!(pids.len(), 2, "{pids:?}");
+        let mut busy_conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        busy_conn.write_all(b"GET /busy HTTP/1.0\r\n\r\n").unwrap();
+        let deadline = Instant::now() + SECS(10);
+        while !busy_file_here.exists() {
+            assert!(Instant::now() < deadline, "no worker got /busy");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let busy = std::fs::read_to_string(&busy_file_here).unwrap();
+        let survivor = pids.iter().find(|p| **p != busy).unwrap().clone();
+        // Dealt in turn: every other connection waits on the busy worker's socket.
+        let waiting: Vec<std::net::TcpStream> = (0..6)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+                s
+            })
+            .collect();
+        let deadline = Instant::now() + SECS(10);
+        while accept_queue(corepool, port) < 3 {
+            assert!(
+                Instant::now() < deadline,
+                "{} connections queued on the busy worker",
+                accept_queue(corepool, port)
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // SAFETY: kill(2) on the worker that reported its pid.
+        unsafe { libc::kill(busy.parse().unwrap(), libc::SIGKILL) };
+        let killed = Instant::now();
+        let answers: Vec<(String, Duration)> = waiting
+            .into_iter()
+            .map(|mut s| {
+                s.set_read_timeout(Some(SECS(20))).unwrap();
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                let pid = out.lines().last().unwrap_or("").trim().to_string();
+                (pid, killed.elapsed())
+            })
+            .collect();
+        (busy, survivor, answers)
+    })
+    .join()
+    .unwrap();
+    for (i, (pid, after)) in answers.iter().enumerate() {
+        assert!(
+            *pid == survivor && *after < SECS(3),
+            "request {i}: answered by {pid:?} {after:?} after the kill (busy {busy}, other \
+             {survivor})\n{}",
+            run.stderr()
+        );
+    }
+}
+
+/// Connections waiting in the accept queues of the sockets listening on `port`, in the network
+/// namespace of process `pid` (/proc/PID/net/tcp: a listener's rx_queue is its accept queue).
+fn accept_queue(pid: i32, port: u16) -> usize {
+    let tcp = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap();
+    tcp.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let listening = f[1].ends_with(&format!(":{port:04X}")) && f[3] == "0A";
+            let rx = f[4].split_once(':')?.1;
+            listening.then(|| usize::from_str_radix(rx, 16).unwrap_or(0))
+        })
+        .sum()
 }

@@ -11,6 +11,10 @@ const BPF_PROG_LOAD: libc::c_long = 5;
 pub(super) const BPF_MAP_TYPE_ARRAY: u32 = 2;
 pub(super) const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
 const BPF_PROG_TYPE_SK_REUSEPORT: u32 = 21;
+/// `expected_attach_type` of a program that also picks the listener for a connection whose
+/// listener stopped (Linux 5.14): the kernel then moves a closed socket's queue whatever
+/// `net.ipv4.tcp_migrate_req` says.
+const BPF_SK_REUSEPORT_SELECT_OR_MIGRATE: u32 = 40;
 const BPF_PSEUDO_MAP_FD: u8 = 1;
 pub(super) const SO_ATTACH_REUSEPORT_EBPF: libc::c_int = 52;
 const HELPER_MAP_LOOKUP_ELEM: i32 = 1;
@@ -183,7 +187,17 @@ pub(super) fn update(map: &OwnedFd, key: u32, value: u64) -> io::Result<()> {
     bpf(BPF_MAP_UPDATE_ELEM, &attr).map(drop)
 }
 
-pub(super) fn load(insns: &[Insn]) -> io::Result<OwnedFd> {
+/// Loads a reuseport program: one that also migrates a stopped listener's queue where the
+/// kernel allows it (true), else one that only selects (false, Linux before 5.14).
+pub(super) fn load(insns: &[Insn]) -> io::Result<(OwnedFd, bool)> {
+    match load_as(insns, BPF_SK_REUSEPORT_SELECT_OR_MIGRATE) {
+        Ok(fd) => Ok((fd, true)),
+        Err(err) if err.raw_os_error() == Some(libc::EPERM) => Err(err),
+        Err(_) => load_as(insns, 0).map(|fd| (fd, false)),
+    }
+}
+
+fn load_as(insns: &[Insn], expected_attach_type: u32) -> io::Result<OwnedFd> {
     #[repr(C)]
     struct Attr {
         prog_type: u32,
@@ -195,6 +209,9 @@ pub(super) fn load(insns: &[Insn]) -> io::Result<OwnedFd> {
         log_buf: u64,
         kern_version: u32,
         prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
     }
     let license = c"MIT";
     let mut log = vec![0u8; 16 * 1024];
@@ -212,6 +229,9 @@ pub(super) fn load(insns: &[Insn]) -> io::Result<OwnedFd> {
         },
         kern_version: 0,
         prog_flags: 0,
+        prog_name: [0; 16],
+        prog_ifindex: 0,
+        expected_attach_type,
     };
     match bpf(BPF_PROG_LOAD, &attr(0, &mut log)) {
         Ok(fd) => Ok(owned(fd)),

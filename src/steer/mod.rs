@@ -13,7 +13,11 @@
 //! socket; that costs a little evenness, never a connection.
 //!
 //! When no slot is ready, or the program cannot select (the slot's socket stopped listening or
-//! was closed), it passes, and the kernel's hash chooses among the listening sockets. Loading
+//! was closed), it passes, and the kernel's hash chooses among the listening sockets. Where the
+//! kernel allows (5.14+), the program is loaded as `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`: it
+//! also chooses the ready slot that takes over the connections queued on a socket that stops
+//! listening (a dead worker's), which the kernel then moves instead of resetting them, with
+//! `net.ipv4.tcp_migrate_req` 0 too. Loading
 //! it needs CAP_BPF with CAP_NET_ADMIN, or CAP_SYS_ADMIN: root on a machine, but not what a
 //! container gets by default. Without them corepool says so once at start-up and the kernel's
 //! hash spreads connections (see `balance` for how not-ready slots leave the group then).
@@ -62,6 +66,8 @@ pub enum Steering {
         /// The most slots the maps hold; the ready flags start at this index of `order`.
         capacity: u32,
         deal: Deal,
+        /// The program also picks where a stopped listener's queued connections go.
+        migrates: bool,
     },
     /// `--sticky ip` without eBPF: a classic BPF program, rewritten on every change.
     Classic(Classic),
@@ -90,7 +96,7 @@ pub fn ebpf(sockets: &[&OwnedFd], deal: Deal, capacity: u32) -> io::Result<Steer
         update(&group, i as u32, socket.as_raw_fd() as u64)?;
     }
     let (s, o, g) = (state.as_raw_fd(), order.as_raw_fd(), group.as_raw_fd());
-    let program = load(&match deal {
+    let (program, migrates) = load(&match deal {
         Deal::Turn => program(s, o, g),
         Deal::Sticky => sticky_program(s, o, g, slots, capacity),
     })?;
@@ -103,6 +109,7 @@ pub fn ebpf(sockets: &[&OwnedFd], deal: Deal, capacity: u32) -> io::Result<Steer
         slots,
         capacity,
         deal,
+        migrates,
     };
     steering.set_ready(&(0..slots).collect::<Vec<_>>(), &[], &[])?;
     attach(sockets[0], SO_ATTACH_REUSEPORT_EBPF, &fd)?;
@@ -181,18 +188,20 @@ impl Steering {
             slots,
             capacity,
             deal: dealt,
+            migrates,
         } = self
         else {
             return Err(io::Error::other("not an eBPF steering"));
         };
         let (s, o, g) = (state.as_raw_fd(), order.as_raw_fd(), sockets.as_raw_fd());
-        let program = load(&match deal {
+        let (program, migrating) = load(&match deal {
             Deal::Turn => program(s, o, g),
             Deal::Sticky => sticky_program(s, o, g, *slots, *capacity),
         })?;
         attach(socket, SO_ATTACH_REUSEPORT_EBPF, &program.as_raw_fd())?;
         *current = program;
         *dealt = deal;
+        *migrates = migrating;
         Ok(())
     }
 
@@ -238,6 +247,13 @@ impl Steering {
                 Ok(())
             }
         }
+    }
+
+    /// Whether the program also chooses where the connections queued on a listener that stops
+    /// go (Linux 5.14+): then the kernel moves them to a ready slot instead of resetting them,
+    /// whatever `net.ipv4.tcp_migrate_req` says.
+    pub fn migrates(&self) -> bool {
+        matches!(self, Steering::Ebpf { migrates: true, .. })
     }
 
     /// Whether `set_ready` must be called on every change of the group, not only of the

@@ -112,6 +112,21 @@ pub struct SocketMode {
     group_tried: bool,
 }
 
+/// Whether a dead worker's queued connections move to another slot when its socket leaves the
+/// group, and how, for the log: by the eBPF steering program where it was loaded to migrate
+/// too (the namespace's setting untouched), else by `net.ipv4.tcp_migrate_req`.
+fn migration(steering: &GroupSteering) -> (bool, String) {
+    match steering.migrates() {
+        true => (
+            true,
+            "a dead worker's queued connections move to a ready one (the eBPF program \
+             migrates them)"
+                .into(),
+        ),
+        false => enable_migration(),
+    }
+}
+
 impl SocketMode {
     /// Binds the group on the first port (refused when another process listens there), and
     /// sets up the steering and the migration of queued connections.
@@ -125,7 +140,7 @@ impl SocketMode {
             }
         };
         let migrate = slot_sockets.len() > 1 && {
-            let (migrate, how) = enable_migration();
+            let (migrate, how) = migration(&steering);
             spread.push_str("; ");
             spread.push_str(&how);
             migrate
@@ -447,8 +462,6 @@ impl SocketMode {
     /// A pool that started with one slot and grew: round-robin steering and queue migration,
     /// as a pool started with several gets them.
     fn steer_group(&mut self) {
-        let (migrate, how) = enable_migration();
-        self.migrate = migrate;
         // Slot i's socket is entry i: the listening ones from slot 0 on (the new ones join
         // the map as they listen).
         let listening: Vec<&OwnedFd> = self
@@ -460,6 +473,8 @@ impl SocketMode {
         if steered {
             self.with_slots(|table| table.steered = (0..listening.len() as u32).collect());
         }
+        let (migrate, how) = migration(&self.steering);
+        self.migrate = migrate;
         self.spread = format!("{spread}; {how}");
         tracing::info!("balance socket: {}", self.spread);
     }

@@ -108,15 +108,32 @@ pub(super) fn queued(socket: &OwnedFd) -> io::Result<u32> {
 
 const MIGRATE_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
+/// The inits that run a container's one program as their child: tini (`docker run --init`
+/// installs it as docker-init), podman's catatonit, dumb-init.
+const CONTAINER_INITS: &[&str] = &["tini", "docker-init", "catatonit", "dumb-init"];
+
+/// Whether corepool is its container's program: PID 1, or the child of a container init that
+/// is PID 1 (its name read from /proc/1/comm).
+fn container_program() -> bool {
+    if std::process::id() == 1 {
+        return true;
+    }
+    nix::unistd::getppid().as_raw() == 1
+        && std::fs::read_to_string("/proc/1/comm")
+            .is_ok_and(|comm| CONTAINER_INITS.contains(&comm.trim()))
+}
+
 /// Lets the kernel move the connections queued on a listener that stops listening to another
 /// listener of its reuseport group (net.ipv4.tcp_migrate_req, this network namespace only),
 /// instead of resetting them. Whether that is on, and how it came to be, for the log.
 ///
-/// Only PID 1 sets it: then the network namespace is the container's (or the pod's, whose
-/// other containers gain from it too). Started by hand on a host, corepool leaves the host's
-/// setting alone and says how to turn it on.
+/// Only the container's own program sets it: corepool as PID 1, or as the one child of a
+/// container init (`docker run --init`'s tini, podman's catatonit, dumb-init) that is PID 1;
+/// then the network namespace is the container's (or the pod's, whose other containers gain
+/// from it too). Started by hand on a host (PID 1 is systemd or another system init), corepool
+/// leaves the host's setting alone and says how to turn it on.
 pub(super) fn enable_migration() -> (bool, String) {
-    let may_set = std::process::id() == 1;
+    let may_set = container_program();
     match std::fs::read_to_string(MIGRATE_SYSCTL) {
         Ok(text) if text.trim() != "0" => (
             true,
@@ -124,7 +141,8 @@ pub(super) fn enable_migration() -> (bool, String) {
         ),
         Ok(_) if !may_set => (
             false,
-            "net.ipv4.tcp_migrate_req is 0 and corepool is not PID 1, so it leaves this \
+            "net.ipv4.tcp_migrate_req is 0 and corepool is neither PID 1 nor a container \
+             init's child, so it leaves this \
              network namespace's setting alone: a dead worker's queued connections wait for its \
              restart (sysctl -w net.ipv4.tcp_migrate_req=1 to move them)"
                 .into(),

@@ -36,6 +36,14 @@ impl GroupSteering {
         )
     }
 
+    /// Whether the eBPF program moves a stopped listener's queued connections to a ready slot
+    /// (whatever `net.ipv4.tcp_migrate_req` says).
+    pub(super) fn migrates(&self) -> bool {
+        self.steering
+            .as_ref()
+            .is_some_and(steer::Steering::migrates)
+    }
+
     /// Puts slot `slot`'s socket back into the steering's socket map (it listens again).
     pub(super) fn rejoin(&self, slot: usize, socket: &OwnedFd) {
         if let Some(steering) = &self.steering
