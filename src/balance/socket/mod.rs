@@ -25,10 +25,12 @@
 //!   socket is back just as it becomes ready; for another program corepool calls `listen()`
 //!   before starting it (such a program may accept at once), and for every worker when it
 //!   becomes ready. Connections already queued on the socket are moved to another listener
-//!   of the group when `net.ipv4.tcp_migrate_req` is 1 (Linux 5.14; per network namespace):
-//!   corepool sets it at start when it may, and says so. Where it may not (a read-only
-//!   /proc/sys), a socket with connections queued stays in the group for the slot's next
-//!   process rather than have them reset.
+//!   of the group by the kernel (Linux 5.14): as the eBPF program chooses (it is loaded to
+//!   migrate too), or by the hash when `net.ipv4.tcp_migrate_req` is 1 (per network
+//!   namespace; corepool sets it at start when it is the container's program and may, and says
+//!   so). Where neither is possible, corepool accepts what is queued itself before the
+//!   shutdown and relays it to the group (`rescue`), rather than leave it for the slot's next
+//!   process or have it reset.
 //!
 //! A slot given up for good has its socket closed, so nothing waits for it forever. When no
 //! slot is ready (all restarting), the sockets stay in the group and connections wait in the
@@ -63,7 +65,8 @@
 //!
 //! Layout: [`SocketMode`] here (binding, the worker lifecycle calls, scale); `slots` its record
 //! of the slots and removed sockets; `steering` the glue to `steer`; `handover` the fds and
-//! variables a worker gets.
+//! variables a worker gets; `rescue` the relay of a dead worker's queue where the kernel
+//! cannot move it.
 
 use super::ports::{OurSockets, bind_group, bind_only, bind_public, socket_inodes, watch_port};
 use crate::launch::WorkerIo;
@@ -79,6 +82,7 @@ use std::sync::Arc;
 use steering::GroupSteering;
 
 mod handover;
+mod rescue;
 mod slots;
 mod steering;
 
@@ -336,11 +340,13 @@ impl SocketMode {
             {
                 continue;
             }
+            // Without migration the shutdown would reset what is queued: corepool accepts it
+            // first and relays it to the group (see `rescue`).
+            let mut rescued = Vec::new();
             if !self.migrate {
                 match queued(socket) {
                     Ok(0) => {}
-                    // Kept for the slot's next process rather than reset.
-                    Ok(_) => continue,
+                    Ok(_) => rescued = rescue::take_queued(socket),
                     Err(err) => {
                         tracing::warn!("worker {s}: cannot read its socket's queue: {err}");
                         continue;
@@ -354,6 +360,14 @@ impl SocketMode {
                     self.steering.left(socket);
                 }
                 Err(err) => tracing::warn!("worker {s}: cannot take its socket out: {err}"),
+            }
+            if !rescued.is_empty() {
+                tracing::info!(
+                    "worker {s}: {} connection(s) queued on its socket relayed to the other \
+                     workers (no queue migration here: no eBPF, net.ipv4.tcp_migrate_req 0)",
+                    rescued.len()
+                );
+                rescue::relay_to_group(rescued);
             }
         }
         let ready: Vec<u32> = (0..n)

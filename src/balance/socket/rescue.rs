@@ -1,0 +1,94 @@
+//! Rescue: the connections queued on a dead worker's socket, where the kernel cannot move them.
+//!
+//! When a slot's worker dies, the connections already in its socket's accept queue belong to
+//! that socket. With migration (the eBPF program's, or `net.ipv4.tcp_migrate_req`) the kernel
+//! moves them to another socket of the group as corepool takes the dead one out; without it
+//! (no eBPF capabilities and the setting 0 or read-only: a default Docker container) they would
+//! wait for the slot's next process, as long as a restart takes (p99 ~200 ms for hello under
+//! `bench/run.py --restart`, seconds for an app that starts slowly).
+//!
+//! Instead corepool accepts them itself (it holds every slot's socket), takes the socket out of
+//! the group, and relays each one to the group's address, where the kernel hands it to a
+//! ready worker, as proxy mode would (`relay`). The app sees these few connections come from
+//! the address corepool connected from (the public address's host, 127.0.0.1 on loopback), not
+//! from the client. Each relay ends with its connection or after `IDLE_TIMEOUT` without a byte.
+
+use crate::relay;
+use nix::sys::socket::{self, SockFlag};
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+/// Most connections taken from one socket at a time (a listen backlog's worth).
+const AT_MOST: usize = 4096;
+
+/// A rescued connection on which no byte moved this long is closed (proxy mode's default
+/// `--idle-timeout`).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Accepts what is queued on `listener` now, without waiting (at most `AT_MOST`): the accepted
+/// sockets, non-blocking and close-on-exec. The listener's own flags are left as they are (its
+/// next worker may expect a blocking socket): each accept is made only after poll(2) said one
+/// is there.
+pub(super) fn take_queued(listener: &OwnedFd) -> Vec<OwnedFd> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut taken = Vec::new();
+    while taken.len() < AT_MOST {
+        let mut polled = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut polled, PollTimeout::ZERO) {
+            Ok(1..) => {}
+            Ok(_) => break,
+            Err(err) => {
+                tracing::warn!("rescue: cannot poll a dead worker's socket: {err}");
+                break;
+            }
+        }
+        match socket::accept4(listener, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC) {
+            Ok(fd) => taken.push(fd),
+            // The client gave up meanwhile; look again.
+            Err(nix::errno::Errno::ECONNABORTED) => {}
+            Err(err) => {
+                tracing::warn!("rescue: cannot accept from a dead worker's socket: {err}");
+                break;
+            }
+        }
+    }
+    taken
+}
+
+/// Relays each of `connections` to the address it was made to (the public port), where the
+/// kernel picks a worker of the group; on the runtime corepool runs on. Without a runtime
+/// (never, in the running pool) they are closed.
+pub(super) fn relay_to_group(connections: Vec<OwnedFd>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!(
+            "rescue: {} queued connection(s) of a dead worker closed (no runtime to relay them)",
+            connections.len()
+        );
+        return;
+    };
+    for fd in connections {
+        runtime.spawn(async move {
+            if let Err(err) = relay_one(fd).await {
+                tracing::debug!("rescue: a dead worker's queued connection: {err}");
+            }
+        });
+    }
+}
+
+async fn relay_one(fd: OwnedFd) -> std::io::Result<()> {
+    let client = std::net::TcpStream::from(fd);
+    let address = client.local_addr()?;
+    let client = tokio::net::TcpStream::from_std(client)?;
+    let upstream = tokio::net::TcpStream::connect(address).await?;
+    let _ = upstream.set_nodelay(true);
+    let _ = client.set_nodelay(true);
+    relay::relay(
+        &client,
+        &upstream,
+        Some(IDLE_TIMEOUT),
+        &relay::Unanswered::default(),
+    )
+    .await
+    .map(drop)
+}
