@@ -265,7 +265,12 @@ def restart_main(args, tools):
     configs = [("pm2", lambda: Pm2("pm2", tools, n)),
                ("corepool-socket-ebpf", lambda: Corepool("corepool-socket-ebpf", tools, n, "socket")),
                ("corepool-socket-hash", lambda: Corepool("corepool-socket-hash", tools, n, "socket", nocaps)),
-               ("corepool-proxy", lambda: Corepool("corepool-proxy", tools, n, "proxy"))]
+               ("corepool-proxy", lambda: Corepool("corepool-proxy", tools, n, "proxy")),
+               # net.ipv4.tcp_migrate_req 0 (corepool neither PID 1 nor under a container init
+               # leaves the namespace's setting alone): the eBPF program moves a dead worker's
+               # queue itself; without eBPF the queue waits for the slot's restart.
+               ("corepool-socket-ebpf-sysctl0", lambda: Corepool("corepool-socket-ebpf-sysctl0", tools, n, "socket")),
+               ("corepool-socket-hash-sysctl0", lambda: Corepool("corepool-socket-hash-sysctl0", tools, n, "socket", nocaps))]
     servers = [("hello", HELLO), ("nextjs", tools["nextjs"])]
     servers = [(sc, path) for sc, path in servers if sc in args.servers.split(",")]
     raw = {}
@@ -273,12 +278,14 @@ def restart_main(args, tools):
         for sc, server in servers:
             for name, make in configs:
                 log(f"round {r + 1}/{rounds}: restart under load, {sc} on {name}")
+                migrate_queued(not name.endswith("-sysctl0"))
                 cfg = make().start(server)
                 try:
                     steady = wrk_kill(cfg, seconds, 20, None)
                     result = wrk_kill(cfg, seconds, 20, seconds / 3)
                 finally:
                     cfg.stop()
+                    migrate_queued(True)
                 result.update({f"steady_{k}": v for k, v in steady.items()})
                 raw.setdefault(sc, {}).setdefault(name, []).append(result)
     summary = {sc: {name: {k: statistics.median([x[k] for x in runs]) for k in runs[0]}
@@ -295,6 +302,9 @@ def restart_main(args, tools):
              f"{seconds / 3:.0f} s in; {rounds} round(s), medians; configurations alternated. "
              "corepool-socket-hash runs without CAP_BPF/CAP_SYS_ADMIN/CAP_NET_ADMIN (setpriv): no eBPF; "
              "corepool-proxy relays (least connections, no eBPF). "
+             "net.ipv4.tcp_migrate_req is 1 (as corepool sets it as PID 1 of a container) except for "
+             "the -sysctl0 rows (the namespace's 0, left alone by a corepool that is not the container's "
+             "program): with eBPF the steering program migrates a dead worker's queue itself. "
              "Steady: the same load on the same pool just before, nothing killed.", ""]
     for sc, per in summary.items():
         lines += [f"## {sc}", "", "| config | req/s | p50 ms | p99 ms | max ms | errors | p99 / pm2 | max / pm2 | "
@@ -1074,7 +1084,23 @@ def private_network():
             "where connection tracking may fill and drop SYNs (see dmesg)")
         return
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    log("measuring in a network namespace of its own (loopback only, no connection tracking)")
+    PRIVATE_NETWORK.append(True)
+    # What corepool does as PID 1 in its container's namespace (a fresh one has 0): a listening
+    # socket leaving an SO_REUSEPORT group hands its queued connections to another.
+    migrate_queued(True)
+    log("measuring in a network namespace of its own (loopback only, no connection tracking, "
+        "net.ipv4.tcp_migrate_req=1 as corepool sets it as PID 1)")
+
+
+PRIVATE_NETWORK = []
+
+
+def migrate_queued(on):
+    """net.ipv4.tcp_migrate_req in the benchmark's own network namespace (never the host's)."""
+    if not PRIVATE_NETWORK:
+        return
+    with open("/proc/sys/net/ipv4/tcp_migrate_req", "w") as f:
+        f.write("1" if on else "0")
 
 
 def main():
