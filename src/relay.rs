@@ -178,9 +178,10 @@ impl Way<'_> {
     }
 }
 
-/// The TCP state of a socket (`TCP_CLOSE` after a reset), from TCP_INFO.
-fn tcp_state(socket: &TcpStream) -> Option<u8> {
-    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+/// A TCP socket's TCP_INFO (its state, a listener's accept queue in `tcpi_unacked`, ...).
+pub(crate) fn tcp_info(socket: &impl AsRawFd) -> io::Result<libc::tcp_info> {
+    // SAFETY: tcp_info is plain data, valid zeroed.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `info`, which has that many.
     let rc = unsafe {
@@ -188,12 +189,19 @@ fn tcp_state(socket: &TcpStream) -> Option<u8> {
             socket.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
+            (&mut info as *mut libc::tcp_info).cast(),
             &mut len,
         )
     };
-    // SAFETY: zeroed is a valid tcp_info, and the kernel filled what it wrote.
-    (rc == 0).then(|| unsafe { info.assume_init() }.tcpi_state)
+    match rc {
+        0 => Ok(info),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// The TCP state of a socket (`TCP_CLOSE` after a reset).
+fn tcp_state(socket: &TcpStream) -> Option<u8> {
+    tcp_info(socket).ok().map(|info| info.tcpi_state)
 }
 
 /// Whether a relay that failed did so because the worker reset its side, the client's still

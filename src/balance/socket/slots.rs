@@ -87,23 +87,7 @@ impl SlotTable {
 
 /// Connections waiting in a listening socket's accept queue (`tcpi_unacked` of a listener).
 pub(super) fn queued(socket: &OwnedFd) -> io::Result<u32> {
-    // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes into it.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: a valid socket, a pointer to a tcp_info and its size.
-    let ret = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            &mut info as *mut libc::tcp_info as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if ret != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(info.tcpi_unacked)
+    crate::relay::tcp_info(socket).map(|info| info.tcpi_unacked)
 }
 
 const MIGRATE_SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
