@@ -346,7 +346,16 @@ impl SocketMode {
             if !self.migrate {
                 match queued(socket) {
                     Ok(0) => {}
-                    Ok(_) => rescued = rescue::take_queued(socket),
+                    Ok(_) => {
+                        let room = rescue::room(n);
+                        rescued = rescue::take_queued(socket, room);
+                        if let Ok(left @ 1..) = queued(socket) {
+                            tracing::warn!(
+                                "worker {s}: {left} connection(s) queued on its socket are reset: \
+                                 corepool relays at most {room} more at once (descriptors)"
+                            );
+                        }
+                    }
                     Err(err) => {
                         tracing::warn!("worker {s}: cannot read its socket's queue: {err}");
                         continue;

@@ -12,10 +12,15 @@
 //! ready worker, as proxy mode would (`relay`). The app sees these few connections come from
 //! the address corepool connected from (the public address's host, 127.0.0.1 on loopback), not
 //! from the client. Each relay ends with its connection or after `IDLE_TIMEOUT` without a byte.
+//!
+//! The relays are bounded as proxy mode's are: at most as many at once as the descriptor
+//! limit holds beside corepool's reserve (`limits`), and at most `AT_MOST` from one socket;
+//! what does not fit is reset by the shutdown, as it would be without the rescue.
 
 use crate::relay;
 use nix::sys::socket::{self, SockFlag};
 use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Most connections taken from one socket at a time (a listen backlog's worth).
@@ -25,15 +30,44 @@ const AT_MOST: usize = 4096;
 /// `--idle-timeout`).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Accepts what is queued on `listener` now, without waiting (at most `AT_MOST`): the accepted
-/// sockets, non-blocking and close-on-exec. The listener's own flags are left as they are (its
-/// next worker may expect a blocking socket): each accept is made only after poll(2) said one
-/// is there.
-pub(super) fn take_queued(listener: &OwnedFd) -> Vec<OwnedFd> {
+/// Rescue relays running now, in every pool of this process.
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+/// How many more connections may be rescued now, with `slots` worker slots in the pool: what
+/// the descriptor limit holds beside corepool's reserve, less the relays running, at most
+/// `AT_MOST`.
+pub(super) fn room(slots: usize) -> usize {
+    let nofile = crate::limits::nofile().unwrap_or(1024);
+    crate::limits::auto_max_connections(nofile, slots)
+        .saturating_sub(LIVE.load(Ordering::Relaxed))
+        .min(AT_MOST)
+}
+
+/// One rescue relay while it runs.
+struct Live;
+
+impl Live {
+    fn new() -> Live {
+        LIVE.fetch_add(1, Ordering::Relaxed);
+        Live
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        LIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Accepts what is queued on `listener` now, without waiting, at most `room` (see [`room`]):
+/// the accepted sockets, non-blocking and close-on-exec. The listener's own flags are left as
+/// they are (its next worker may expect a blocking socket): each accept is made only after
+/// poll(2) said one is there.
+pub(super) fn take_queued(listener: &OwnedFd, room: usize) -> Vec<OwnedFd> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::os::fd::AsFd;
     let mut taken = Vec::new();
-    while taken.len() < AT_MOST {
+    while taken.len() < room {
         let mut polled = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
         match poll(&mut polled, PollTimeout::ZERO) {
             Ok(1..) => {}
@@ -68,7 +102,9 @@ pub(super) fn relay_to_group(connections: Vec<OwnedFd>) {
         return;
     };
     for fd in connections {
+        let live = Live::new();
         runtime.spawn(async move {
+            let _live = live;
             if let Err(err) = relay_one(fd).await {
                 tracing::debug!("rescue: a dead worker's queued connection: {err}");
             }
