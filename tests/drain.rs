@@ -296,3 +296,87 @@ fn keep_alive_reload_of_an_app_with_http_graceful_shutdown_loses_nothing() {
         );
     }
 }
+
+/// A response in progress when the stop signal comes (the drain finds it where Node keeps it,
+/// it is not followed before the signal) is waited for, goes out whole with `Connection:
+/// close`, and the worker exits once it has: on a keep-alive connection, in both modes, with
+/// and without the app's own handler.
+#[test]
+fn a_response_in_progress_at_the_stop_finishes_with_connection_close() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    for (mode, handler) in [
+        ("socket", false),
+        ("proxy", false),
+        ("socket", true),
+        ("proxy", true),
+    ] {
+        let dir = scratch(&format!("drain-in-progress-{mode}-{handler}"));
+        let server = dir.join("server.js");
+        std::fs::write(
+            &server,
+            format!(
+                "const http = require('http');\n\
+                 const s = http.createServer((req, res) => {{\n\
+                   if (req.url !== '/slow') return res.end('quick\\n');\n\
+                   console.log('slow request in progress');\n\
+                   setTimeout(() => res.end('slow answer\\n'), 1500);\n\
+                 }}).listen(process.env.PORT);\n\
+                 {}",
+                match handler {
+                    true => "process.on('SIGTERM', () => s.close(() => process.exit(0)));\n",
+                    false => "",
+                }
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let mut run = Run::start(
+            &pool_args(
+                1,
+                mode,
+                &port.to_string(),
+                &["--", "node", server.to_str().unwrap()],
+            ),
+            &[],
+        );
+        run.wait_stderr(" ready (pid", 1, SECS(20));
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        conn.set_read_timeout(Some(SECS(20))).unwrap();
+        // One exchange first: the connection is a kept-alive one when the slow request comes.
+        conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut reader = BufReader::new(conn.try_clone().unwrap());
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            head.push_str(&line);
+            if line == "\r\n" {
+                break;
+            }
+        }
+        assert!(
+            head.to_lowercase().contains("connection: keep-alive"),
+            "{head}"
+        );
+        let mut quick = [0u8; 6];
+        reader.read_exact(&mut quick).unwrap();
+        conn.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        run.wait_stdout("slow request in progress", 1, SECS(10));
+        run.signal(libc::SIGTERM);
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).unwrap();
+        assert!(
+            rest.starts_with("HTTP/1.1 200") && rest.ends_with("slow answer\n"),
+            "{mode}, handler {handler}: {rest:?}"
+        );
+        assert!(
+            rest.to_lowercase().contains("connection: close"),
+            "{mode}, handler {handler}: {rest:?}"
+        );
+        assert_eq!(run.exit_code(SECS(15)), 0, "{}", run.stderr());
+        assert!(!run.stderr().contains("SIGKILL"), "{}", run.stderr());
+    }
+}
