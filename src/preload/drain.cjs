@@ -223,7 +223,7 @@
       draining = true;
       for (const server of servers) watchRequests(server);
       for (const [socket, state] of conns) {
-        if (!watched.has(state.server)) watchRequests(state.server);
+        watchRequests(state.server); // a server closed with connections left, too
         closeWhenIdle(socket, state);
       }
       for (const session of sessions) goaway(session);
