@@ -484,3 +484,46 @@ fn a_oneshot_pool_runs_one_process_on_no_port_by_default() {
     assert_eq!(out.matches("twice ran").count(), 2, "{out}");
     assert!(!err.contains("balance socket"), "{err}");
 }
+
+#[test]
+fn a_workers_own_pool_member_is_kept_apart_from_corepools_in_json_lines() {
+    // Under --log-format json with several pools corepool names each line's pool in "pool": a
+    // worker's own JSON "pool" member must not make a second one (JSON readers keep either).
+    let dir = scratch("pools-json-pool-key");
+    let file = dir.join("corepool.toml");
+    let line = r#"{"pool":"db-primary","app_pool":1,"msg":"hi"}"#;
+    let script =
+        format!("trap 'exit 0' TERM; echo '{line}'; echo plain; while :; do sleep 0.1; done");
+    std::fs::write(
+        &file,
+        format!(
+            "log_format = \"json\"\nbalance = \"none\"\n\n\
+             [pool.web]\ncommand = [\"sh\", \"-c\", {0}]\ninstances = 1\n\n\
+             [pool.jobs]\ncommand = [\"sh\", \"-c\", {0}]\ninstances = 1\n",
+            toml_string(&script)
+        ),
+    )
+    .unwrap();
+    let mut run = Run::start(&["-c", file.to_str().unwrap()], &[]);
+    run.wait_stdout("\"msg\":\"plain\"", 2, SECS(20));
+    run.signal(libc::SIGTERM);
+    assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
+    let out = run.stdout();
+    let mut pools = Vec::new();
+    for text in out.lines() {
+        assert_eq!(
+            text.matches("\"pool\":").count(),
+            1,
+            "one pool member: {text}"
+        );
+        let v: serde_json::Value = serde_json::from_str(text).expect("a JSON line");
+        if v["msg"] == "hi" {
+            // The worker's members are kept, renamed past the names already taken.
+            assert_eq!(v["app_app_pool"], "db-primary", "{text}");
+            assert_eq!(v["app_pool"], 1, "{text}");
+            pools.push(v["pool"].as_str().unwrap_or("").to_string());
+        }
+    }
+    pools.sort();
+    assert_eq!(pools, ["jobs", "web"], "{out}");
+}

@@ -2,7 +2,7 @@
 //! before its buffer is built; a worker's own JSON object is merged with corepool's fields.
 
 use super::pump::Piece;
-use super::{LogFormat, RESERVED_KEYS, SPLIT_MARK, Stream};
+use super::{LogFormat, POOL_KEY, RESERVED_KEYS, SPLIT_MARK, Stream};
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
@@ -58,9 +58,14 @@ impl<'a> WorkerLine<'a> {
         }
     }
 
-    /// The line of a worker of pool `pool` (empty: no pool shown).
+    /// The line of a worker of pool `pool` (empty: no pool shown). A shown pool's name is
+    /// corepool's `"pool"` member: the worker's own `pool` is renamed as the other reserved
+    /// keys are.
     pub(super) fn in_pool(mut self, pool: &'a str) -> WorkerLine<'a> {
         self.pool = pool;
+        if let (false, Body::Members(members)) = (pool.is_empty(), &mut self.body) {
+            keep_apart(members, &[POOL_KEY]);
+        }
         self
     }
 
@@ -125,7 +130,7 @@ impl<'a> WorkerLine<'a> {
         out.write_all(b"{\"ts\":")?;
         serde_json::to_writer(&mut *out, &self.ts)?;
         if !self.pool.is_empty() {
-            out.write_all(b",\"pool\":")?;
+            write!(out, ",\"{POOL_KEY}\":")?;
             serde_json::to_writer(&mut *out, self.pool)?;
         }
         write!(
@@ -195,25 +200,32 @@ fn json_body(text: &[u8]) -> Body<'_> {
         && let Ok(json) = std::str::from_utf8(trimmed)
         && let Ok(Members(mut members)) = serde_json::from_str::<Members>(json)
     {
-        if members
-            .iter()
-            .any(|(key, _)| RESERVED_KEYS.contains(&key.as_str()))
-        {
-            let taken: std::collections::HashSet<String> =
-                members.iter().map(|(key, _)| key.clone()).collect();
-            for (key, _) in &mut members {
-                if RESERVED_KEYS.contains(&key.as_str()) {
-                    let mut renamed = format!("app_{key}");
-                    while taken.contains(&renamed) {
-                        renamed.insert_str(0, "app_");
-                    }
-                    *key = renamed;
-                }
-            }
-        }
+        keep_apart(&mut members, &RESERVED_KEYS);
         return Body::Members(members);
     }
     Body::Text(String::from_utf8_lossy(text))
+}
+
+/// Renames each member of `members` named like one of `reserved` to `app_<key>` (another
+/// `app_` in front while that name is taken too, so that no key is ever duplicated).
+fn keep_apart(members: &mut [(String, &RawValue)], reserved: &[&str]) {
+    if !members
+        .iter()
+        .any(|(key, _)| reserved.contains(&key.as_str()))
+    {
+        return;
+    }
+    let taken: std::collections::HashSet<String> =
+        members.iter().map(|(key, _)| key.clone()).collect();
+    for (key, _) in members.iter_mut() {
+        if reserved.contains(&key.as_str()) {
+            let mut renamed = format!("app_{key}");
+            while taken.contains(&renamed) {
+                renamed.insert_str(0, "app_");
+            }
+            *key = renamed;
+        }
+    }
 }
 
 /// A JSON object's members in their order, values as their raw text.

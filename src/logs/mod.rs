@@ -66,6 +66,8 @@ const CHUNK: usize = 64 * 1024;
 /// Keys of a worker's JSON line that corepool sets itself; the worker's own values for them
 /// are kept under `app_<key>` (see [`json_body`]).
 pub const RESERVED_KEYS: [&str; 6] = ["ts", "worker", "pid", "stream", "source", "split"];
+/// The key naming a worker's pool when the container runs several, reserved then as well.
+pub const POOL_KEY: &str = "pool";
 
 /// How worker lines and corepool's messages are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
