@@ -537,11 +537,24 @@ def wrk_requests(ports, seconds, connections, close):
     return result
 
 
+def tcp_out_segments():
+    """TCP segments sent in this network namespace so far (/proc/net/snmp, Tcp: OutSegs)."""
+    with open("/proc/net/snmp") as f:
+        head, values = [line.split() for line in f if line.startswith("Tcp:")][:2]
+    return int(values[head.index("OutSegs")])
+
+
 def measured(cfg, fn):
-    """Runs `fn`, adding the relay's CPU seconds over it."""
+    """Runs `fn`, adding the relay's CPU seconds over it and, for requests, the TCP segments
+    sent per request in the benchmark's network namespace (every side's: client, relay,
+    workers; a count, not a timing, so it does not move with the machine's load)."""
     pids = cfg.relay_pids()
     c0 = cpu_s(pids) if pids else None
+    s0 = tcp_out_segments()
     result = fn()
+    segments = tcp_out_segments() - s0
+    if result.get("requests"):
+        result["segments_per_req"] = segments / result["requests"]
     if pids:
         result["relay_cpu_s"] = cpu_s(pids) - c0
         if result.get("requests"):
@@ -646,14 +659,16 @@ def proxies_main(args, tools):
              "processes (for corepool: its own process, workers excluded) over the load. "
              f"idle: {idle} keep-alive connections held (one request each) while wrk runs; RSS per "
              "connection = the proxy's RSS growth / connections (user memory only: pipes and socket "
-             "buffers are the kernel's).", ""]
+             "buffers are the kernel's). TCP segments/req: segments every side sent in the benchmark's "
+             "network namespace per request (a count: it does not move with the machine's load).", ""]
     heads = {"idle": ("req/s", "rps"), "keepalive": ("req/s", "rps"), "new-connection": ("req/s", "rps"),
              "download": ("MiB/s", "mib_s"), "upload": ("MiB/s", "mib_s")}
     for sc, per in summary.items():
         unit, key = heads[sc]
         extra = " RSS KiB/conn | RSS MiB |" if sc == "idle" else ""
         lines += [f"## {sc}", "", f"| config | {unit} | / haproxy | / direct | relay CPU s | CPU µs/req | "
-                  f"CPU / haproxy's |{extra}", "|---|---|---|---|---|---|---|" + ("---|---|" if extra else "")]
+                  f"CPU / haproxy's | TCP segments/req |{extra}",
+                  "|---|---|---|---|---|---|---|---|" + ("---|---|" if extra else "")]
         for name, v in per.items():
             ratio = lambda ref, k: f"{v[k] / per[ref][k]:.2f}" if per.get(ref, {}).get(k) and v.get(k) is not None else "-"
             row = (f"| {name} | {v[key]:.0f} | {ratio('haproxy', key)} | {ratio('direct', key)} | "
@@ -662,6 +677,7 @@ def proxies_main(args, tools):
             row += f" {v['cpu_us_per_req']:.1f} |" if v.get("cpu_us_per_req") is not None else " - |"
             cpu_key = "cpu_us_per_req" if v.get("cpu_us_per_req") is not None else "relay_cpu_s"
             row += f" {ratio('haproxy', cpu_key)} |"
+            row += f" {v['segments_per_req']:.2f} |" if v.get("segments_per_req") is not None else " - |"
             if extra:
                 row += (f" {v['rss_kib_per_conn']:.1f} | {v['rss_kib'] / 1024:.1f} |" if v.get("rss_kib") else " - | - |")
             lines.append(row)
