@@ -12,7 +12,7 @@
 //! trusting its answer.
 
 use crate::fatal::Fatal;
-use crate::metrics::{Shared, group_usage};
+use crate::metrics::{LeavingView, Shared, group_usage};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::os::linux::net::SocketAddrExt;
@@ -243,6 +243,10 @@ pub struct Status {
     #[serde(default)]
     pub pinned: bool,
     pub workers: Vec<WorkerStatus>,
+    /// Processes still on their way out: replaced by a reload ("retiring") or of a slot a
+    /// scale removed ("removed"), each until it exits (with its usage, as a worker's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub leaving: Vec<WorkerStatus>,
     /// Several pools: each with its balance mode and state, in order; a worker names its pool.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pools: Vec<PoolStatus>,
@@ -284,20 +288,34 @@ pub struct WorkerStatus {
 /// Status of every slot, with RSS and CPU% of its process group over a 200 ms sample.
 async fn status(shared: &Shared) -> Status {
     let snap = shared.snapshot();
-    let groups: Vec<i32> = snap.slots.iter().filter_map(|s| s.pid).collect();
+    let groups: Vec<i32> = snap
+        .slots
+        .iter()
+        .filter_map(|s| s.pid)
+        .chain(snap.leaving.iter().map(|l| l.pid))
+        .collect();
     let before = group_usage(&groups);
     let sample = Duration::from_millis(200);
     tokio::time::sleep(sample).await;
     let after = group_usage(&groups);
+    // RSS, CPU% over the sample and process count of the group `pid` leads.
+    let usage = |pid: Option<i32>| {
+        let now = pid.and_then(|p| after.get(&p).copied());
+        let cpu = pid.and_then(|p| {
+            let (a, b) = (after.get(&p)?, before.get(&p)?);
+            Some(((a.cpu_seconds - b.cpu_seconds) / sample.as_secs_f64() * 100.0).max(0.0))
+        });
+        (
+            now.map(|u| u.rss_bytes),
+            cpu.map(|c| (c * 10.0).round() / 10.0),
+            now.map(|u| u.processes),
+        )
+    };
     let workers = snap
         .slots_by_pool()
         .into_iter()
         .map(|(pool, s)| {
-            let usage = s.pid.and_then(|p| after.get(&p).copied());
-            let cpu = s.pid.and_then(|p| {
-                let (a, b) = (after.get(&p)?, before.get(&p)?);
-                Some(((a.cpu_seconds - b.cpu_seconds) / sample.as_secs_f64() * 100.0).max(0.0))
-            });
+            let (rss_bytes, cpu_percent, processes) = usage(s.pid);
             WorkerStatus {
                 pool: (!pool.is_empty()).then(|| pool.to_string()),
                 slot: s.slot,
@@ -306,9 +324,28 @@ async fn status(shared: &Shared) -> Status {
                 ready: s.ready,
                 uptime_seconds: s.uptime.map(|u| u.as_secs()),
                 restarts: s.restarts,
-                rss_bytes: usage.map(|u| u.rss_bytes),
-                cpu_percent: cpu.map(|c| (c * 10.0).round() / 10.0),
-                processes: usage.map(|u| u.processes),
+                rss_bytes,
+                cpu_percent,
+                processes,
+            }
+        })
+        .collect();
+    let leaving = snap
+        .leaving
+        .iter()
+        .map(|l: &LeavingView| {
+            let (rss_bytes, cpu_percent, processes) = usage(Some(l.pid));
+            WorkerStatus {
+                pool: (!l.pool.is_empty()).then(|| l.pool.clone()),
+                slot: l.slot,
+                pid: Some(l.pid),
+                state: l.state.to_string(),
+                ready: false,
+                uptime_seconds: None,
+                restarts: 0,
+                rss_bytes,
+                cpu_percent,
+                processes,
             }
         })
         .collect();
@@ -319,6 +356,7 @@ async fn status(shared: &Shared) -> Status {
         instances: snap.slots.len(),
         pinned: snap.pinned,
         workers,
+        leaving,
         pools: snap
             .pools
             .iter()
@@ -462,7 +500,7 @@ fn peer_cred(stream: &std::os::unix::net::UnixStream) -> std::io::Result<libc::u
 /// naming it.
 pub fn status_table(status: &Status) -> String {
     if status.pools.is_empty() {
-        return worker_table(status.workers.iter());
+        return worker_table(status.workers.iter().chain(&status.leaving));
     }
     let mut out = String::new();
     for (i, pool) in status.pools.iter().enumerate() {
@@ -484,6 +522,7 @@ pub fn status_table(status: &Status) -> String {
             status
                 .workers
                 .iter()
+                .chain(&status.leaving)
                 .filter(|w| w.pool.as_deref() == Some(pool.name.as_str())),
         ));
     }

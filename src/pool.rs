@@ -20,7 +20,7 @@ use crate::control::{Command, ReloadAnswer};
 use crate::fleet::{Fleet, Member};
 use crate::launch::LaunchSpec;
 use crate::logs::Output;
-use crate::metrics::{PoolView, Shared, Snapshot};
+use crate::metrics::{LeavingView, PoolView, Shared, Snapshot};
 use crate::os::Owners;
 use crate::os::{Os, RealOs};
 use crate::readiness::Ready;
@@ -413,17 +413,26 @@ impl Pool {
                 (Some((max, reached)), Some((more, times))) => Some((max + more, reached + times)),
                 (limit, other) => limit.or(other),
             };
-            let slots = match &m.core {
-                Some(core) => {
-                    let (reloads, memory_restarts) = core.counters();
-                    snap.reloads += reloads;
-                    snap.memory_restarts += memory_restarts;
-                    snap.stopping |= core.stopping();
-                    snap.pinned |= core.pinned();
-                    core.slots(now)
-                }
-                None => Vec::new(),
-            };
+            let slots =
+                match &m.core {
+                    Some(core) => {
+                        let (reloads, memory_restarts) = core.counters();
+                        snap.reloads += reloads;
+                        snap.memory_restarts += memory_restarts;
+                        snap.stopping |= core.stopping();
+                        snap.pinned |= core.pinned();
+                        snap.leaving.extend(core.leaving().into_iter().map(
+                            |(slot, pid, state)| LeavingView {
+                                pool: m.name.clone(),
+                                slot,
+                                pid,
+                                state,
+                            },
+                        ));
+                        core.slots(now)
+                    }
+                    None => Vec::new(),
+                };
             if several {
                 snap.pools.push(PoolView {
                     name: m.name.clone(),

@@ -67,6 +67,22 @@ impl Slots {
         self.roles.get(&pid).copied()
     }
 
+    /// The processes on their way out, by slot: old ones a reload replaced ("retiring") and
+    /// those of slots a scale removed ("removed"), until each has exited.
+    pub fn leaving(&self) -> Vec<(usize, Pid, &'static str)> {
+        let mut leaving: Vec<(usize, Pid, &'static str)> = self
+            .roles
+            .iter()
+            .filter_map(|(&pid, role)| match *role {
+                Role::Retiring(slot) => Some((slot, pid, "retiring")),
+                Role::Removed(slot) => Some((slot, pid, "removed")),
+                Role::Current(_) | Role::Replacement(..) => None,
+            })
+            .collect();
+        leaving.sort_by_key(|&(slot, pid, _)| (slot, pid.as_raw()));
+        leaving
+    }
+
     /// Every live process of the pool: current, replacements, retiring.
     pub fn pids(&self) -> impl Iterator<Item = Pid> + '_ {
         self.roles.keys().copied()
@@ -363,6 +379,11 @@ mod tests {
         assert_eq!(s.remove_last(), Some((1, vec![p(11), p(12)])));
         assert_eq!(s.len(), 1);
         assert_eq!(s.role(p(11)), Some(Role::Removed(1)));
+        assert_eq!(
+            s.leaving(),
+            [(1, p(11), "removed"), (1, p(12), "removed")],
+            "the removed slot's processes are listed until they exit"
+        );
         assert_eq!(s.role(p(12)), Some(Role::Removed(1)));
         assert_eq!(s.live(), 3);
         assert_eq!(s.exited(p(12)), Some(Role::Removed(1)));

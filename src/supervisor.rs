@@ -411,6 +411,16 @@ impl Supervisor {
         self.slots.views(now, self.shutdown.is_ending())
     }
 
+    /// The processes leaving the pool (replaced by a reload, or of slots a scale removed) as
+    /// the reporters show them: (slot, pid, "retiring" or "removed").
+    pub fn leaving(&self) -> Vec<(usize, i32, &'static str)> {
+        self.slots
+            .leaving()
+            .into_iter()
+            .map(|(slot, pid, state)| (slot, pid.as_raw(), state))
+            .collect()
+    }
+
     /// Whether the pool says it is stopping (the shutdown delay or the stop).
     pub fn stopping(&self) -> bool {
         self.shutdown.is_announced()

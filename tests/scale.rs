@@ -688,3 +688,114 @@ fn the_cpu_follow_splits_the_cpus_among_pools_again() {
     run.signal(libc::SIGTERM);
     assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
 }
+
+#[test]
+fn status_lists_the_workers_still_leaving_until_they_exit() {
+    // Workers that take their time to stop: each says when the stop signal reached it and
+    // leaves only once the test lets it (a file named by its pid).
+    let control = control_name("leaving");
+    let dir = scratch("scale-leaving");
+    let script = format!(
+        "trap 'echo \"leaving $$\"; while [ ! -e {0}/go-$$ ]; do sleep 0.05; done; exit 0' TERM; \
+         echo \"up $$\"; while :; do sleep 0.1; done",
+        dir.display()
+    );
+    let mut run = Run::start(
+        &[
+            "-i",
+            "2",
+            "--kill-timeout",
+            "60s",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+        &[("COREPOOL_CONTROL", &control)],
+    );
+    run.wait_stdout("up ", 2, SECS(10));
+    // "worker N started, pid P": the pids of slots 0 and 1.
+    let pid_of = |slot: usize| -> i32 {
+        let started = format!("worker {slot} started, pid ");
+        run.stderr()
+            .lines()
+            .rev()
+            .find_map(|l| l.split_once(&started)?.1.trim().parse().ok())
+            .expect("a started line")
+    };
+    let pids = [pid_of(0), pid_of(1)];
+    let let_go = |pid: i32| std::fs::write(dir.join(format!("go-{pid}")), "").unwrap();
+    let leaving = |st: &serde_json::Value| -> Vec<(u64, i64, String)> {
+        st["leaving"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .map(|w| {
+                        let slot = w["slot"].as_u64().unwrap();
+                        let pid = w["pid"].as_i64().unwrap();
+                        (slot, pid, w["state"].as_str().unwrap().to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+
+    // A scale down: slot 1's worker is listed as removed while it drains, with its usage.
+    let (code, out, _) = control_client(&control, &["scale", "1"]);
+    assert_eq!((code, out.trim()), (0, "ok: scaling from 2 to 1 workers"));
+    run.wait_stdout(&format!("leaving {}", pids[1]), 1, SECS(10));
+    let st = status(&control);
+    assert_eq!(st["workers"].as_array().map(Vec::len), Some(1), "{st}");
+    assert_eq!(
+        leaving(&st),
+        [(1, i64::from(pids[1]), "removed".into())],
+        "{st}"
+    );
+    assert!(
+        st["leaving"][0]["rss_bytes"].as_u64().unwrap_or(0) > 0,
+        "{st}"
+    );
+    let (code, table, _) = control_client(&control, &["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.lines().any(|l| l.split_whitespace().take(3).eq([
+            "1",
+            pids[1].to_string().as_str(),
+            "removed"
+        ]
+        .into_iter())),
+        "{table}"
+    );
+    let_go(pids[1]);
+    run.wait_stderr("removed by a scale, exited", 1, SECS(10));
+    let st = status(&control);
+    assert_eq!(leaving(&st), [], "{st}");
+    assert!(
+        st.get("leaving").is_none(),
+        "no list when nothing leaves: {st}"
+    );
+
+    // A reload: the replaced worker is listed as retiring until it exits.
+    run.signal(libc::SIGHUP);
+    run.wait_stdout(&format!("leaving {}", pids[0]), 1, SECS(10));
+    let st = status(&control);
+    assert_eq!(
+        leaving(&st),
+        [(0, i64::from(pids[0]), "retiring".into())],
+        "{st}"
+    );
+    let_go(pids[0]);
+    run.wait_for("the old worker's exit", SECS(10), |_, _| {
+        leaving(&status(&control)).is_empty()
+    });
+    let replacement: i32 = run
+        .stderr()
+        .lines()
+        .find_map(|l| l.split_once("worker 0: replacement started, pid "))
+        .and_then(|(_, p)| p.trim().parse().ok())
+        .expect("the replacement's pid");
+    run.signal(libc::SIGTERM);
+    run.wait_stdout(&format!("leaving {replacement}"), 1, SECS(10));
+    let_go(replacement);
+    assert_eq!(run.exit_code(SECS(20)), 0, "{}", run.stderr());
+}

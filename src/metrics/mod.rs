@@ -68,6 +68,20 @@ pub struct Snapshot {
     pub pools: Vec<PoolView>,
     /// A manual `corepool scale` pinned the worker count (of any pool).
     pub pinned: bool,
+    /// Processes on their way out (not slots: a slot's current process is in `slots`).
+    pub leaving: Vec<LeavingView>,
+}
+
+/// A process leaving its pool, as reported until it exits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeavingView {
+    /// Its pool's name ("" for the single unnamed pool).
+    pub pool: String,
+    /// The slot it served.
+    pub slot: usize,
+    pub pid: i32,
+    /// "retiring" (replaced by a reload) or "removed" (its slot removed by a scale).
+    pub state: &'static str,
 }
 
 /// One pool of several, as reported.
@@ -99,6 +113,7 @@ impl Snapshot {
             connection_limit: None,
             pools: Vec::new(),
             pinned: false,
+            leaving: Vec::new(),
         }
     }
 
