@@ -118,6 +118,40 @@ pub fn auto_max_connections(nofile: u64, workers: usize) -> usize {
     usize::try_from(relays).unwrap_or(usize::MAX).max(1)
 }
 
+/// `--max-connections auto` for the whole container: the relays the descriptor limit holds
+/// beside corepool's reserve for the workers of every pool, less what the pools with a fixed
+/// `--max-connections` may run, split evenly among the proxy pools set to `auto`. It follows
+/// the worker count ([`RelayBudget::follow`]): a scale up grows the reserve and leaves fewer
+/// relays, so that corepool is never the process that runs out of descriptors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayBudget {
+    pub nofile: u64,
+    /// Relays the pools with a fixed `--max-connections` may run together.
+    pub fixed: usize,
+    /// Proxy pools set to `auto`, among which the rest is split.
+    pub auto_pools: usize,
+    /// Worker slots of every pool, as last followed.
+    pub workers: usize,
+}
+
+impl RelayBudget {
+    /// Each `auto` pool's connection limit now (at least 1).
+    pub fn share(&self) -> usize {
+        let relays = self.nofile.saturating_sub(reserve(self.workers)) / PER_RELAY;
+        let left = relays.saturating_sub(self.fixed as u64);
+        let each = left / self.auto_pools.max(1) as u64;
+        usize::try_from(each).unwrap_or(usize::MAX).max(1)
+    }
+
+    /// The pools now have `workers` slots in all: the new share, if that changed it.
+    pub fn follow(&mut self, workers: usize) -> Option<usize> {
+        let was = self.share();
+        self.workers = workers;
+        let now = self.share();
+        (now != was).then_some(now)
+    }
+}
+
 /// The descriptors `max_connections` relays need on top of corepool's reserve.
 pub fn needed(max_connections: usize, workers: usize) -> u64 {
     (max_connections as u64)
@@ -137,5 +171,30 @@ mod tests {
         assert_eq!(auto_max_connections(10, 2), 1);
         assert!(needed(157, 2) <= 1024);
         assert!(needed(158, 2) > 1024);
+    }
+
+    #[test]
+    fn the_budget_is_the_containers_and_follows_the_worker_count() {
+        let mut budget = RelayBudget {
+            nofile: 1024,
+            fixed: 0,
+            auto_pools: 1,
+            workers: 2,
+        };
+        assert_eq!(budget.share(), auto_max_connections(1024, 2));
+        // Two proxy pools of 2 workers each: the reserve of 4, the rest halved.
+        budget.auto_pools = 2;
+        budget.workers = 4;
+        assert_eq!(budget.share(), (1024 - 64 - 32) / 6 / 2);
+        // A pool with a fixed limit of 100 takes its part first.
+        budget.fixed = 100;
+        assert_eq!(budget.share(), ((1024 - 64 - 32) / 6 - 100) / 2);
+        // A scale to 20 workers in all: fewer relays; back to 4: as before; unchanged: None.
+        assert_eq!(budget.follow(20), Some(((1024 - 64 - 160) / 6 - 100) / 2));
+        assert_eq!(budget.follow(4), Some(((1024 - 64 - 32) / 6 - 100) / 2));
+        assert_eq!(budget.follow(4), None);
+        // Never below one relay each.
+        budget.fixed = 10_000;
+        assert_eq!(budget.share(), 1);
     }
 }

@@ -165,6 +165,7 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
         for warning in &config.unknown_env {
             tracing::warn!("{warning}");
         }
+        let relays = relay_budget(&config);
         match &nofile {
             Ok(n) if n.now > n.before => tracing::info!(
                 "descriptor limit raised from {} to {} (the hard limit) for corepool; workers \
@@ -228,6 +229,7 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
                 heap_option,
                 ready_tx.clone(),
                 &shared,
+                &relays,
             ) {
                 Ok(balancer) => balancer,
                 Err(err) => {
@@ -285,7 +287,7 @@ fn serve(config: config::Config) -> Result<i32, Fatal> {
                 control::socket_name().to_string_lossy()
             ),
         }
-        let code = pool::Pool::new(parts, ready_rx, output, shared, command_rx)
+        let code = pool::Pool::new(parts, ready_rx, output, shared, command_rx, relays)
             .run(signals)
             .await;
         Ok(code)
@@ -305,6 +307,32 @@ fn pools_of(config: &config::Config) -> Vec<(&str, &config::Config)> {
         .collect()
 }
 
+/// The descriptors left for relays, as `--max-connections auto` shares them among the proxy
+/// pools (see `limits::RelayBudget`).
+fn relay_budget(config: &config::Config) -> limits::RelayBudget {
+    let nofile = match limits::nofile() {
+        Ok(n) => n,
+        Err(err) => {
+            tracing::warn!("cannot read the descriptor limit: {err}; assuming 1024");
+            1024
+        }
+    };
+    let (mut fixed, mut auto_pools) = (0usize, 0usize);
+    for (_, pool) in pools_of(config) {
+        match (pool.balance, pool.max_connections) {
+            (Mode::Proxy, Some(n)) => fixed = fixed.saturating_add(n),
+            (Mode::Proxy, None) => auto_pools += 1,
+            _ => {}
+        }
+    }
+    limits::RelayBudget {
+        nofile,
+        fixed,
+        auto_pools,
+        workers: total_workers(config),
+    }
+}
+
 /// Workers of every pool, for the heap share of the container's memory.
 fn total_workers(config: &config::Config) -> usize {
     pools_of(config).iter().map(|(_, c)| c.instances).sum()
@@ -319,6 +347,7 @@ fn setup_balancer(
     heap_option: Option<(String, String)>,
     ready_tx: tokio::sync::mpsc::UnboundedSender<corepool::readiness::Ready>,
     shared: &std::sync::Arc<metrics::Shared>,
+    relays: &limits::RelayBudget,
 ) -> Result<Balancer, String> {
     if let Some(user) = &config.user {
         tracing::info!(
@@ -328,7 +357,7 @@ fn setup_balancer(
             user.home
         );
     }
-    let proxy_limits = proxy_limits(config);
+    let proxy_limits = proxy_limits(config, relays);
     match (&preload, config.balance) {
         (Some(p), Mode::Proxy) => tracing::info!(
             "balance proxy on {}:{}, workers on private loopback ports; {}; Node preload \
@@ -390,36 +419,45 @@ fn setup_balancer(
 }
 
 /// The proxy's bounds, and how they were chosen for the start-up log. `--max-connections
-/// auto` is what the (raised) descriptor limit holds beside corepool's reserve; a number the
-/// limit cannot hold is kept, with a warning.
-fn proxy_limits(config: &config::Config) -> (proxy::Limits, String) {
-    let nofile = match limits::nofile() {
-        Ok(n) => n,
-        Err(err) => {
-            tracing::warn!("cannot read the descriptor limit: {err}; assuming 1024");
-            1024
-        }
-    };
+/// auto` is this pool's share of what the (raised) descriptor limit holds beside corepool's
+/// reserve (`relays`); a number the limit cannot hold is kept, with a warning.
+fn proxy_limits(config: &config::Config, relays: &limits::RelayBudget) -> (proxy::Limits, String) {
+    let nofile = relays.nofile;
     let (max_connections, how) = match config.max_connections {
         None => {
-            let n = limits::auto_max_connections(nofile, config.instances);
+            let n = relays.share();
+            let mut split = String::new();
+            if relays.fixed > 0 {
+                split.push_str(&format!(
+                    ", {} for the pools with a fixed --max-connections",
+                    relays.fixed
+                ));
+            }
+            if relays.auto_pools > 1 {
+                split.push_str(&format!(
+                    ", the rest split among {} proxy pools",
+                    relays.auto_pools
+                ));
+            }
             (
                 n,
                 format!(
                     "at most {n} connections at once (--max-connections auto: {nofile} \
-                     descriptors, {} kept for corepool, 6 per connection)",
-                    limits::reserve(config.instances)
+                     descriptors, {} kept for corepool and {} workers, 6 per connection{split}; \
+                     worked out again when the worker count changes)",
+                    limits::reserve(relays.workers),
+                    relays.workers
                 ),
             )
         }
         Some(n) => {
-            let needed = limits::needed(n, config.instances);
+            let needed = limits::needed(n, relays.workers);
             if needed > nofile {
                 tracing::warn!(
                     "--max-connections {n} needs about {needed} descriptors but the limit is \
                      {nofile}: past {} connections, accepts and worker starts may fail with \
                      'Too many open files'",
-                    limits::auto_max_connections(nofile, config.instances)
+                    limits::auto_max_connections(nofile, relays.workers)
                 );
             }
             (n, format!("at most {n} connections at once"))

@@ -187,6 +187,39 @@ pub struct Pool {
     cpu: CpuFollow,
     /// None when no pool has `--heap-share` on.
     heap: Option<HeapShare>,
+    /// None when no proxy pool has `--max-connections auto`.
+    relays: Option<RelayShare>,
+}
+
+/// `--max-connections auto` of the proxy pools (indices) that have it, following the worker
+/// count of the whole container (see `limits::RelayBudget`).
+struct RelayShare {
+    budget: crate::limits::RelayBudget,
+    pools: Vec<usize>,
+}
+
+impl RelayShare {
+    /// Gives the pools their new limit if the worker count changed it.
+    fn refresh(&mut self, workers: usize, fleet: &mut Fleet<RealOs>) {
+        let Some(share) = self.budget.follow(workers) else {
+            return;
+        };
+        for &i in &self.pools {
+            if let Some(m) = fleet.members.get(i) {
+                m.os.balancer.set_max_connections(share);
+            }
+        }
+        tracing::info!(
+            "proxy: at most {share} connections at once{} now (--max-connections auto: \
+             {workers} workers, {} descriptors kept for corepool)",
+            if self.pools.len() > 1 {
+                " per pool"
+            } else {
+                ""
+            },
+            crate::limits::reserve(workers)
+        );
+    }
 }
 
 /// The core's settings for one pool.
@@ -240,6 +273,7 @@ impl Pool {
         output: Output,
         shared: Arc<Shared>,
         commands: mpsc::UnboundedReceiver<Command>,
+        relays: crate::limits::RelayBudget,
     ) -> Pool {
         let output = Rc::new(output);
         let owners = Owners::default();
@@ -282,6 +316,16 @@ impl Pool {
                 pools: heap_pools,
             }
         });
+        let relay_pools: Vec<usize> = (0..parts.len())
+            .filter(|&i| {
+                parts[i].balancer.mode() == crate::balance::Mode::Proxy
+                    && parts[i].config.max_connections.is_none()
+            })
+            .collect();
+        let relays = (!relay_pools.is_empty()).then_some(RelayShare {
+            budget: relays,
+            pools: relay_pools,
+        });
         let members = parts
             .into_iter()
             .enumerate()
@@ -311,6 +355,7 @@ impl Pool {
             commands,
             cpu,
             heap,
+            relays,
         }
     }
 
@@ -357,6 +402,9 @@ impl Pool {
             // Before the step that starts new slots' workers.
             if let Some(heap) = &mut self.heap {
                 heap.refresh(configured(fleet), reread, fleet);
+            }
+            if let Some(relays) = &mut self.relays {
+                relays.refresh(configured(fleet), fleet);
             }
             // A reap after every wake, whatever woke us: one waiter for every pool.
             let exits = match fleet.members.first_mut() {

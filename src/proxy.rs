@@ -59,6 +59,54 @@ impl Default for Limits {
     }
 }
 
+/// The relays a pool may run at once (`--max-connections`), changed while the accept loops
+/// run when `auto` follows the worker count (more workers, a bigger descriptor reserve for
+/// corepool, fewer relays). A raised limit takes effect at once; a lowered one as relays end
+/// (open connections are never cut for it).
+#[derive(Debug)]
+pub struct Capacity {
+    slots: Arc<Semaphore>,
+    max: AtomicUsize,
+}
+
+impl Capacity {
+    pub fn new(max: usize) -> Arc<Capacity> {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        Arc::new(Capacity {
+            slots: Arc::new(Semaphore::new(max)),
+            max: AtomicUsize::new(max),
+        })
+    }
+
+    /// The limit now.
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limit to `max` (in the runtime: a lowered one may need a task that takes
+    /// the permits back as the relays holding them end).
+    pub fn set(&self, max: usize) {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        let was = self.max.swap(max, Ordering::Relaxed);
+        if max > was {
+            self.slots.add_permits(max - was);
+            return;
+        }
+        let fewer = was - max;
+        let owed = fewer - self.slots.forget_permits(fewer);
+        if owed > 0 {
+            let slots = self.slots.clone();
+            tokio::spawn(async move {
+                // Queued ahead of the accept loops (the semaphore is fair): the next permits
+                // released are taken back first.
+                if let Ok(permits) = slots.acquire_many_owned(owed as u32).await {
+                    permits.forget();
+                }
+            });
+        }
+    }
+}
+
 /// One more of something while it lives (a connection open, a connection on a backend).
 struct Held(Arc<AtomicUsize>);
 
@@ -362,18 +410,20 @@ pub fn relay_threads() -> usize {
 }
 
 /// Accepts on the public sockets until the pool stops, relaying every connection, at most
-/// `limits.max_connections` at once.
+/// `capacity` at once.
 ///
 /// The relays run on threads of their own, one per socket of `listeners` (see
 /// `relay_threads`), each a single-threaded runtime accepting on its own socket: a relay's
 /// cost is mostly the kernel's TCP work done in the relaying thread, so one thread capped the
 /// proxy at one CPU, and the supervisor loop does not share its thread with the bytes. The
-/// limit is one semaphore for all of them. When this task is aborted (the pool stops), every
+/// limit (`capacity`) is one semaphore for all of them. When this task is aborted (the pool stops), every
 /// thread stops accepting and closes its socket at once; its relays run on until they end.
-pub async fn serve(listeners: Vec<std::net::TcpListener>, backends: Backends, limits: Limits) {
-    let slots = Arc::new(Semaphore::new(
-        limits.max_connections.min(Semaphore::MAX_PERMITS),
-    ));
+pub async fn serve(
+    listeners: Vec<std::net::TcpListener>,
+    backends: Backends,
+    limits: Limits,
+    capacity: Arc<Capacity>,
+) {
     // Dropped with this task: the threads see it closed and stop accepting.
     let (stop, stopped) = tokio::sync::watch::channel(());
     let mut unserved = Vec::new();
@@ -402,10 +452,12 @@ pub async fn serve(listeners: Vec<std::net::TcpListener>, backends: Backends, li
                 continue;
             }
         };
-        let (backends, slots, stopped) = (backends.clone(), slots.clone(), stopped.clone());
+        let (backends, capacity, stopped) = (backends.clone(), capacity.clone(), stopped.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("relay-{index}"))
-            .spawn(move || runtime.block_on(accept_loop(copy, backends, limits, slots, stopped)));
+            .spawn(move || {
+                runtime.block_on(accept_loop(copy, backends, limits, capacity, stopped))
+            });
         if let Err(err) = spawned {
             tracing::warn!("proxy: cannot start relay thread {index}: {err}");
             unserved.push(listener);
@@ -416,8 +468,8 @@ pub async fn serve(listeners: Vec<std::net::TcpListener>, backends: Backends, li
     // holding connections nobody accepts.
     let mut here = tokio::task::JoinSet::new();
     for listener in unserved {
-        let (backends, slots, stopped) = (backends.clone(), slots.clone(), stopped.clone());
-        here.spawn(accept_loop(listener, backends, limits, slots, stopped));
+        let (backends, capacity, stopped) = (backends.clone(), capacity.clone(), stopped.clone());
+        here.spawn(accept_loop(listener, backends, limits, capacity, stopped));
     }
     // Aborted with this task (a JoinSet aborts its tasks when dropped).
     std::future::pending::<()>().await
@@ -429,9 +481,10 @@ async fn accept_loop(
     listener: std::net::TcpListener,
     backends: Backends,
     limits: Limits,
-    slots: Arc<Semaphore>,
+    capacity: Arc<Capacity>,
     mut stopped: tokio::sync::watch::Receiver<()>,
 ) {
+    let slots = &capacity.slots;
     // Accepted sockets inherit TCP_NODELAY from the listening one (one system call less per
     // connection); where it could not be set there, each connection sets it.
     let nodelay_each =
@@ -461,7 +514,7 @@ async fn accept_loop(
                             "proxy: {} connections open, the limit (--max-connections): new \
                              ones wait in the listen backlog until one ends (limit reached \
                              {times} times)",
-                            limits.max_connections
+                            capacity.max()
                         );
                     }
                     match slots.clone().acquire_owned().await {

@@ -336,3 +336,130 @@ fn workers_keep_the_soft_descriptor_limit_corepool_raises_its_own() {
         run.stderr()
     );
 }
+
+/// Idle clients connected to `port` until the relays have taken what they can: `open` of them.
+fn hold_idle(run: &Run, metrics_port: u16, port: u16, clients: usize, open: u64) -> Vec<TcpStream> {
+    let idle: Vec<TcpStream> = (0..clients)
+        .map(|i| {
+            TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("client {i}: {e}"))
+        })
+        .collect();
+    wait_metric(
+        run,
+        metrics_port,
+        "corepool_proxy_connections_open",
+        open,
+        SECS(10),
+    );
+    idle
+}
+
+/// `--max-connections auto` follows the worker count: at 256 descriptors, 2 workers leave
+/// (256 - 64 - 8 x 2) / 6 = 29 relays and 8 workers (256 - 64 - 8 x 8) / 6 = 21. Before, a
+/// scale kept 29, and the relays could take the descriptors the new workers' pipes need.
+#[test]
+fn the_automatic_connection_limit_follows_a_scale() {
+    require("node");
+    let control = control_name("relay-budget");
+    let (args, port, metrics_port) = metered_pool_args(2);
+    let run = start_with_nofile(256, 256, &args, &[("COREPOOL_CONTROL", &control)]);
+    run.wait_stderr(" ready (pid", 2, SECS(20));
+    assert_eq!(
+        metric(metrics_port, "corepool_proxy_max_connections"),
+        Ok(29)
+    );
+
+    let (code, out, err) = control_client(&control, &["scale", "8"]);
+    assert_eq!(code, 0, "{out}{err}");
+    run.wait_stderr(" ready (pid", 8, SECS(30));
+    run.wait_stderr("proxy: at most 21 connections at once now", 1, SECS(10));
+    assert_eq!(
+        metric(metrics_port, "corepool_proxy_max_connections"),
+        Ok(21)
+    );
+    // 40 idle clients: 21 relayed, the rest wait in the backlog; corepool stays healthy.
+    let idle = hold_idle(&run, metrics_port, port, 40, 21);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric(metrics_port, "corepool_proxy_connections_open"),
+        Ok(21)
+    );
+    assert_eq!(get_ok(metrics_port, "/healthz"), Ok("ok\n".into()));
+
+    // Back to 2 workers: 29 again, and the waiting clients get relays at once.
+    let (code, out, err) = control_client(&control, &["scale", "2"]);
+    assert_eq!(code, 0, "{out}{err}");
+    run.wait_stderr("proxy: at most 29 connections at once now", 1, SECS(10));
+    assert_eq!(
+        metric(metrics_port, "corepool_proxy_max_connections"),
+        Ok(29)
+    );
+    drop(idle);
+    wait_metric(
+        &run,
+        metrics_port,
+        "corepool_proxy_connections_open",
+        0,
+        SECS(20),
+    );
+    let mut fresh = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    fresh.set_read_timeout(Some(SECS(10))).unwrap();
+    assert_eq!(echo(&mut fresh, b"fresh\n"), Ok(b"fresh\n".to_vec()));
+    assert!(
+        !run.stderr().contains("Too many open files"),
+        "{}",
+        run.stderr()
+    );
+}
+
+/// Two proxy pools at 256 descriptors share them: (256 - 64 - 8 x 4) / 6 = 26 relays, 13 each.
+/// Before, each pool counted only its own workers and took 29: 58 relays, 348 descriptors.
+#[test]
+fn proxy_pools_share_the_descriptor_budget() {
+    require("node");
+    let server = server();
+    let dir = scratch("proxy-limits-pools");
+    let (a, b, metrics_port) = (free_port(), free_port(), free_port());
+    let file = dir.join("corepool.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "host = \"127.0.0.1\"\nbalance = \"proxy\"\nidle_timeout = \"off\"\n\
+             metrics = \"127.0.0.1:{metrics_port}\"\n\n\
+             [pool.a]\ncommand = [\"node\", \"{server}\"]\ninstances = 2\nport = {a}\n\n\
+             [pool.b]\ncommand = [\"node\", \"{server}\"]\ninstances = 2\nport = {b}\n"
+        ),
+    )
+    .unwrap();
+    let args = vec!["-c".to_string(), file.display().to_string()];
+    let run = start_with_nofile(256, 256, &args, &[("COREPOOL_BALANCE", "proxy")]);
+    run.wait_stderr(" ready (pid", 4, SECS(20));
+    run.wait_stderr("at most 13 connections at once", 2, SECS(5));
+    assert!(
+        run.stderr().contains("the rest split among 2 proxy pools"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(
+        metric(metrics_port, "corepool_proxy_max_connections"),
+        Ok(26)
+    );
+    // 30 idle clients on one pool: it relays 13, corepool stays healthy and the other pool
+    // still serves.
+    let idle = hold_idle(&run, metrics_port, a, 30, 13);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric(metrics_port, "corepool_proxy_connections_open"),
+        Ok(13)
+    );
+    assert_eq!(get_ok(metrics_port, "/healthz"), Ok("ok\n".into()));
+    let mut other = TcpStream::connect(("127.0.0.1", b)).unwrap();
+    other.set_read_timeout(Some(SECS(10))).unwrap();
+    assert_eq!(echo(&mut other, b"other\n"), Ok(b"other\n".to_vec()));
+    drop((idle, other));
+    assert!(
+        !run.stderr().contains("Too many open files"),
+        "{}",
+        run.stderr()
+    );
+}

@@ -114,7 +114,15 @@ impl Balancer {
     /// Proxy mode: the relay's bounds (before `start`).
     pub fn set_proxy_limits(&mut self, limits: proxy::Limits) {
         if let Balance::Proxy(proxied) = &mut self.balance {
-            proxied.limits = limits;
+            proxied.set_limits(limits);
+        }
+    }
+
+    /// Proxy mode: a new connection limit while the pool runs (`--max-connections auto`
+    /// follows the worker count); other modes have none.
+    pub fn set_max_connections(&self, max: usize) {
+        if let Balance::Proxy(proxied) = &self.balance {
+            proxied.set_max_connections(max);
         }
     }
 

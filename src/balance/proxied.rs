@@ -30,8 +30,10 @@ pub struct ProxyMode {
     /// The workers' private ports.
     backends: Backends,
     accept_task: Option<tokio::task::JoinHandle<()>>,
-    /// `--max-connections` and `--idle-timeout`.
-    pub limits: proxy::Limits,
+    /// `--max-connections` (as set at start) and `--idle-timeout`.
+    limits: proxy::Limits,
+    /// The connection limit now (`--max-connections auto` follows the worker count).
+    capacity: Arc<proxy::Capacity>,
 }
 
 impl ProxyMode {
@@ -62,7 +64,19 @@ impl ProxyMode {
             backends: Backends::default(),
             accept_task: None,
             limits: proxy::Limits::default(),
+            capacity: proxy::Capacity::new(proxy::Limits::default().max_connections),
         })
+    }
+
+    /// `--max-connections` and `--idle-timeout` (before `start`).
+    pub fn set_limits(&mut self, limits: proxy::Limits) {
+        self.limits = limits;
+        self.capacity = proxy::Capacity::new(limits.max_connections);
+    }
+
+    /// A new connection limit while the pool runs (`--max-connections auto` after a scale).
+    pub fn set_max_connections(&self, max: usize) {
+        self.capacity.set(max);
     }
 
     /// A private port for the next worker, in `PORT` (HOSTNAME=127.0.0.1); returns the port.
@@ -110,6 +124,7 @@ impl ProxyMode {
             listeners,
             self.backends.clone(),
             self.limits,
+            self.capacity.clone(),
         )));
     }
 
@@ -140,7 +155,7 @@ impl ProxyMode {
 
     /// The connection limit and the times the accept loop stopped at it, for metrics.
     pub fn connection_limit(&self) -> (usize, u64) {
-        (self.limits.max_connections, self.backends.limit_reached())
+        (self.capacity.max(), self.backends.limit_reached())
     }
 
     pub fn worker_ready(&self, pid: i32) {
