@@ -153,23 +153,35 @@ impl From<&Backend> for Candidate {
 }
 
 /// The workers' private ports, shared by the pool (which adds, readies and removes them) and
-/// the accept loop (which picks one per connection), and the proxy's counters.
+/// the accept loop (which picks one per connection), and the proxy's counters. One shared
+/// allocation: each relay holds a copy, and copying it is one reference count.
 #[derive(Clone, Default)]
-pub struct Backends {
-    list: Arc<Mutex<Vec<Backend>>>,
+pub struct Backends(Arc<BackendsState>);
+
+#[derive(Default)]
+pub struct BackendsState {
+    list: Mutex<Vec<Backend>>,
     /// Connections accepted (also the round-robin turn among equals).
-    accepted: Arc<AtomicU64>,
+    accepted: AtomicU64,
     /// Connections accepted and not yet closed, whichever backend they went to (or none yet).
     open: Arc<AtomicUsize>,
     /// Times the accept loop stopped at `--max-connections`.
-    limit_reached: Arc<AtomicU64>,
+    limit_reached: AtomicU64,
     /// Requests sent again to another worker, theirs gone without reading them.
-    resent: Arc<AtomicU64>,
+    resent: AtomicU64,
     /// `--sticky ip`: the pool's slot count (clients are picked a slot by address); 0: off.
     /// Shared with the accept loop, as a scale changes it.
-    sticky: Arc<AtomicUsize>,
+    sticky: AtomicUsize,
     /// Told whenever a worker becomes ready: connections waiting for one go on at once.
-    readied: Arc<tokio::sync::Notify>,
+    readied: tokio::sync::Notify,
+}
+
+impl std::ops::Deref for Backends {
+    type Target = BackendsState;
+
+    fn deref(&self) -> &BackendsState {
+        &self.0
+    }
 }
 
 impl Backends {

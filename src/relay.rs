@@ -554,7 +554,9 @@ async fn one_way(
                 Some(pipe) => pipe,
                 None => pipe.insert(Pipe::new()?),
             };
-            match splice_while_large(from, to, pipe, activity, moved).await? {
+            // Boxed: its state (424 bytes) would otherwise be part of every relay's, idle
+            // keep-alive connections included, in both directions.
+            match Box::pin(splice_while_large(from, to, pipe, activity, moved)).await? {
                 Spliced::Drained => {}
                 Spliced::End => break,
             }
