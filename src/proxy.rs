@@ -97,9 +97,12 @@ impl Capacity {
         if owed > 0 {
             let slots = self.slots.clone();
             tokio::spawn(async move {
-                // Queued ahead of the accept loops (the semaphore is fair): the next permits
-                // released are taken back first.
-                if let Ok(permits) = slots.acquire_many_owned(owed as u32).await {
+                // The semaphore serves its waiters in order: permits released after an accept
+                // loop's wait is served come here until the debt is paid.
+                if let Ok(permits) = slots
+                    .acquire_many_owned(u32::try_from(owed).unwrap_or(u32::MAX))
+                    .await
+                {
                     permits.forget();
                 }
             });
