@@ -337,8 +337,15 @@ fn workers_keep_the_soft_descriptor_limit_corepool_raises_its_own() {
     );
 }
 
-/// Idle clients connected to `port` until the relays have taken what they can: `open` of them.
-fn hold_idle(run: &Run, metrics_port: u16, port: u16, clients: usize, open: u64) -> Vec<TcpStream> {
+/// `clients` idle clients connected to `port`: the relays take `open` of them and no more
+/// (the rest wait in the backlog), and corepool stays healthy.
+fn hold_idle_at_the_limit(
+    run: &Run,
+    metrics_port: u16,
+    port: u16,
+    clients: usize,
+    open: u64,
+) -> Vec<TcpStream> {
     let idle: Vec<TcpStream> = (0..clients)
         .map(|i| {
             TcpStream::connect(("127.0.0.1", port)).unwrap_or_else(|e| panic!("client {i}: {e}"))
@@ -351,6 +358,12 @@ fn hold_idle(run: &Run, metrics_port: u16, port: u16, clients: usize, open: u64)
         open,
         SECS(10),
     );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric(metrics_port, "corepool_proxy_connections_open"),
+        Ok(open)
+    );
+    assert_eq!(get_ok(metrics_port, "/healthz"), Ok("ok\n".into()));
     idle
 }
 
@@ -378,13 +391,7 @@ fn the_automatic_connection_limit_follows_a_scale() {
         Ok(21)
     );
     // 40 idle clients: 21 relayed, the rest wait in the backlog; corepool stays healthy.
-    let idle = hold_idle(&run, metrics_port, port, 40, 21);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        metric(metrics_port, "corepool_proxy_connections_open"),
-        Ok(21)
-    );
-    assert_eq!(get_ok(metrics_port, "/healthz"), Ok("ok\n".into()));
+    let idle = hold_idle_at_the_limit(&run, metrics_port, port, 40, 21);
 
     // Back to 2 workers: 29 again, and the waiting clients get relays at once.
     let (code, out, err) = control_client(&control, &["scale", "2"]);
@@ -446,13 +453,7 @@ fn proxy_pools_share_the_descriptor_budget() {
     );
     // 30 idle clients on one pool: it relays 13, corepool stays healthy and the other pool
     // still serves.
-    let idle = hold_idle(&run, metrics_port, a, 30, 13);
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        metric(metrics_port, "corepool_proxy_connections_open"),
-        Ok(13)
-    );
-    assert_eq!(get_ok(metrics_port, "/healthz"), Ok("ok\n".into()));
+    let idle = hold_idle_at_the_limit(&run, metrics_port, a, 30, 13);
     let mut other = TcpStream::connect(("127.0.0.1", b)).unwrap();
     other.set_read_timeout(Some(SECS(10))).unwrap();
     assert_eq!(echo(&mut other, b"other\n"), Ok(b"other\n".to_vec()));
