@@ -577,3 +577,134 @@ fn accept_queue(pid: i32, port: u16) -> usize {
         })
         .sum()
 }
+
+/// A scale-down without eBPF and without migration (the default Docker container): with the
+/// kernel's hash, connections keep landing on the removed worker's socket until the worker has
+/// exited, and its shutdown reset them. corepool now accepts what is queued there first and
+/// relays it to the group: answered by the worker that stays. Here the removed worker, slot
+/// 1's, is busy, so about half of the requests wait on its socket; `corepool scale 1` stops it
+/// (killed after --kill-timeout 2s: it cannot run its handler), and every request is answered
+/// by slot 0's worker.
+#[test]
+fn a_removed_workers_queue_is_relayed_without_migration() {
+    require("node");
+    require("unshare");
+    require("ip");
+    require("setpriv");
+    let dir = scratch("steer-rescue-scale");
+    let busy_file = dir.join("busy");
+    let server = dir.join("server.js");
+    // Only slot 1's worker takes /busy (to block); slot 0's answers "not me" to it.
+    std::fs::write(
+        &server,
+        "const fs = require('fs');\n\
+         require('http').createServer((q, r) => {\n\
+           if (q.url === '/busy' && process.env.COREPOOL_WORKER === '1') {\n\
+             fs.writeFileSync(process.env.BUSY_FILE + '.tmp', String(process.pid));\n\
+             fs.renameSync(process.env.BUSY_FILE + '.tmp', process.env.BUSY_FILE);\n\
+             for (;;) {}\n\
+           }\n\
+           r.end(`${process.pid}\\n`);\n\
+         }).listen(process.env.PORT);\n",
+    )
+    .unwrap();
+    let port = 8080;
+    let control = control_name("rescue-scale");
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--net",
+        "sh",
+        "-c",
+        "ip link set lo up && exec setpriv --inh-caps=-all --bounding-set=-bpf,-sys_admin,-net_admin \"$0\" \"$@\"",
+        bin(),
+    ]);
+    cmd.args(socket_args(
+        2,
+        port,
+        &[
+            "--kill-timeout",
+            "2s",
+            "--",
+            "node",
+            server.to_str().unwrap(),
+        ],
+    ));
+    let run = Run::from_command(
+        cmd,
+        &[
+            ("BUSY_FILE", busy_file.to_str().unwrap()),
+            ("COREPOOL_CONTROL", &control),
+        ],
+    );
+    run.wait_stderr(" ready (pid", 2, SECS(30));
+    assert!(
+        run.stderr().contains("tcp_migrate_req is 0"),
+        "{}",
+        run.stderr()
+    );
+    let corepool = run.pid();
+    let netns = format!("/proc/{corepool}/ns/net");
+    let busy_file_here = busy_file.clone();
+    let (busy, answers) = std::thread::spawn(move || {
+        // The control socket is an abstract one: it lives in corepool's network namespace.
+        enter_netns(&netns);
+        // /busy until slot 1's worker has it (the kernel's hash picks the socket).
+        let mut held = Vec::new();
+        let deadline = Instant::now() + SECS(20);
+        while !busy_file_here.exists() {
+            assert!(Instant::now() < deadline, "slot 1's worker never got /busy");
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(b"GET /busy HTTP/1.0\r\n\r\n").unwrap();
+            held.push(s);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let busy = std::fs::read_to_string(&busy_file_here).unwrap();
+        // Twelve requests or more, until at least three wait on the busy worker's socket (on
+        // loopback the handshake is over, and the connection queued, when connect returns).
+        let mut waiting = Vec::new();
+        while waiting.len() < 12 || accept_queue(corepool, port) < 3 {
+            assert!(waiting.len() < 200, "nothing queued on the busy worker");
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+            waiting.push(s);
+        }
+        let (code, out, err) = control_client(&control, &["scale", "1"]);
+        assert_eq!(
+            (code, out.trim()),
+            (0, "ok: scaling from 2 to 1 workers"),
+            "{err}"
+        );
+        let answers: Vec<String> = waiting
+            .into_iter()
+            .map(|mut s| {
+                s.set_read_timeout(Some(SECS(20))).unwrap();
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                out.lines().last().unwrap_or("").trim().to_string()
+            })
+            .collect();
+        drop(held);
+        (busy, answers)
+    })
+    .join()
+    .unwrap();
+    let survivor = run
+        .stderr()
+        .lines()
+        .find_map(|l| {
+            l.split_once("worker 0 ready (pid ")
+                .map(|(_, p)| p.to_string())
+        })
+        .and_then(|p| p.split(')').next().map(str::to_string))
+        .expect("slot 0's pid");
+    assert_ne!(busy, survivor);
+    for (i, pid) in answers.iter().enumerate() {
+        assert_eq!(
+            *pid,
+            survivor,
+            "request {i}: answered by {pid:?} (removed {busy})\n{}",
+            run.stderr()
+        );
+    }
+    run.wait_stderr("relayed to the other workers", 1, SECS(5));
+}

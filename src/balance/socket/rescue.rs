@@ -1,4 +1,5 @@
 //! Rescue: the connections queued on a dead worker's socket, where the kernel cannot move them.
+//! (The same for a slot a scale removed, once its worker is gone: `slots::close_leaving`.)
 //!
 //! When a slot's worker dies, the connections already in its socket's accept queue belong to
 //! that socket. With migration (the eBPF program's, or `net.ipv4.tcp_migrate_req`) the kernel

@@ -61,12 +61,21 @@ impl SlotTable {
             let mut ours = ours
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Without migration the shutdown would reset what is queued (with the kernel's
+            // hash the socket kept getting connections while its worker drained): corepool
+            // accepts it first and relays it to the group, as for a dead slot (`rescue`).
+            let mut rescued = Vec::new();
             for socket in &leaving.sockets {
-                if !migrate && let Ok(n @ 1..) = queued(socket) {
-                    tracing::warn!(
-                        "worker {slot} removed: {n} connection(s) still queued on its socket are \
-                         reset (net.ipv4.tcp_migrate_req is off)"
-                    );
+                if !migrate && let Ok(1..) = queued(socket) {
+                    let room = super::rescue::room(self.slots.len()).saturating_sub(rescued.len());
+                    rescued.extend(super::rescue::take_queued(socket, room));
+                    if let Ok(left @ 1..) = queued(socket) {
+                        tracing::warn!(
+                            "worker {slot} removed: {left} connection(s) queued on its socket \
+                             are reset: corepool relays at most {room} more at once \
+                             (descriptors)"
+                        );
+                    }
                 }
                 let listened = accepting(socket);
                 match socket::shutdown(socket.as_raw_fd(), socket::Shutdown::Read) {
@@ -81,6 +90,14 @@ impl SlotTable {
                 }
             }
             tracing::debug!("worker {slot} removed: its sockets are closed");
+            if !rescued.is_empty() {
+                tracing::info!(
+                    "worker {slot} removed: {} connection(s) queued on its socket relayed to the \
+                     other workers (no queue migration here: no eBPF, net.ipv4.tcp_migrate_req 0)",
+                    rescued.len()
+                );
+                super::rescue::relay_to_group(rescued);
+            }
         }
     }
 }
