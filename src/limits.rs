@@ -20,7 +20,8 @@ pub const PER_RELAY: u64 = 6;
 
 /// Descriptors kept for corepool itself whatever the worker count: the runtime (epoll,
 /// eventfd), stdio, the signal pipe, the metrics and control listeners and their connections,
-/// the notify socket, a worker start's transient pipes, the readiness probes.
+/// the notify socket, a worker start's transient pipes, the readiness probes, the client each
+/// proxy relay thread holds while the relays are at `--max-connections`.
 pub const RESERVE_BASE: u64 = 64;
 
 /// Descriptors kept per worker slot: its stdout and stderr pipes, twice (a reload runs old and

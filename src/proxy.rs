@@ -518,7 +518,20 @@ async fn accept_loop(
         loop {
             // Finished relays leave the set here, so it holds only the live ones.
             while relays.try_join_next().is_some() {}
-            // A free slot first, then accept: at the limit, clients wait in the listen backlog.
+            // Accept, then a free slot: at the limit each relay thread holds the one client it
+            // accepted until a relay ends, and the others wait in the listen backlog. (A slot
+            // taken before the accept sat on a thread whose socket stayed empty while another
+            // thread's clients waited: one connection short of the limit per thread.)
+            let (client, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // EMFILE and friends: say so, breathe, go on.
+                    tracing::warn!("proxy: accept failed: {err}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let turn = backends.accepted.fetch_add(1, Ordering::Relaxed);
             let permit = match slots.clone().try_acquire_owned() {
                 Ok(permit) => permit,
                 Err(_) => {
@@ -540,29 +553,18 @@ async fn accept_loop(
                     }
                 }
             };
-            match listener.accept().await {
-                Ok((client, peer)) => {
-                    let turn = backends.accepted.fetch_add(1, Ordering::Relaxed);
-                    let open = Held::new(&backends.open);
-                    if nodelay_each {
-                        let _ = client.set_nodelay(true);
-                    }
-                    relays.spawn(relay(
-                        client,
-                        peer,
-                        turn,
-                        backends.clone(),
-                        limits.idle_timeout,
-                        (permit, open),
-                    ));
-                }
-                Err(err) => {
-                    // EMFILE and friends: say so, breathe, go on.
-                    tracing::warn!("proxy: accept failed: {err}");
-                    drop(permit);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            let open = Held::new(&backends.open);
+            if nodelay_each {
+                let _ = client.set_nodelay(true);
             }
+            relays.spawn(relay(
+                client,
+                peer,
+                turn,
+                backends.clone(),
+                limits.idle_timeout,
+                (permit, open),
+            ));
         }
     };
     tokio::select! {
