@@ -435,6 +435,29 @@ fn a_dead_workers_queue_is_relayed_without_migration() {
     dead_workers_queue_reaches_the_other_worker(false);
 }
 
+/// A Node server in `dir` that answers its pid, except /busy where `takes` (a JS expression)
+/// holds: there it writes its pid to $BUSY_FILE (atomically) and spins forever, accepting
+/// nothing more and deaf to signals.
+fn busy_server(dir: &std::path::Path, takes: &str) -> std::path::PathBuf {
+    let server = dir.join("server.js");
+    std::fs::write(
+        &server,
+        format!(
+            "const fs = require('fs');\n\
+             require('http').createServer((q, r) => {{\n\
+               if (q.url === '/busy' && ({takes})) {{\n\
+                 fs.writeFileSync(process.env.BUSY_FILE + '.tmp', String(process.pid));\n\
+                 fs.renameSync(process.env.BUSY_FILE + '.tmp', process.env.BUSY_FILE);\n\
+                 for (;;) {{}}\n\
+               }}\n\
+               r.end(`${{process.pid}}\\n`);\n\
+             }}).listen(process.env.PORT);\n"
+        ),
+    )
+    .unwrap();
+    server
+}
+
 fn dead_workers_queue_reaches_the_other_worker(ebpf: bool) {
     require("node");
     require("unshare");
@@ -445,20 +468,7 @@ fn dead_workers_queue_reaches_the_other_worker(ebpf: bool) {
         "steer-rescue"
     });
     let busy_file = dir.join("busy");
-    let server = dir.join("server.js");
-    std::fs::write(
-        &server,
-        "const fs = require('fs');\n\
-         require('http').createServer((q, r) => {\n\
-           if (q.url === '/busy') {\n\
-             fs.writeFileSync(process.env.BUSY_FILE + '.tmp', String(process.pid));\n\
-             fs.renameSync(process.env.BUSY_FILE + '.tmp', process.env.BUSY_FILE);\n\
-             for (;;) {}\n\
-           }\n\
-           r.end(`${process.pid}\\n`);\n\
-         }).listen(process.env.PORT);\n",
-    )
-    .unwrap();
+    let server = busy_server(&dir, "true");
     let port = 8080;
     let mut cmd = Command::new("unshare");
     let exec = match ebpf {
@@ -593,21 +603,8 @@ fn a_removed_workers_queue_is_relayed_without_migration() {
     require("setpriv");
     let dir = scratch("steer-rescue-scale");
     let busy_file = dir.join("busy");
-    let server = dir.join("server.js");
-    // Only slot 1's worker takes /busy (to block); slot 0's answers "not me" to it.
-    std::fs::write(
-        &server,
-        "const fs = require('fs');\n\
-         require('http').createServer((q, r) => {\n\
-           if (q.url === '/busy' && process.env.COREPOOL_WORKER === '1') {\n\
-             fs.writeFileSync(process.env.BUSY_FILE + '.tmp', String(process.pid));\n\
-             fs.renameSync(process.env.BUSY_FILE + '.tmp', process.env.BUSY_FILE);\n\
-             for (;;) {}\n\
-           }\n\
-           r.end(`${process.pid}\\n`);\n\
-         }).listen(process.env.PORT);\n",
-    )
-    .unwrap();
+    // Only slot 1's worker takes /busy (to block); slot 0's answers it as any request.
+    let server = busy_server(&dir, "process.env.COREPOOL_WORKER === '1'");
     let port = 8080;
     let control = control_name("rescue-scale");
     let mut cmd = Command::new("unshare");
