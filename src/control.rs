@@ -12,7 +12,7 @@
 //! trusting its answer.
 
 use crate::fatal::Fatal;
-use crate::metrics::{LeavingView, Shared, group_usage};
+use crate::metrics::{Shared, group_usage};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::os::linux::net::SocketAddrExt;
@@ -333,7 +333,7 @@ async fn status(shared: &Shared) -> Status {
     let leaving = snap
         .leaving
         .iter()
-        .map(|l: &LeavingView| {
+        .map(|l| {
             let (rss_bytes, cpu_percent, processes) = usage(Some(l.pid));
             WorkerStatus {
                 pool: (!l.pool.is_empty()).then(|| l.pool.clone()),

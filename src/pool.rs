@@ -400,11 +400,12 @@ impl Pool {
                 reread = true;
             }
             // Before the step that starts new slots' workers.
+            let workers = configured(fleet);
             if let Some(heap) = &mut self.heap {
-                heap.refresh(configured(fleet), reread, fleet);
+                heap.refresh(workers, reread, fleet);
             }
             if let Some(relays) = &mut self.relays {
-                relays.refresh(configured(fleet), fleet);
+                relays.refresh(workers, fleet);
             }
             // A reap after every wake, whatever woke us: one waiter for every pool.
             let exits = match fleet.members.first_mut() {

@@ -347,14 +347,11 @@ impl SocketMode {
                 match queued(socket) {
                     Ok(0) => {}
                     Ok(_) => {
-                        let room = rescue::room(n);
-                        rescued = rescue::take_queued(socket, room);
-                        if let Ok(left @ 1..) = queued(socket) {
-                            tracing::warn!(
-                                "worker {s}: {left} connection(s) queued on its socket are reset: \
-                                 corepool relays at most {room} more at once (descriptors)"
-                            );
-                        }
+                        rescued = rescue::take_before_shutdown(
+                            socket,
+                            rescue::room(n),
+                            &format!("worker {s}"),
+                        );
                     }
                     Err(err) => {
                         tracing::warn!("worker {s}: cannot read its socket's queue: {err}");
@@ -370,14 +367,7 @@ impl SocketMode {
                 }
                 Err(err) => tracing::warn!("worker {s}: cannot take its socket out: {err}"),
             }
-            if !rescued.is_empty() {
-                tracing::info!(
-                    "worker {s}: {} connection(s) queued on its socket relayed to the other \
-                     workers (no queue migration here: no eBPF, net.ipv4.tcp_migrate_req 0)",
-                    rescued.len()
-                );
-                rescue::relay_to_group(rescued);
-            }
+            rescue::relay_taken(rescued, &format!("worker {s}"));
         }
         let ready: Vec<u32> = (0..n)
             .filter(|&s| serving(table, s))

@@ -91,10 +91,36 @@ pub(super) fn take_queued(listener: &OwnedFd, room: usize) -> Vec<OwnedFd> {
     taken
 }
 
+/// Accepts what is queued on `socket` before its shutdown would reset it, at most `room`;
+/// says how many are left to be reset. `who` names the slot in the log ("worker 3").
+pub(super) fn take_before_shutdown(socket: &OwnedFd, room: usize, who: &str) -> Vec<OwnedFd> {
+    let taken = take_queued(socket, room);
+    if let Ok(left @ 1..) = super::slots::queued(socket) {
+        tracing::warn!(
+            "{who}: {left} connection(s) queued on its socket are reset: corepool relays at \
+             most {room} more at once (descriptors)"
+        );
+    }
+    taken
+}
+
+/// Relays what [`take_before_shutdown`] took, once the socket is out of the group, saying so.
+pub(super) fn relay_taken(connections: Vec<OwnedFd>, who: &str) {
+    if connections.is_empty() {
+        return;
+    }
+    tracing::info!(
+        "{who}: {} connection(s) queued on its socket relayed to the other workers (no queue \
+         migration here: no eBPF, net.ipv4.tcp_migrate_req 0)",
+        connections.len()
+    );
+    relay_to_group(connections);
+}
+
 /// Relays each of `connections` to the address it was made to (the public port), where the
 /// kernel picks a worker of the group; on the runtime corepool runs on. Without a runtime
 /// (never, in the running pool) they are closed.
-pub(super) fn relay_to_group(connections: Vec<OwnedFd>) {
+fn relay_to_group(connections: Vec<OwnedFd>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         tracing::warn!(
             "rescue: {} queued connection(s) of a dead worker closed (no runtime to relay them)",

@@ -68,14 +68,8 @@ impl SlotTable {
             for socket in &leaving.sockets {
                 if !migrate && let Ok(1..) = queued(socket) {
                     let room = super::rescue::room(self.slots.len()).saturating_sub(rescued.len());
-                    rescued.extend(super::rescue::take_queued(socket, room));
-                    if let Ok(left @ 1..) = queued(socket) {
-                        tracing::warn!(
-                            "worker {slot} removed: {left} connection(s) queued on its socket \
-                             are reset: corepool relays at most {room} more at once \
-                             (descriptors)"
-                        );
-                    }
+                    let who = format!("worker {slot} removed");
+                    rescued.extend(super::rescue::take_before_shutdown(socket, room, &who));
                 }
                 let listened = accepting(socket);
                 match socket::shutdown(socket.as_raw_fd(), socket::Shutdown::Read) {
@@ -90,14 +84,7 @@ impl SlotTable {
                 }
             }
             tracing::debug!("worker {slot} removed: its sockets are closed");
-            if !rescued.is_empty() {
-                tracing::info!(
-                    "worker {slot} removed: {} connection(s) queued on its socket relayed to the \
-                     other workers (no queue migration here: no eBPF, net.ipv4.tcp_migrate_req 0)",
-                    rescued.len()
-                );
-                super::rescue::relay_to_group(rescued);
-            }
+            super::rescue::relay_taken(rescued, &format!("worker {slot} removed"));
         }
     }
 }
