@@ -545,6 +545,9 @@ fn the_heap_share_follows_the_worker_count_and_memory_limit() {
         SECS(5),
     );
     run.wait_stderr("rolling reload complete", 1, SECS(20));
+    // The reload is complete once the last replacement runs (ready at start in none mode);
+    // its first line reaches corepool's stdout through a pipe, moments later on a busy CPU.
+    run.wait_stdout("heap ", 8, SECS(10));
     let lines = heap_lines(&run.stdout());
     assert_eq!(lines.len(), 8, "{lines:?}");
     assert!(lines[4..].iter().all(|(_, mib)| mib == "87"), "{lines:?}");
